@@ -1,0 +1,232 @@
+//! The agent's TOML config (see `packaging/agent.toml` for the commented sample).
+
+use std::collections::HashSet;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use quiesce_proto::tls::TlsFiles;
+use serde::Deserialize;
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct Config {
+    /// Address the gRPC server listens on.
+    pub listen: SocketAddr,
+    /// mTLS files. Required unless the agent runs with `--insecure`.
+    pub tls: Option<TlsFiles>,
+    /// Names (the `quiesce://coordinator/<name>` identity) of the coordinators this agent obeys.
+    #[serde(default)]
+    pub allowed_coordinators: Vec<String>,
+    /// Freeze records live here; must be on tmpfs so that writing them never touches a disk
+    /// filesystem that might be frozen.
+    pub state_dir: PathBuf,
+    /// Lease of a freeze whose request does not name one.
+    #[serde(default = "default_lease", with = "humantime_serde")]
+    pub default_lease: Duration,
+    /// Hard cap: no freeze outlives this, whatever the coordinator asks or renews.
+    #[serde(default = "default_max_freeze", with = "humantime_serde")]
+    pub max_freeze: Duration,
+    /// Deadline of one FIFREEZE ioctl (it syncs dirty data first and can block).
+    #[serde(default = "default_freeze_timeout", with = "humantime_serde")]
+    pub freeze_timeout: Duration,
+    /// The only filesystems this agent will ever freeze.
+    #[serde(default, rename = "volume")]
+    pub volumes: Vec<VolumeConfig>,
+    #[serde(default)]
+    pub reflink: ReflinkConfig,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct VolumeConfig {
+    /// Mount point, exactly as it appears in /proc/self/mountinfo.
+    pub mount: PathBuf,
+}
+
+#[derive(Debug, Clone, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct ReflinkConfig {
+    /// Where snapshot clones go; must be on the filesystem holding the loop backing files.
+    /// Default: `.quiesce-snapshots` next to each backing file.
+    pub snapshot_dir: Option<PathBuf>,
+}
+
+fn default_lease() -> Duration {
+    Duration::from_secs(10)
+}
+
+fn default_max_freeze() -> Duration {
+    Duration::from_secs(60)
+}
+
+fn default_freeze_timeout() -> Duration {
+    Duration::from_secs(10)
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("config file {path} is not valid")]
+    Parse {
+        path: PathBuf,
+        #[source]
+        source: toml::de::Error,
+    },
+}
+
+impl Config {
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        Config::parse(&text).map_err(|source| ConfigError::Parse {
+            path: path.to_owned(),
+            source,
+        })
+    }
+
+    pub fn parse(text: &str) -> Result<Config, toml::de::Error> {
+        toml::from_str(text)
+    }
+
+    /// Every problem with the config itself (not the host), all at once.
+    pub fn problems(&self, insecure: bool) -> Vec<String> {
+        let mut problems = Vec::new();
+        match (&self.tls, insecure) {
+            (None, false) => problems.push(
+                "no [tls] section: mTLS is required (plain text only with --insecure)".into(),
+            ),
+            (Some(tls), _) => problems.extend(tls.check()),
+            (None, true) => {}
+        }
+        if self.tls.is_some() && self.allowed_coordinators.is_empty() {
+            problems.push(
+                "allowed-coordinators is empty: no coordinator could ever use this agent".into(),
+            );
+        }
+        if !self.state_dir.is_absolute() {
+            problems.push(format!(
+                "state-dir {} must be an absolute path",
+                self.state_dir.display()
+            ));
+        }
+        if self.default_lease.is_zero() {
+            problems.push("default-lease must be longer than 0s".into());
+        }
+        if self.max_freeze.is_zero() {
+            problems.push("max-freeze must be longer than 0s".into());
+        }
+        if self.default_lease > self.max_freeze {
+            problems.push(format!(
+                "default-lease ({}) is longer than max-freeze ({})",
+                humantime::format_duration(self.default_lease),
+                humantime::format_duration(self.max_freeze)
+            ));
+        }
+        if self.freeze_timeout.is_zero() {
+            problems.push("freeze-timeout must be longer than 0s".into());
+        }
+        let mut seen = HashSet::new();
+        for volume in &self.volumes {
+            let mount = &volume.mount;
+            if !mount.is_absolute() {
+                problems.push(format!("volume {} must be an absolute path", mount.display()));
+            } else if mount == Path::new("/") {
+                problems.push("volume / is the root filesystem, which is never frozen".into());
+            }
+            if !seen.insert(mount) {
+                problems.push(format!("volume {} is listed twice", mount.display()));
+            }
+        }
+        if let Some(dir) = &self.reflink.snapshot_dir
+            && !dir.is_absolute()
+        {
+            problems.push(format!(
+                "reflink.snapshot-dir {} must be an absolute path",
+                dir.display()
+            ));
+        }
+        problems
+    }
+
+    pub fn is_allowed(&self, mount: &Path) -> bool {
+        self.volumes.iter().any(|volume| volume.mount == mount)
+    }
+
+    pub fn allowed_list(&self) -> String {
+        if self.volumes.is_empty() {
+            return "none".into();
+        }
+        let names: Vec<String> = self
+            .volumes
+            .iter()
+            .map(|volume| volume.mount.display().to_string())
+            .collect();
+        names.join(", ")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MINIMAL: &str = r#"
+listen = "127.0.0.1:7401"
+state-dir = "/run/quiesce-agent"
+"#;
+
+    #[test]
+    fn minimal_config_has_safe_defaults() {
+        let config = Config::parse(MINIMAL).unwrap();
+        assert_eq!(config.default_lease, Duration::from_secs(10));
+        assert_eq!(config.max_freeze, Duration::from_secs(60));
+        assert!(config.volumes.is_empty(), "no volume is allowed by default");
+        let problems = config.problems(false);
+        assert!(
+            problems.iter().any(|p| p.contains("mTLS is required")),
+            "{problems:?}"
+        );
+        assert!(config.problems(true).is_empty());
+    }
+
+    #[test]
+    fn unknown_keys_are_refused_by_name() {
+        let err = Config::parse(&format!("{MINIMAL}\nmax-frezee = \"5s\"\n")).unwrap_err();
+        assert!(err.to_string().contains("max-frezee"), "{err}");
+    }
+
+    #[test]
+    fn every_problem_is_reported_at_once() {
+        let text = r#"
+listen = "127.0.0.1:7401"
+state-dir = "run/relative"
+default-lease = "2m"
+max-freeze = "1m"
+[[volume]]
+mount = "/"
+[[volume]]
+mount = "/mnt/a"
+[[volume]]
+mount = "/mnt/a"
+"#;
+        let problems = Config::parse(text).unwrap().problems(true);
+        assert_eq!(problems.len(), 4, "{problems:#?}");
+        let all = problems.join("\n");
+        for needle in ["state-dir", "longer than max-freeze", "root filesystem", "listed twice"] {
+            assert!(all.contains(needle), "missing {needle:?} in {all}");
+        }
+    }
+
+    #[test]
+    fn durations_read_as_humantime() {
+        let config = Config::parse(&format!("{MINIMAL}default-lease = \"1500ms\"\n")).unwrap();
+        assert_eq!(config.default_lease, Duration::from_millis(1500));
+    }
+}

@@ -1,0 +1,730 @@
+//! The freeze state machine: which sets hold which filesystems frozen, under which lease.
+//!
+//! Per set: `Freezing` → `Frozen` → `Ended(report)`. A set's own async mutex serialises its
+//! transitions; the short-lived `Inner` mutex only guards the maps (set id → session,
+//! filesystem → holder). Blocking ioctls run on the blocking pool, never on the async runtime.
+//!
+//! Nothing in here writes to a frozen filesystem: mount descriptors are opened before the first
+//! FIFREEZE, the freeze record lives on tmpfs, and log lines go to stderr.
+
+use std::collections::{HashMap, VecDeque};
+use std::io;
+use std::os::fd::{AsFd, OwnedFd};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use tokio::sync::Mutex as AsyncMutex;
+use tokio::time::Instant;
+use tracing::{error, info, warn};
+
+use crate::config::Config;
+use crate::error::Error;
+use crate::freezer::Freezer;
+use crate::mounts::{DevId, MountTable};
+use crate::records::{FreezeRecord, RecordStore, RecordedVolume};
+use crate::volumes::{AgentFiles, Volume, resolve_all};
+use crate::watchdog::Watchdog;
+
+/// How many ended sets are remembered, so that a repeated thaw gets the same answer.
+const REMEMBERED_ENDINGS: usize = 256;
+
+/// How a freeze ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FreezeEnd {
+    Thawed,
+    LeaseExpired,
+    MaxFreeze,
+    Shutdown,
+    ExternalThaw,
+    UnknownSet,
+}
+
+impl FreezeEnd {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FreezeEnd::Thawed => "thawed",
+            FreezeEnd::LeaseExpired => "lease-expired",
+            FreezeEnd::MaxFreeze => "max-freeze",
+            FreezeEnd::Shutdown => "shutdown",
+            FreezeEnd::ExternalThaw => "external-thaw",
+            FreezeEnd::UnknownSet => "unknown-set",
+        }
+    }
+}
+
+/// What the thaw of a set found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ThawReport {
+    /// Every volume stayed frozen from its FIFREEZE until an explicit thaw.
+    pub held_continuously: bool,
+    pub end: FreezeEnd,
+    pub freeze_started_at_ms: u64,
+    pub frozen_at_ms: u64,
+    pub thawed_at_ms: u64,
+    /// First FIFREEZE started → last FITHAW returned: how long writers were blocked.
+    pub write_stall_ms: u64,
+}
+
+impl ThawReport {
+    fn unknown() -> Self {
+        ThawReport {
+            held_continuously: false,
+            end: FreezeEnd::UnknownSet,
+            freeze_started_at_ms: 0,
+            frozen_at_ms: 0,
+            thawed_at_ms: 0,
+            write_stall_ms: 0,
+        }
+    }
+}
+
+/// What a successful freeze reports.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FreezeInfo {
+    pub freeze_started_at_ms: u64,
+    pub frozen_at_ms: u64,
+    pub lease_deadline_ms: u64,
+    pub hard_deadline_ms: u64,
+}
+
+/// A set currently frozen, as host info shows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HeldFreeze {
+    pub set_id: String,
+    pub mount_points: Vec<PathBuf>,
+    pub frozen_at_ms: u64,
+    pub lease_deadline_ms: u64,
+    pub hard_deadline_ms: u64,
+}
+
+#[derive(Debug)]
+struct HeldVolume {
+    mount_point: PathBuf,
+    dev: DevId,
+    backing_file: Option<PathBuf>,
+    fd: Arc<OwnedFd>,
+}
+
+#[derive(Debug)]
+enum Phase {
+    Freezing,
+    Frozen,
+    Ended(ThawReport),
+}
+
+#[derive(Debug)]
+struct Session {
+    set_id: String,
+    volumes: Vec<HeldVolume>,
+    phase: Phase,
+    freeze_started: Instant,
+    freeze_started_at_ms: u64,
+    frozen_at_ms: u64,
+    lease_deadline: Instant,
+    hard_deadline: Instant,
+}
+
+impl Session {
+    fn info(&self) -> FreezeInfo {
+        FreezeInfo {
+            freeze_started_at_ms: self.freeze_started_at_ms,
+            frozen_at_ms: self.frozen_at_ms,
+            lease_deadline_ms: unix_ms_at(self.lease_deadline),
+            hard_deadline_ms: unix_ms_at(self.hard_deadline),
+        }
+    }
+
+    fn state_name(&self) -> String {
+        match &self.phase {
+            Phase::Freezing => "still freezing".into(),
+            Phase::Frozen => "frozen".into(),
+            Phase::Ended(report) => format!("freeze ended: {}", report.end.as_str()),
+        }
+    }
+}
+
+#[derive(Default)]
+struct Inner {
+    sets: HashMap<String, Arc<AsyncMutex<Session>>>,
+    holders: HashMap<DevId, String>,
+    ended: VecDeque<(String, ThawReport)>,
+    shutting_down: bool,
+}
+
+/// Everything the agent does to filesystems.
+pub struct FreezeManager {
+    config: Arc<Config>,
+    freezer: Arc<dyn Freezer>,
+    mounts: Arc<dyn MountTable>,
+    agent_files: AgentFiles,
+    records: RecordStore,
+    watchdog: Arc<dyn Watchdog>,
+    inner: Mutex<Inner>,
+}
+
+impl FreezeManager {
+    pub fn new(
+        config: Arc<Config>,
+        freezer: Arc<dyn Freezer>,
+        mounts: Arc<dyn MountTable>,
+        agent_files: AgentFiles,
+        watchdog: Arc<dyn Watchdog>,
+    ) -> Arc<Self> {
+        let records = RecordStore::new(&config.state_dir);
+        Arc::new(FreezeManager {
+            config,
+            freezer,
+            mounts,
+            agent_files,
+            records,
+            watchdog,
+            inner: Mutex::new(Inner::default()),
+        })
+    }
+
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
+    pub fn mounts(&self) -> &dyn MountTable {
+        self.mounts.as_ref()
+    }
+
+    pub fn agent_files(&self) -> &AgentFiles {
+        &self.agent_files
+    }
+
+    pub fn resolve(&self, mounts: &[PathBuf]) -> Result<Vec<Volume>, Error> {
+        resolve_all(&self.config, self.mounts.as_ref(), &self.agent_files, mounts)
+    }
+
+    /// Outside any freeze: syncfs each volume so that FIFREEZE has little left to flush.
+    pub async fn prepare(&self, set_id: &str, mounts: &[PathBuf]) -> Result<Duration, Error> {
+        validate_set_id(set_id)?;
+        let started = Instant::now();
+        for volume in self.resolve(mounts)? {
+            let freezer = self.freezer.clone();
+            let mount = volume.mount_point.clone();
+            let result = tokio::task::spawn_blocking(move || {
+                let fd = freezer.open(&mount)?;
+                freezer.syncfs(fd.as_fd())
+            })
+            .await
+            .unwrap_or_else(|join| Err(io::Error::other(join)));
+            result.map_err(|source| Error::Sync {
+                mount: volume.mount_point.clone(),
+                source,
+            })?;
+        }
+        Ok(started.elapsed())
+    }
+
+    /// Freezes every named volume, all or nothing, under a lease.
+    pub async fn freeze(
+        self: &Arc<Self>,
+        set_id: &str,
+        mounts: &[PathBuf],
+        lease: Option<Duration>,
+    ) -> Result<FreezeInfo, Error> {
+        validate_set_id(set_id)?;
+        let volumes = self.resolve(mounts)?;
+        let lease = lease
+            .filter(|lease| !lease.is_zero())
+            .unwrap_or(self.config.default_lease)
+            .min(self.config.max_freeze);
+
+        // Open every mount point before anything is frozen.
+        let mut held = Vec::with_capacity(volumes.len());
+        for volume in &volumes {
+            let fd = self
+                .freezer
+                .open(&volume.mount_point)
+                .map_err(|source| Error::Open {
+                    mount: volume.mount_point.clone(),
+                    source,
+                })?;
+            held.push(HeldVolume {
+                mount_point: volume.mount_point.clone(),
+                dev: volume.dev(),
+                backing_file: volume.backing_file.clone(),
+                fd: Arc::new(fd),
+            });
+        }
+
+        let now = Instant::now();
+        let session = Arc::new(AsyncMutex::new(Session {
+            set_id: set_id.to_owned(),
+            volumes: held,
+            phase: Phase::Freezing,
+            freeze_started: now,
+            freeze_started_at_ms: unix_ms(),
+            frozen_at_ms: 0,
+            lease_deadline: now,
+            hard_deadline: now,
+        }));
+        let mut guard = session
+            .clone()
+            .try_lock_owned()
+            .expect("a session nobody else has seen is unlocked");
+        if let Some(existing) = self.register(set_id, &guard, &session)? {
+            return self.existing_freeze(set_id, &volumes, existing).await;
+        }
+
+        let record = FreezeRecord {
+            set_id: set_id.to_owned(),
+            pid: std::process::id(),
+            volumes: guard
+                .volumes
+                .iter()
+                .map(|v| RecordedVolume::new(&v.mount_point, v.dev))
+                .collect(),
+        };
+        if let Err((path, source)) = self.records.write(&record) {
+            self.forget(set_id, &guard);
+            return Err(Error::Record { path, source });
+        }
+        let fds: Vec<_> = guard.volumes.iter().map(|v| v.fd.clone()).collect();
+        if let Err(err) = self.watchdog.hold(set_id, &fds) {
+            error!(set_id, error = %err, "watchdog refused the freeze");
+            self.forget(set_id, &guard);
+            return Err(Error::GuardianGone);
+        }
+
+        let freeze_started = Instant::now();
+        guard.freeze_started = freeze_started;
+        guard.freeze_started_at_ms = unix_ms();
+        for index in 0..guard.volumes.len() {
+            if let Err((err, stuck)) = self.freeze_one(&guard.volumes[index]).await {
+                // Thaw what this set froze, in reverse order, before answering.
+                for volume in guard.volumes[..index].iter().rev() {
+                    if let Err(e) = self.thaw_one(volume).await {
+                        error!(set_id, mount = %volume.mount_point.display(), error = %e, "thaw after failed freeze");
+                    }
+                }
+                guard.phase = Phase::Ended(ThawReport::unknown());
+                match stuck {
+                    // The ioctl is still running: keep the filesystem reserved until it returns,
+                    // then thaw it and let the set go.
+                    Some(pending) => {
+                        self.inner.lock().unwrap().sets.remove(set_id);
+                        let manager = self.clone();
+                        let fd = guard.volumes[index].fd.clone();
+                        tokio::spawn(async move {
+                            if let Ok(Ok(())) = pending.await {
+                                let freezer = manager.freezer.clone();
+                                let thawed =
+                                    tokio::task::spawn_blocking(move || freezer.thaw(fd.as_fd()))
+                                        .await;
+                                warn!(set_id = %guard.set_id, ?thawed, "late FIFREEZE returned; thawed");
+                            }
+                            manager.forget(&guard.set_id.clone(), &guard);
+                        });
+                    }
+                    None => self.forget(set_id, &guard),
+                }
+                return Err(err);
+            }
+        }
+        let frozen = Instant::now();
+        guard.frozen_at_ms = unix_ms();
+        guard.hard_deadline = freeze_started + self.config.max_freeze;
+        guard.lease_deadline = (frozen + lease).min(guard.hard_deadline);
+        guard.phase = Phase::Frozen;
+        let info = guard.info();
+        drop(guard);
+        info!(set_id, volumes = mounts.len(), lease_ms = lease.as_millis() as u64, "frozen");
+        self.spawn_lease_timer(session);
+        Ok(info)
+    }
+
+    /// Answers a repeated freeze of a set: the same volumes, still frozen, is a retry.
+    async fn existing_freeze(
+        &self,
+        set_id: &str,
+        volumes: &[Volume],
+        existing: Arc<AsyncMutex<Session>>,
+    ) -> Result<FreezeInfo, Error> {
+        let session = existing.lock().await;
+        let same = session.volumes.len() == volumes.len()
+            && volumes
+                .iter()
+                .all(|v| session.volumes.iter().any(|h| h.dev == v.dev()));
+        match session.phase {
+            Phase::Frozen if same => Ok(session.info()),
+            _ => Err(Error::SetConflict {
+                set_id: set_id.to_owned(),
+            }),
+        }
+    }
+
+    /// Makes the session visible and reserves its filesystems; `Some(existing)` when the set id
+    /// is already known.
+    fn register(
+        &self,
+        set_id: &str,
+        session: &Session,
+        handle: &Arc<AsyncMutex<Session>>,
+    ) -> Result<Option<Arc<AsyncMutex<Session>>>, Error> {
+        let mut inner = self.inner.lock().unwrap();
+        if inner.shutting_down {
+            return Err(Error::ShuttingDown);
+        }
+        if let Some(existing) = inner.sets.get(set_id) {
+            return Ok(Some(existing.clone()));
+        }
+        if inner.ended.iter().any(|(id, _)| id == set_id) {
+            return Err(Error::SetConflict {
+                set_id: set_id.to_owned(),
+            });
+        }
+        for volume in &session.volumes {
+            if let Some(holder) = inner.holders.get(&volume.dev) {
+                return Err(Error::Busy {
+                    mount: volume.mount_point.clone(),
+                    holder: holder.clone(),
+                });
+            }
+        }
+        for volume in &session.volumes {
+            inner.holders.insert(volume.dev, set_id.to_owned());
+        }
+        inner.sets.insert(set_id.to_owned(), handle.clone());
+        Ok(None)
+    }
+
+    /// Releases everything the set reserved: its filesystems, record and watchdog hold.
+    fn forget(&self, set_id: &str, session: &Session) {
+        {
+            let mut inner = self.inner.lock().unwrap();
+            for volume in &session.volumes {
+                if inner.holders.get(&volume.dev).map(String::as_str) == Some(set_id) {
+                    inner.holders.remove(&volume.dev);
+                }
+            }
+            inner.sets.remove(set_id);
+            if let Phase::Ended(report) = &session.phase
+                && report.end != FreezeEnd::UnknownSet
+            {
+                inner.ended.push_back((set_id.to_owned(), report.clone()));
+                while inner.ended.len() > REMEMBERED_ENDINGS {
+                    inner.ended.pop_front();
+                }
+            }
+        }
+        self.watchdog.release(set_id);
+        if let Err(e) = self.records.remove(set_id) {
+            error!(set_id, error = %e, "cannot remove freeze record");
+        }
+    }
+
+    /// FIFREEZE with a deadline. On timeout the still-running ioctl is handed back so the
+    /// caller can thaw it when it returns.
+    async fn freeze_one(
+        &self,
+        volume: &HeldVolume,
+    ) -> Result<(), (Error, Option<tokio::task::JoinHandle<io::Result<()>>>)> {
+        let freezer = self.freezer.clone();
+        let fd = volume.fd.clone();
+        let mut pending = tokio::task::spawn_blocking(move || freezer.freeze(fd.as_fd()));
+        let mount = volume.mount_point.clone();
+        match tokio::time::timeout(self.config.freeze_timeout, &mut pending).await {
+            Ok(Ok(Ok(()))) => Ok(()),
+            Ok(Ok(Err(e))) if e.raw_os_error() == Some(libc::EBUSY) => {
+                Err((Error::FrozenByOther { mount }, None))
+            }
+            Ok(Ok(Err(source))) => Err((Error::Freeze { mount, source }, None)),
+            Ok(Err(join)) => Err((
+                Error::Freeze {
+                    mount,
+                    source: io::Error::other(join),
+                },
+                None,
+            )),
+            Err(_elapsed) => Err((
+                Error::FreezeTimedOut {
+                    mount,
+                    timeout: self.config.freeze_timeout,
+                },
+                Some(pending),
+            )),
+        }
+    }
+
+    async fn thaw_one(&self, volume: &HeldVolume) -> io::Result<()> {
+        let freezer = self.freezer.clone();
+        let fd = volume.fd.clone();
+        tokio::task::spawn_blocking(move || freezer.thaw(fd.as_fd()))
+            .await
+            .unwrap_or_else(|join| Err(io::Error::other(join)))
+    }
+
+    /// Thaws every volume of a frozen session in reverse order and ends it.
+    async fn end(&self, session: &mut Session, end: FreezeEnd) -> ThawReport {
+        let mut external = false;
+        let mut failed = false;
+        for volume in session.volumes.iter().rev() {
+            match self.thaw_one(volume).await {
+                Ok(()) => {}
+                Err(e) if e.raw_os_error() == Some(libc::EINVAL) => external = true,
+                Err(e) => {
+                    failed = true;
+                    error!(set_id = %session.set_id, mount = %volume.mount_point.display(), error = %e, "FITHAW failed");
+                }
+            }
+        }
+        let thawed_at_ms = unix_ms();
+        let end = if external && end == FreezeEnd::Thawed {
+            FreezeEnd::ExternalThaw
+        } else {
+            end
+        };
+        let report = ThawReport {
+            held_continuously: end == FreezeEnd::Thawed && !failed,
+            end,
+            freeze_started_at_ms: session.freeze_started_at_ms,
+            frozen_at_ms: session.frozen_at_ms,
+            thawed_at_ms,
+            write_stall_ms: session.freeze_started.elapsed().as_millis() as u64,
+        };
+        session.phase = Phase::Ended(report.clone());
+        self.forget(&session.set_id.clone(), session);
+        match end {
+            FreezeEnd::Thawed => {
+                info!(set_id = %session.set_id, stall_ms = report.write_stall_ms, "thawed")
+            }
+            _ => {
+                warn!(set_id = %session.set_id, end = end.as_str(), stall_ms = report.write_stall_ms, "freeze ended early")
+            }
+        }
+        report
+    }
+
+    fn spawn_lease_timer(self: &Arc<Self>, session: Arc<AsyncMutex<Session>>) {
+        let manager = self.clone();
+        tokio::spawn(async move {
+            loop {
+                let deadline = {
+                    let s = session.lock().await;
+                    if !matches!(s.phase, Phase::Frozen) {
+                        return;
+                    }
+                    s.lease_deadline.min(s.hard_deadline)
+                };
+                tokio::time::sleep_until(deadline).await;
+                let mut s = session.lock().await;
+                if !matches!(s.phase, Phase::Frozen) {
+                    return;
+                }
+                let now = Instant::now();
+                if now >= s.hard_deadline {
+                    manager.end(&mut s, FreezeEnd::MaxFreeze).await;
+                    return;
+                }
+                if now >= s.lease_deadline {
+                    manager.end(&mut s, FreezeEnd::LeaseExpired).await;
+                    return;
+                }
+            }
+        });
+    }
+
+    fn session(&self, set_id: &str) -> Option<Arc<AsyncMutex<Session>>> {
+        self.inner.lock().unwrap().sets.get(set_id).cloned()
+    }
+
+    fn ended_report(&self, set_id: &str) -> Option<ThawReport> {
+        let inner = self.inner.lock().unwrap();
+        inner
+            .ended
+            .iter()
+            .rev()
+            .find(|(id, _)| id == set_id)
+            .map(|(_, report)| report.clone())
+    }
+
+    /// Pushes the lease out by `lease` from now, never past the hard deadline.
+    pub async fn renew(&self, set_id: &str, lease: Option<Duration>) -> Result<FreezeInfo, Error> {
+        let not_frozen = |state: String| Error::NotFrozen {
+            set_id: set_id.to_owned(),
+            state,
+        };
+        let Some(session) = self.session(set_id) else {
+            let state = match self.ended_report(set_id) {
+                Some(report) => format!("freeze ended: {}", report.end.as_str()),
+                None => "unknown set".into(),
+            };
+            return Err(not_frozen(state));
+        };
+        let mut s = session.lock().await;
+        if !matches!(s.phase, Phase::Frozen) {
+            return Err(not_frozen(s.state_name()));
+        }
+        let lease = lease
+            .filter(|lease| !lease.is_zero())
+            .unwrap_or(self.config.default_lease);
+        s.lease_deadline = (Instant::now() + lease).min(s.hard_deadline);
+        Ok(s.info())
+    }
+
+    /// Thaws a set. Idempotent: a set already ended (or never seen) reports how it ended.
+    pub async fn thaw(&self, set_id: &str) -> ThawReport {
+        if let Some(session) = self.session(set_id) {
+            let mut s = session.lock().await;
+            return match &s.phase {
+                Phase::Frozen => self.end(&mut s, FreezeEnd::Thawed).await,
+                Phase::Ended(report) => report.clone(),
+                Phase::Freezing => unreachable!("a freezing session is locked until it ends"),
+            };
+        }
+        self.ended_report(set_id)
+            .unwrap_or_else(ThawReport::unknown)
+    }
+
+    /// The mount points (and loop backing files) a frozen set holds, checking `mounts` is a
+    /// subset of them.
+    pub async fn frozen_volumes(
+        &self,
+        set_id: &str,
+        mounts: &[PathBuf],
+    ) -> Result<Vec<(PathBuf, DevId, Option<PathBuf>)>, Error> {
+        let not_frozen = |state: String| Error::NotFrozen {
+            set_id: set_id.to_owned(),
+            state,
+        };
+        let session = self
+            .session(set_id)
+            .ok_or_else(|| not_frozen("unknown set".into()))?;
+        let s = session.lock().await;
+        if !matches!(s.phase, Phase::Frozen) {
+            return Err(not_frozen(s.state_name()));
+        }
+        let all: Vec<_> = s
+            .volumes
+            .iter()
+            .map(|v| (v.mount_point.clone(), v.dev, v.backing_file.clone()))
+            .collect();
+        if mounts.is_empty() {
+            return Ok(all);
+        }
+        mounts
+            .iter()
+            .map(|mount| {
+                let dev = self
+                    .mounts
+                    .at(mount)?
+                    .map(|entry| entry.dev)
+                    .ok_or_else(|| Error::NotMounted {
+                        mount: mount.clone(),
+                    })?;
+                let (_, dev, backing) = all.iter().find(|(_, d, _)| *d == dev).ok_or_else(|| {
+                    Error::InvalidArgument(format!(
+                        "{} is not frozen by set {set_id}",
+                        mount.display()
+                    ))
+                })?;
+                Ok((mount.clone(), *dev, backing.clone()))
+            })
+            .collect()
+    }
+
+    /// Whether the set still holds its freeze (checked after a snapshot returns).
+    pub async fn is_frozen(&self, set_id: &str) -> bool {
+        match self.session(set_id) {
+            Some(session) => matches!(session.lock().await.phase, Phase::Frozen),
+            None => false,
+        }
+    }
+
+    /// Filesystems frozen by any set of this agent.
+    pub fn frozen_devs(&self) -> Vec<DevId> {
+        self.inner.lock().unwrap().holders.keys().copied().collect()
+    }
+
+    pub fn holder_of(&self, dev: DevId) -> Option<String> {
+        self.inner.lock().unwrap().holders.get(&dev).cloned()
+    }
+
+    pub async fn held(&self) -> Vec<HeldFreeze> {
+        let sessions: Vec<_> = self.inner.lock().unwrap().sets.values().cloned().collect();
+        let mut held = Vec::new();
+        for session in sessions {
+            let s = session.lock().await;
+            if matches!(s.phase, Phase::Frozen) {
+                let info = s.info();
+                held.push(HeldFreeze {
+                    set_id: s.set_id.clone(),
+                    mount_points: s.volumes.iter().map(|v| v.mount_point.clone()).collect(),
+                    frozen_at_ms: info.frozen_at_ms,
+                    lease_deadline_ms: info.lease_deadline_ms,
+                    hard_deadline_ms: info.hard_deadline_ms,
+                });
+            }
+        }
+        held.sort_by(|a, b| a.set_id.cmp(&b.set_id));
+        held
+    }
+
+    /// Refuses new freezes and thaws every set (SIGTERM/SIGINT path).
+    pub async fn shutdown(&self) -> usize {
+        let sessions: Vec<_> = {
+            let mut inner = self.inner.lock().unwrap();
+            inner.shutting_down = true;
+            inner.sets.values().cloned().collect()
+        };
+        let mut thawed = 0;
+        for session in sessions {
+            let mut s = session.lock().await;
+            if matches!(s.phase, Phase::Frozen) {
+                self.end(&mut s, FreezeEnd::Shutdown).await;
+                thawed += 1;
+            }
+        }
+        thawed
+    }
+}
+
+/// Set ids name record files and snapshot directories: keep them to a safe alphabet.
+pub fn validate_set_id(set_id: &str) -> Result<(), Error> {
+    let ok = !set_id.is_empty()
+        && set_id.len() <= 128
+        && !set_id.starts_with('.')
+        && set_id
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
+    if ok {
+        Ok(())
+    } else {
+        Err(Error::InvalidArgument(format!(
+            "set id {set_id:?} must be 1-128 characters of [A-Za-z0-9._-], not starting with '.'"
+        )))
+    }
+}
+
+pub fn unix_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// The wall-clock time of a monotonic instant (for reports).
+fn unix_ms_at(instant: Instant) -> u64 {
+    let now = Instant::now();
+    let wall = unix_ms();
+    if instant >= now {
+        wall + (instant - now).as_millis() as u64
+    } else {
+        wall.saturating_sub((now - instant).as_millis() as u64)
+    }
+}
+
+/// Mount paths as the request named them, for messages.
+pub fn display_paths(paths: &[PathBuf]) -> String {
+    paths
+        .iter()
+        .map(|p| p.display().to_string())
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+

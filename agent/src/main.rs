@@ -1,0 +1,260 @@
+//! `quiesce-agent`: run the agent, check its config, or thaw by hand.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use quiesce_agent::config::Config;
+use quiesce_agent::error::error_chain;
+use quiesce_agent::freeze::FreezeManager;
+use quiesce_agent::freezer::{Freezer, IoctlFreezer};
+use quiesce_agent::mounts::{MountTable, ProcMountTable};
+use quiesce_agent::records::{RecordStore, is_memory_fs};
+use quiesce_agent::recovery::{self, Outcome};
+use quiesce_agent::volumes::{AgentFiles, resolve};
+use quiesce_agent::watchdog::NoWatchdog;
+
+/// Exit status for a bad config (EX_USAGE / EX_CONFIG convention: 64).
+const EXIT_CONFIG: u8 = 64;
+
+#[derive(Parser)]
+#[command(name = "quiesce-agent", version, about = "Freezes this host's filesystems for a Quiesce coordinator, under a lease")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the agent.
+    Run {
+        #[arg(short, long, default_value = "/etc/quiesce/agent.toml")]
+        config: PathBuf,
+        /// Serve plain-text gRPC without mTLS (tests and demos only; logs a warning).
+        #[arg(long)]
+        insecure: bool,
+        /// Log format on stderr.
+        #[arg(long, default_value = "plain", value_parser = ["plain", "json"])]
+        log_format: String,
+    },
+    /// Check the config and this host against it; report every problem at once (exit 64).
+    CheckConfig {
+        #[arg(short, long, default_value = "/etc/quiesce/agent.toml")]
+        config: PathBuf,
+        #[arg(long)]
+        insecure: bool,
+    },
+    /// Emergency hatch, no network: thaw what the agent's record says it froze.
+    Thaw {
+        #[arg(short, long, default_value = "/etc/quiesce/agent.toml")]
+        config: PathBuf,
+        /// Thaw every volume of every set in the freeze record.
+        #[arg(long, conflicts_with = "mount", required_unless_present = "mount")]
+        all: bool,
+        /// Thaw this mount point even if no record names it (needs --force).
+        #[arg(long, requires = "force")]
+        mount: Option<PathBuf>,
+        #[arg(long)]
+        force: bool,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Run {
+            config,
+            insecure,
+            log_format,
+        } => {
+            init_logging(&log_format);
+            match run(&config, insecure) {
+                Ok(code) => code,
+                Err(err) => {
+                    tracing::error!("{err:#}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+        Command::CheckConfig { config, insecure } => check_config(&config, insecure),
+        Command::Thaw {
+            config,
+            all: _,
+            mount,
+            force: _,
+        } => {
+            init_logging("plain");
+            thaw(&config, mount.as_deref())
+        }
+    }
+}
+
+fn init_logging(format: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("QUIESCE_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    if format == "json" {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+}
+
+/// Config problems plus host problems (state dir not on tmpfs, volumes that cannot be frozen).
+fn all_problems(config: &Config, insecure: bool) -> Vec<String> {
+    let mut problems = config.problems(insecure);
+    match is_memory_fs(&config.state_dir) {
+        Ok(true) => {}
+        Ok(false) => problems.push(format!(
+            "state-dir {} is not on tmpfs: freeze records must never be written to a disk filesystem",
+            config.state_dir.display()
+        )),
+        Err(e) => problems.push(format!(
+            "state-dir {}: {e}",
+            config.state_dir.display()
+        )),
+    }
+    let table = ProcMountTable::host();
+    let files = AgentFiles::discover(&config.state_dir);
+    for volume in &config.volumes {
+        if let Err(e) = resolve(config, &table, &files, &volume.mount) {
+            problems.push(error_chain(&e));
+        }
+    }
+    problems
+}
+
+fn load(path: &Path) -> Result<Config, ExitCode> {
+    Config::load(path).map_err(|e| {
+        eprintln!("quiesce-agent: {}", error_chain(&e));
+        ExitCode::from(EXIT_CONFIG)
+    })
+}
+
+fn check_config(path: &Path, insecure: bool) -> ExitCode {
+    let config = match load(path) {
+        Ok(config) => config,
+        Err(code) => return code,
+    };
+    let problems = all_problems(&config, insecure);
+    if problems.is_empty() {
+        println!("{}: ok ({} volumes)", path.display(), config.volumes.len());
+        ExitCode::SUCCESS
+    } else {
+        eprintln!("{}: {} problem(s):", path.display(), problems.len());
+        for problem in &problems {
+            eprintln!("  - {problem}");
+        }
+        ExitCode::from(EXIT_CONFIG)
+    }
+}
+
+fn thaw(path: &Path, mount: Option<&Path>) -> ExitCode {
+    let freezer = IoctlFreezer;
+    if let Some(mount) = mount {
+        let outcome = recovery::thaw_path(&freezer, mount);
+        println!("{}: {:?}", mount.display(), outcome);
+        return match outcome {
+            Outcome::Failed(_) => ExitCode::FAILURE,
+            _ => ExitCode::SUCCESS,
+        };
+    }
+    let config = match load(path) {
+        Ok(config) => config,
+        Err(code) => return code,
+    };
+    let store = RecordStore::new(&config.state_dir);
+    match recovery::replay(&store, &freezer, &ProcMountTable::host()) {
+        Ok(done) => {
+            if done.is_empty() {
+                println!("nothing recorded as frozen in {}", store.dir().display());
+            }
+            let mut failed = false;
+            for item in &done {
+                failed |= matches!(item.outcome, Outcome::Failed(_));
+                println!("{} {}: {:?}", item.set_id, item.mount_point, item.outcome);
+            }
+            if failed {
+                ExitCode::FAILURE
+            } else {
+                ExitCode::SUCCESS
+            }
+        }
+        Err(e) => {
+            eprintln!("cannot read {}: {e}", store.dir().display());
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(path: &Path, insecure: bool) -> anyhow::Result<ExitCode> {
+    let config = match load(path) {
+        Ok(config) => config,
+        Err(code) => return Ok(code),
+    };
+    let problems = config.problems(insecure);
+    let tmpfs = is_memory_fs(&config.state_dir).unwrap_or(false);
+    if !problems.is_empty() || !tmpfs {
+        for problem in &problems {
+            tracing::error!("config: {problem}");
+        }
+        if !tmpfs {
+            tracing::error!(
+                "state-dir {} must exist on tmpfs",
+                config.state_dir.display()
+            );
+        }
+        return Ok(ExitCode::from(EXIT_CONFIG));
+    }
+    for problem in all_problems(&config, insecure) {
+        tracing::warn!("{problem}");
+    }
+    if insecure {
+        tracing::warn!("--insecure: serving plain-text gRPC with no client authentication");
+    }
+
+    let freezer: Arc<dyn Freezer> = Arc::new(IoctlFreezer);
+    let mounts: Arc<dyn MountTable> = Arc::new(ProcMountTable::host());
+    let store = RecordStore::new(&config.state_dir);
+    store
+        .create_dir()
+        .with_context(|| format!("creating {}", store.dir().display()))?;
+    for item in recovery::replay(&store, freezer.as_ref(), mounts.as_ref())? {
+        tracing::warn!(set_id = %item.set_id, mount = %item.mount_point, outcome = ?item.outcome, "recovered a freeze left by a previous agent");
+    }
+
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    runtime.block_on(async move {
+        let listener = tokio::net::TcpListener::bind(config.listen)
+            .await
+            .with_context(|| format!("binding {}", config.listen))?;
+        tracing::info!(listen = %listener.local_addr()?, volumes = config.volumes.len(), "agent ready");
+        let tls = if insecure { None } else { config.tls.clone() };
+        let files = AgentFiles::discover(&config.state_dir);
+        let manager = FreezeManager::new(
+            Arc::new(config),
+            freezer,
+            mounts,
+            files,
+            Arc::new(NoWatchdog),
+        );
+        quiesce_agent::server::serve(manager, listener, tls.as_ref(), shutdown_signal()).await?;
+        Ok(ExitCode::SUCCESS)
+    })
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+    let mut int = signal(SignalKind::interrupt()).expect("SIGINT handler");
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM"),
+        _ = int.recv() => tracing::info!("SIGINT"),
+    }
+}

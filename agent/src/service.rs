@@ -1,0 +1,341 @@
+//! The gRPC adapter: convert the request, call the domain, convert the answer. No logic here.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use quiesce_proto::agent::v1 as pb;
+use quiesce_proto::agent::v1::agent_server::Agent;
+use quiesce_proto::identity::{Identity, Role};
+use tonic::{Request, Response, Status};
+use tracing::{Instrument, info_span};
+
+use crate::error::Error;
+use crate::freeze::{FreezeEnd, FreezeManager, validate_set_id};
+use crate::reflink::ReflinkProvider;
+
+pub struct AgentService {
+    manager: Arc<FreezeManager>,
+    reflink: ReflinkProvider,
+    hostname: String,
+}
+
+impl AgentService {
+    pub fn new(manager: Arc<FreezeManager>) -> Self {
+        let reflink = ReflinkProvider::new(manager.config().reflink.snapshot_dir.clone());
+        let hostname = nix::unistd::gethostname()
+            .map(|h| h.to_string_lossy().into_owned())
+            .unwrap_or_else(|_| "unknown".into());
+        AgentService {
+            manager,
+            reflink,
+            hostname,
+        }
+    }
+
+    fn backing_files(&self) -> Vec<PathBuf> {
+        let mounts = self.manager.mounts();
+        self.manager
+            .config()
+            .volumes
+            .iter()
+            .filter_map(|v| mounts.at(&v.mount).ok().flatten())
+            .filter_map(|entry| mounts.loop_backing_file(entry.dev))
+            .collect()
+    }
+}
+
+impl AgentService {
+    async fn snapshot_one(
+        &self,
+        set_id: &str,
+        mount: &std::path::Path,
+        dev: crate::mounts::DevId,
+        backing: Option<PathBuf>,
+        frozen: &[crate::mounts::DevId],
+    ) -> Result<pb::VolumeSnapshot, Status> {
+        let device = self
+            .manager
+            .mounts()
+            .at(mount)
+            .map_err(Error::from)?
+            .map(|e| e.source)
+            .unwrap_or_else(|| dev.to_string());
+        let backing = ReflinkProvider::backing_file(mount, &device, backing.as_deref())
+            .map_err(Error::from)?
+            .to_owned();
+        let reflink = self.reflink.clone();
+        let set_id = set_id.to_owned();
+        let frozen = frozen.to_vec();
+        let target_mount = mount.to_owned();
+        let clone = tokio::task::spawn_blocking(move || {
+            reflink.snapshot(&set_id, &target_mount, &backing, &frozen)
+        })
+        .await
+        .map_err(|e| Status::internal(e.to_string()))?
+        .map_err(Error::from)?;
+        Ok(pb::VolumeSnapshot {
+            mount_point: mount.display().to_string(),
+            snapshot_id: clone.path.display().to_string(),
+            size_bytes: clone.size_bytes,
+            duration_ms: clone.duration_ms,
+        })
+    }
+}
+
+fn paths(list: Vec<String>) -> Vec<PathBuf> {
+    list.into_iter().map(PathBuf::from).collect()
+}
+
+fn lease(ms: u64) -> Option<Duration> {
+    (ms > 0).then(|| Duration::from_millis(ms))
+}
+
+fn freeze_end(end: FreezeEnd) -> pb::FreezeEnd {
+    match end {
+        FreezeEnd::Thawed => pb::FreezeEnd::Thawed,
+        FreezeEnd::LeaseExpired => pb::FreezeEnd::LeaseExpired,
+        FreezeEnd::MaxFreeze => pb::FreezeEnd::MaxFreeze,
+        FreezeEnd::Shutdown => pb::FreezeEnd::Shutdown,
+        FreezeEnd::ExternalThaw => pb::FreezeEnd::ExternalThaw,
+        FreezeEnd::UnknownSet => pb::FreezeEnd::UnknownSet,
+    }
+}
+
+#[tonic::async_trait]
+impl Agent for AgentService {
+    async fn get_host_info(
+        &self,
+        _request: Request<pb::GetHostInfoRequest>,
+    ) -> Result<Response<pb::GetHostInfoResponse>, Status> {
+        let config = self.manager.config();
+        let mut volumes = Vec::new();
+        for volume in &config.volumes {
+            let mut info = pb::VolumeInfo {
+                mount_point: volume.mount.display().to_string(),
+                ..Default::default()
+            };
+            match self.manager.resolve(std::slice::from_ref(&volume.mount)) {
+                Ok(resolved) => {
+                    let resolved = &resolved[0];
+                    info.fs_type = resolved.entry.fs_type.clone();
+                    info.device = resolved.entry.source.clone();
+                    info.backing_file = resolved
+                        .backing_file
+                        .as_ref()
+                        .map(|b| b.display().to_string())
+                        .unwrap_or_default();
+                    info.frozen_by = self.manager.holder_of(resolved.dev()).unwrap_or_default();
+                }
+                Err(e) => info.problem = crate::error::error_chain(&e),
+            }
+            volumes.push(info);
+        }
+        let freezes = self
+            .manager
+            .held()
+            .await
+            .into_iter()
+            .map(|held| pb::HeldFreeze {
+                set_id: held.set_id,
+                mount_points: held
+                    .mount_points
+                    .iter()
+                    .map(|p| p.display().to_string())
+                    .collect(),
+                frozen_at_ms: held.frozen_at_ms,
+                lease_deadline_ms: held.lease_deadline_ms,
+                hard_deadline_ms: held.hard_deadline_ms,
+            })
+            .collect();
+        Ok(Response::new(pb::GetHostInfoResponse {
+            hostname: self.hostname.clone(),
+            agent_version: env!("CARGO_PKG_VERSION").into(),
+            volumes,
+            freezes,
+            max_freeze_ms: config.max_freeze.as_millis() as u64,
+            default_lease_ms: config.default_lease.as_millis() as u64,
+        }))
+    }
+
+    async fn prepare_volumes(
+        &self,
+        request: Request<pb::PrepareVolumesRequest>,
+    ) -> Result<Response<pb::PrepareVolumesResponse>, Status> {
+        let req = request.into_inner();
+        let span = info_span!("prepare", set_id = %req.set_id);
+        let took = self
+            .manager
+            .prepare(&req.set_id, &paths(req.mount_points))
+            .instrument(span)
+            .await?;
+        Ok(Response::new(pb::PrepareVolumesResponse {
+            duration_ms: took.as_millis() as u64,
+        }))
+    }
+
+    async fn freeze_volumes(
+        &self,
+        request: Request<pb::FreezeVolumesRequest>,
+    ) -> Result<Response<pb::FreezeVolumesResponse>, Status> {
+        let req = request.into_inner();
+        let span = info_span!("freeze", set_id = %req.set_id);
+        let info = self
+            .manager
+            .freeze(&req.set_id, &paths(req.mount_points), lease(req.lease_ms))
+            .instrument(span)
+            .await?;
+        Ok(Response::new(pb::FreezeVolumesResponse {
+            freeze_started_at_ms: info.freeze_started_at_ms,
+            frozen_at_ms: info.frozen_at_ms,
+            lease_deadline_ms: info.lease_deadline_ms,
+            hard_deadline_ms: info.hard_deadline_ms,
+        }))
+    }
+
+    async fn renew_lease(
+        &self,
+        request: Request<pb::RenewLeaseRequest>,
+    ) -> Result<Response<pb::RenewLeaseResponse>, Status> {
+        let req = request.into_inner();
+        let info = self.manager.renew(&req.set_id, lease(req.lease_ms)).await?;
+        Ok(Response::new(pb::RenewLeaseResponse {
+            lease_deadline_ms: info.lease_deadline_ms,
+            hard_deadline_ms: info.hard_deadline_ms,
+        }))
+    }
+
+    async fn thaw_volumes(
+        &self,
+        request: Request<pb::ThawVolumesRequest>,
+    ) -> Result<Response<pb::ThawVolumesResponse>, Status> {
+        let req = request.into_inner();
+        validate_set_id(&req.set_id)?;
+        let span = info_span!("thaw", set_id = %req.set_id);
+        let report = self.manager.thaw(&req.set_id).instrument(span).await;
+        Ok(Response::new(pb::ThawVolumesResponse {
+            held_continuously: report.held_continuously,
+            end: freeze_end(report.end).into(),
+            freeze_started_at_ms: report.freeze_started_at_ms,
+            frozen_at_ms: report.frozen_at_ms,
+            thawed_at_ms: report.thawed_at_ms,
+            write_stall_ms: report.write_stall_ms,
+        }))
+    }
+
+    async fn create_snapshots(
+        &self,
+        request: Request<pb::CreateSnapshotsRequest>,
+    ) -> Result<Response<pb::CreateSnapshotsResponse>, Status> {
+        let req = request.into_inner();
+        validate_set_id(&req.set_id)?;
+        let volumes = self
+            .manager
+            .frozen_volumes(&req.set_id, &paths(req.mount_points))
+            .await?;
+        let frozen = self.manager.frozen_devs();
+        let mut snapshots = Vec::new();
+        for (mount, dev, backing) in volumes {
+            match self.snapshot_one(&req.set_id, &mount, dev, backing, &frozen).await {
+                Ok(snapshot) => snapshots.push(snapshot),
+                Err(status) => {
+                    // All or nothing: remove the clones this request already made.
+                    let ids: Vec<PathBuf> =
+                        snapshots.iter().map(|s| s.snapshot_id.clone().into()).collect();
+                    let _ = self.reflink.delete(&req.set_id, &ids, &self.backing_files());
+                    return Err(status);
+                }
+            }
+        }
+        if !self.manager.is_frozen(&req.set_id).await {
+            // The lease ran out while cloning: the clones may hold later writes.
+            let ids: Vec<PathBuf> = snapshots.iter().map(|s| s.snapshot_id.clone().into()).collect();
+            let _ = self.reflink.delete(&req.set_id, &ids, &self.backing_files());
+            return Err(Error::NotFrozen {
+                set_id: req.set_id,
+                state: "freeze ended while the snapshots were taken".into(),
+            }
+            .into());
+        }
+        Ok(Response::new(pb::CreateSnapshotsResponse { snapshots }))
+    }
+
+    async fn delete_snapshots(
+        &self,
+        request: Request<pb::DeleteSnapshotsRequest>,
+    ) -> Result<Response<pb::DeleteSnapshotsResponse>, Status> {
+        let req = request.into_inner();
+        validate_set_id(&req.set_id)?;
+        let deleted = self
+            .reflink
+            .delete(&req.set_id, &paths(req.snapshot_ids), &self.backing_files())
+            .map_err(Error::from)?;
+        Ok(Response::new(pb::DeleteSnapshotsResponse { deleted }))
+    }
+
+    async fn restore_snapshots(
+        &self,
+        request: Request<pb::RestoreSnapshotsRequest>,
+    ) -> Result<Response<pb::RestoreSnapshotsResponse>, Status> {
+        let req = request.into_inner();
+        validate_set_id(&req.set_id)?;
+        let target_dir = PathBuf::from(&req.target_dir);
+        let backing_files = self.backing_files();
+        let mut images = Vec::new();
+        for snapshot in req.snapshots {
+            let reflink = self.reflink.clone();
+            let set_id = req.set_id.clone();
+            let target_dir = target_dir.clone();
+            let backing_files = backing_files.clone();
+            let id = PathBuf::from(&snapshot.snapshot_id);
+            let (image, cloned) = tokio::task::spawn_blocking(move || {
+                reflink.restore(&set_id, &id, &target_dir, &backing_files)
+            })
+            .await
+            .map_err(|e| Status::internal(e.to_string()))?
+            .map_err(Error::from)?;
+            images.push(pb::RestoredImage {
+                mount_point: snapshot.mount_point,
+                image_path: image.display().to_string(),
+                cloned,
+            });
+        }
+        Ok(Response::new(pb::RestoreSnapshotsResponse { images }))
+    }
+}
+
+/// Admits only coordinators named in the agent's config (their mTLS identity). `None` admits
+/// everyone: plain text with `--insecure`.
+#[derive(Clone)]
+pub struct CoordinatorAuth {
+    allowed: Option<Arc<Vec<String>>>,
+}
+
+impl CoordinatorAuth {
+    pub fn new(allowed: Vec<String>) -> Self {
+        CoordinatorAuth {
+            allowed: Some(Arc::new(allowed)),
+        }
+    }
+
+    pub fn insecure() -> Self {
+        CoordinatorAuth { allowed: None }
+    }
+}
+
+impl tonic::service::Interceptor for CoordinatorAuth {
+    fn call(&mut self, request: Request<()>) -> Result<Request<()>, Status> {
+        let Some(allowed) = &self.allowed else {
+            return Ok(request);
+        };
+        match Identity::of_peer(&request) {
+            Some(id) if id.role == Role::Coordinator && allowed.contains(&id.name) => Ok(request),
+            Some(id) => Err(Status::permission_denied(format!(
+                "{id} is not a coordinator this agent obeys"
+            ))),
+            None => Err(Status::unauthenticated(
+                "no Quiesce identity in the client certificate",
+            )),
+        }
+    }
+}

@@ -1,0 +1,180 @@
+//! Talking to agents: a narrow trait (so the workflow is testable with a fake) and its gRPC
+//! implementation over mTLS.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use quiesce_proto::agent::v1 as pb;
+use quiesce_proto::agent::v1::agent_client::AgentClient as GrpcClient;
+use quiesce_proto::tls::{TlsError, TlsFiles};
+use tonic::Status;
+use tonic::transport::{Channel, Endpoint};
+
+use crate::config::AgentConfig;
+
+/// One agent, as the workflow sees it. Every call is one RPC of `quiesce.agent.v1`.
+#[tonic::async_trait]
+pub trait AgentClient: Send + Sync {
+    async fn get_host_info(&self) -> Result<pb::GetHostInfoResponse, Status>;
+    async fn prepare_volumes(
+        &self,
+        req: pb::PrepareVolumesRequest,
+    ) -> Result<pb::PrepareVolumesResponse, Status>;
+    async fn freeze_volumes(
+        &self,
+        req: pb::FreezeVolumesRequest,
+    ) -> Result<pb::FreezeVolumesResponse, Status>;
+    async fn renew_lease(&self, req: pb::RenewLeaseRequest)
+    -> Result<pb::RenewLeaseResponse, Status>;
+    async fn thaw_volumes(
+        &self,
+        req: pb::ThawVolumesRequest,
+    ) -> Result<pb::ThawVolumesResponse, Status>;
+    async fn create_snapshots(
+        &self,
+        req: pb::CreateSnapshotsRequest,
+    ) -> Result<pb::CreateSnapshotsResponse, Status>;
+    async fn delete_snapshots(
+        &self,
+        req: pb::DeleteSnapshotsRequest,
+    ) -> Result<pb::DeleteSnapshotsResponse, Status>;
+    async fn restore_snapshots(
+        &self,
+        req: pb::RestoreSnapshotsRequest,
+    ) -> Result<pb::RestoreSnapshotsResponse, Status>;
+}
+
+/// Finds the client of an agent by its configured name.
+pub trait AgentDirectory: Send + Sync {
+    fn client(&self, name: &str) -> Option<Arc<dyn AgentClient>>;
+}
+
+impl AgentDirectory for HashMap<String, Arc<dyn AgentClient>> {
+    fn client(&self, name: &str) -> Option<Arc<dyn AgentClient>> {
+        self.get(name).cloned()
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectError {
+    #[error("agent {agent}: invalid endpoint {endpoint}")]
+    Endpoint {
+        agent: String,
+        endpoint: String,
+        #[source]
+        source: tonic::transport::Error,
+    },
+    #[error("agent {agent}")]
+    Tls {
+        agent: String,
+        #[source]
+        source: TlsError,
+    },
+}
+
+/// Lazily connected gRPC channels to every configured agent.
+pub struct GrpcAgents {
+    clients: HashMap<String, Arc<dyn AgentClient>>,
+}
+
+impl GrpcAgents {
+    /// `tls: None` is plain text (`--insecure`).
+    pub fn new(agents: &[AgentConfig], tls: Option<&TlsFiles>) -> Result<Self, ConnectError> {
+        let mut clients: HashMap<String, Arc<dyn AgentClient>> = HashMap::new();
+        for agent in agents {
+            let endpoint_err = |source| ConnectError::Endpoint {
+                agent: agent.name.clone(),
+                endpoint: agent.endpoint.clone(),
+                source,
+            };
+            let mut endpoint = Endpoint::from_shared(agent.endpoint.clone())
+                .map_err(endpoint_err)?
+                .connect_timeout(Duration::from_secs(3))
+                .tcp_nodelay(true)
+                .http2_keep_alive_interval(Duration::from_secs(5))
+                .keep_alive_timeout(Duration::from_secs(5));
+            if let Some(tls) = tls {
+                let config =
+                    tls.client_config(agent.server_name())
+                        .map_err(|source| ConnectError::Tls {
+                            agent: agent.name.clone(),
+                            source,
+                        })?;
+                endpoint = endpoint.tls_config(config).map_err(endpoint_err)?;
+            }
+            let channel = endpoint.connect_lazy();
+            clients.insert(agent.name.clone(), Arc::new(GrpcAgent(GrpcClient::new(channel))));
+        }
+        Ok(GrpcAgents { clients })
+    }
+}
+
+impl AgentDirectory for GrpcAgents {
+    fn client(&self, name: &str) -> Option<Arc<dyn AgentClient>> {
+        self.clients.get(name).cloned()
+    }
+}
+
+struct GrpcAgent(GrpcClient<Channel>);
+
+#[tonic::async_trait]
+impl AgentClient for GrpcAgent {
+    async fn get_host_info(&self) -> Result<pb::GetHostInfoResponse, Status> {
+        Ok(self
+            .0
+            .clone()
+            .get_host_info(pb::GetHostInfoRequest {})
+            .await?
+            .into_inner())
+    }
+
+    async fn prepare_volumes(
+        &self,
+        req: pb::PrepareVolumesRequest,
+    ) -> Result<pb::PrepareVolumesResponse, Status> {
+        Ok(self.0.clone().prepare_volumes(req).await?.into_inner())
+    }
+
+    async fn freeze_volumes(
+        &self,
+        req: pb::FreezeVolumesRequest,
+    ) -> Result<pb::FreezeVolumesResponse, Status> {
+        Ok(self.0.clone().freeze_volumes(req).await?.into_inner())
+    }
+
+    async fn renew_lease(
+        &self,
+        req: pb::RenewLeaseRequest,
+    ) -> Result<pb::RenewLeaseResponse, Status> {
+        Ok(self.0.clone().renew_lease(req).await?.into_inner())
+    }
+
+    async fn thaw_volumes(
+        &self,
+        req: pb::ThawVolumesRequest,
+    ) -> Result<pb::ThawVolumesResponse, Status> {
+        Ok(self.0.clone().thaw_volumes(req).await?.into_inner())
+    }
+
+    async fn create_snapshots(
+        &self,
+        req: pb::CreateSnapshotsRequest,
+    ) -> Result<pb::CreateSnapshotsResponse, Status> {
+        Ok(self.0.clone().create_snapshots(req).await?.into_inner())
+    }
+
+    async fn delete_snapshots(
+        &self,
+        req: pb::DeleteSnapshotsRequest,
+    ) -> Result<pb::DeleteSnapshotsResponse, Status> {
+        Ok(self.0.clone().delete_snapshots(req).await?.into_inner())
+    }
+
+    async fn restore_snapshots(
+        &self,
+        req: pb::RestoreSnapshotsRequest,
+    ) -> Result<pb::RestoreSnapshotsResponse, Status> {
+        Ok(self.0.clone().restore_snapshots(req).await?.into_inner())
+    }
+}

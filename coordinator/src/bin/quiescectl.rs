@@ -1,0 +1,546 @@
+//! `quiescectl`: the operator's CLI for the coordinator.
+//!
+//! Exit status: 0 success (for `backup`: the set is consistent), 1 the operation failed or the
+//! set is not consistent, 2 usage errors (clap), 3 cannot reach or authenticate to the
+//! coordinator.
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use clap::{Args, Parser, Subcommand};
+use quiesce_coordinator::pki::{self, PkiCommand};
+use quiesce_proto::coordinator::v1 as pb;
+use quiesce_proto::coordinator::v1::coordinator_client::CoordinatorClient;
+use quiesce_proto::tls::TlsFiles;
+use tonic::transport::{Channel, Endpoint};
+
+const EXIT_FAILED: u8 = 1;
+const EXIT_UNREACHABLE: u8 = 3;
+
+#[derive(Parser)]
+#[command(name = "quiescectl", version, about = "Operate a Quiesce coordinator: backups, sets, restores, agents")]
+struct Cli {
+    #[command(flatten)]
+    conn: Connection,
+    /// Print JSON instead of tables.
+    #[arg(long, global = true)]
+    json: bool,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Args)]
+struct Connection {
+    /// Coordinator API endpoint.
+    #[arg(long, env = "QUIESCECTL_ENDPOINT", default_value = "https://127.0.0.1:7400", global = true)]
+    endpoint: String,
+    /// CA certificate that signed the coordinator's certificate.
+    #[arg(long, env = "QUIESCECTL_CA", global = true)]
+    ca: Option<PathBuf>,
+    /// Operator certificate (role operator).
+    #[arg(long, env = "QUIESCECTL_CERT", global = true)]
+    cert: Option<PathBuf>,
+    #[arg(long, env = "QUIESCECTL_KEY", global = true)]
+    key: Option<PathBuf>,
+    /// Name in the coordinator's certificate.
+    #[arg(long, env = "QUIESCECTL_SERVER_NAME", default_value = "coordinator", global = true)]
+    server_name: String,
+    /// Plain-text gRPC (only against a coordinator run with --insecure).
+    #[arg(long, global = true)]
+    insecure: bool,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Take a snapshot set of GROUP. Waits and shows progress; exits 0 only when consistent.
+    Backup {
+        group: String,
+        /// Print the set id and return at once.
+        #[arg(long)]
+        no_wait: bool,
+    },
+    /// Snapshot sets in the catalog.
+    #[command(subcommand)]
+    Sets(SetsCommand),
+    /// Restore a consistent set: new images on each member host.
+    Restore {
+        set: String,
+        /// Directory on each member host that receives the restored images.
+        #[arg(long)]
+        target_dir: String,
+    },
+    /// Agents: reachability, volumes and what they hold frozen.
+    Agents,
+    /// Groups: members, running set, last consistent set.
+    Groups,
+    /// Make a CA and certificates for coordinators, agents and operators (local, no server).
+    #[command(subcommand)]
+    Pki(PkiCommand),
+}
+
+#[derive(Subcommand)]
+enum SetsCommand {
+    /// List sets, newest first.
+    List {
+        #[arg(long)]
+        group: Option<String>,
+        #[arg(long, default_value_t = 50)]
+        limit: u32,
+    },
+    /// Show one set with its hosts, volumes and phases.
+    Show { set: String },
+    /// Delete a finished set and its snapshots.
+    Delete { set: String },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    if let Command::Pki(cmd) = cli.command {
+        return match pki::run(cmd) {
+            Ok(summary) => {
+                println!("{summary}");
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("quiescectl: {}", chain(&e));
+                ExitCode::from(EXIT_FAILED)
+            }
+        };
+    }
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("quiescectl: {e}");
+            return ExitCode::from(EXIT_FAILED);
+        }
+    };
+    runtime.block_on(async move {
+        let client = match connect(&cli.conn).await {
+            Ok(client) => client,
+            Err(message) => {
+                eprintln!("quiescectl: {message}");
+                return ExitCode::from(EXIT_UNREACHABLE);
+            }
+        };
+        match run(client, cli.command, cli.json).await {
+            Ok(code) => code,
+            Err(status) => {
+                eprintln!("quiescectl: {}", status_message(&status));
+                ExitCode::from(match status.code() {
+                    tonic::Code::Unavailable | tonic::Code::Unauthenticated => EXIT_UNREACHABLE,
+                    _ => EXIT_FAILED,
+                })
+            }
+        }
+    })
+}
+
+fn chain(err: &dyn std::error::Error) -> String {
+    let mut out = err.to_string();
+    let mut source = err.source();
+    while let Some(cause) = source {
+        out.push_str(": ");
+        out.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    out
+}
+
+fn status_message(status: &tonic::Status) -> String {
+    let message = status.message();
+    if message.is_empty() {
+        format!("{:?}", status.code())
+    } else if matches!(status.code(), tonic::Code::Unavailable | tonic::Code::Unknown)
+        && let Some(source) = std::error::Error::source(status)
+    {
+        format!("{message}: {}", chain(source))
+    } else {
+        message.to_owned()
+    }
+}
+
+async fn connect(conn: &Connection) -> Result<CoordinatorClient<Channel>, String> {
+    let mut endpoint = Endpoint::from_shared(conn.endpoint.clone())
+        .map_err(|e| format!("invalid endpoint {}: {e}", conn.endpoint))?
+        .connect_timeout(Duration::from_secs(5));
+    if !conn.insecure {
+        let (Some(ca), Some(cert), Some(key)) = (&conn.ca, &conn.cert, &conn.key) else {
+            return Err(
+                "mTLS needs --ca, --cert and --key (or QUIESCECTL_CA/_CERT/_KEY); --insecure for plain text"
+                    .into(),
+            );
+        };
+        let files = TlsFiles {
+            ca: ca.clone(),
+            cert: cert.clone(),
+            key: key.clone(),
+        };
+        let tls = files
+            .client_config(&conn.server_name)
+            .map_err(|e| chain(&e))?;
+        endpoint = endpoint
+            .tls_config(tls)
+            .map_err(|e| format!("TLS setup: {}", chain(&e)))?;
+    }
+    endpoint
+        .connect()
+        .await
+        .map(CoordinatorClient::new)
+        .map_err(|e| format!("cannot reach the coordinator at {}: {}", conn.endpoint, chain(&e)))
+}
+
+async fn run(
+    mut client: CoordinatorClient<Channel>,
+    command: Command,
+    json: bool,
+) -> Result<ExitCode, tonic::Status> {
+    match command {
+        Command::Backup { group, no_wait } => {
+            let set_id = client
+                .create_set(pb::CreateSetRequest { group })
+                .await?
+                .into_inner()
+                .set_id;
+            if no_wait {
+                println!("{set_id}");
+                return Ok(ExitCode::SUCCESS);
+            }
+            let set = wait_for(&mut client, &set_id, json).await?;
+            if json {
+                print_json(&set);
+            } else {
+                print_set(&set);
+            }
+            Ok(if set.state == "consistent" {
+                ExitCode::SUCCESS
+            } else {
+                if !json {
+                    eprintln!("quiescectl: set {} is {}: {}", set.id, set.state, set.error);
+                }
+                ExitCode::from(EXIT_FAILED)
+            })
+        }
+        Command::Sets(SetsCommand::List { group, limit }) => {
+            let sets = client
+                .list_sets(pb::ListSetsRequest {
+                    group: group.unwrap_or_default(),
+                    limit,
+                })
+                .await?
+                .into_inner();
+            if json {
+                print_json(&sets);
+            } else {
+                print_sets(&sets.sets);
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Sets(SetsCommand::Show { set }) => {
+            let set = get_set(&mut client, &set).await?;
+            if json {
+                print_json(&set);
+            } else {
+                print_set(&set);
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Sets(SetsCommand::Delete { set }) => {
+            let reply = client
+                .delete_set(pb::DeleteSetRequest { set_id: set.clone() })
+                .await?
+                .into_inner();
+            if json {
+                print_json(&reply);
+            } else {
+                println!("deleted set {set} ({} snapshots removed)", reply.snapshots_deleted);
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Restore { set, target_dir } => {
+            let reply = client
+                .restore_set(pb::RestoreSetRequest {
+                    set_id: set.clone(),
+                    target_dir,
+                })
+                .await?
+                .into_inner();
+            if json {
+                print_json(&reply);
+            } else {
+                println!("restored set {set}:");
+                let rows = reply
+                    .volumes
+                    .iter()
+                    .map(|v| {
+                        vec![
+                            v.agent.clone(),
+                            v.mount_point.clone(),
+                            v.image_path.clone(),
+                            if v.cloned { "reflink" } else { "copy" }.into(),
+                        ]
+                    })
+                    .collect();
+                table(&["AGENT", "MOUNT", "IMAGE", "HOW"], rows);
+                println!("\nattach on each host:");
+                for v in &reply.volumes {
+                    println!("  [{}] {}", v.agent, v.attach_hint);
+                }
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Agents => {
+            let reply = client
+                .list_agents(pb::ListAgentsRequest {})
+                .await?
+                .into_inner();
+            if json {
+                print_json(&reply);
+            } else {
+                let mut rows = Vec::new();
+                for a in &reply.agents {
+                    let state = if a.reachable {
+                        "reachable".to_string()
+                    } else {
+                        format!("UNREACHABLE: {}", a.error)
+                    };
+                    let frozen = if a.frozen_sets.is_empty() {
+                        "-".to_string()
+                    } else {
+                        a.frozen_sets.join(",")
+                    };
+                    rows.push(vec![
+                        a.name.clone(),
+                        a.endpoint.clone(),
+                        state,
+                        a.hostname.clone(),
+                        a.agent_version.clone(),
+                        frozen,
+                    ]);
+                }
+                table(&["AGENT", "ENDPOINT", "STATE", "HOST", "VERSION", "FROZEN"], rows);
+                for a in reply.agents.iter().filter(|a| a.reachable) {
+                    println!();
+                    let rows = a
+                        .volumes
+                        .iter()
+                        .map(|v| {
+                            vec![
+                                v.mount_point.clone(),
+                                dash(&v.fs_type),
+                                dash(&v.device),
+                                dash(&v.backing_file),
+                                dash(&v.frozen_by),
+                                dash(&v.problem),
+                            ]
+                        })
+                        .collect();
+                    println!("{}:", a.name);
+                    table(&["MOUNT", "FS", "DEVICE", "BACKING FILE", "FROZEN BY", "PROBLEM"], rows);
+                }
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Groups => {
+            let reply = client
+                .list_groups(pb::ListGroupsRequest {})
+                .await?
+                .into_inner();
+            if json {
+                print_json(&reply);
+            } else {
+                let rows = reply
+                    .groups
+                    .iter()
+                    .map(|g| {
+                        let members = g
+                            .members
+                            .iter()
+                            .map(|m| format!("{}:{}", m.agent, m.mount_points.join(",")))
+                            .collect::<Vec<_>>()
+                            .join(" ");
+                        vec![
+                            g.name.clone(),
+                            g.provider.clone(),
+                            members,
+                            dash(&g.running_set),
+                            if g.last_consistent_set.is_empty() {
+                                "-".into()
+                            } else {
+                                format!("{} ({})", g.last_consistent_set, ago(g.last_consistent_at_ms))
+                            },
+                        ]
+                    })
+                    .collect();
+                table(&["GROUP", "PROVIDER", "MEMBERS", "RUNNING", "LAST CONSISTENT"], rows);
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Pki(_) => unreachable!("handled before connecting"),
+    }
+}
+
+async fn get_set(
+    client: &mut CoordinatorClient<Channel>,
+    id: &str,
+) -> Result<pb::SnapshotSet, tonic::Status> {
+    client
+        .get_set(pb::GetSetRequest { set_id: id.into() })
+        .await?
+        .into_inner()
+        .set
+        .ok_or_else(|| tonic::Status::internal("empty reply"))
+}
+
+/// Polls the set until it ends, printing each phase as it is reached (on stderr, so that
+/// `--json` output stays clean).
+async fn wait_for(
+    client: &mut CoordinatorClient<Channel>,
+    id: &str,
+    json: bool,
+) -> Result<pb::SnapshotSet, tonic::Status> {
+    let mut shown = 0;
+    if !json {
+        eprintln!("set {id}");
+    }
+    loop {
+        let set = get_set(client, id).await?;
+        if !json {
+            let start = set.created_at_ms;
+            for mark in set.phases.iter().skip(shown) {
+                eprintln!("  {:>6} ms  {}", mark.at_ms.saturating_sub(start), mark.phase);
+            }
+            let _ = std::io::stderr().flush();
+        }
+        shown = set.phases.len();
+        if set.state != "running" {
+            return Ok(set);
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+fn print_json<T: serde::Serialize>(value: &T) {
+    match serde_json::to_string_pretty(value) {
+        Ok(text) => println!("{text}"),
+        Err(e) => eprintln!("quiescectl: cannot encode JSON: {e}"),
+    }
+}
+
+fn dash(s: &str) -> String {
+    if s.is_empty() { "-".into() } else { s.into() }
+}
+
+fn print_sets(sets: &[pb::SnapshotSet]) {
+    let rows = sets
+        .iter()
+        .map(|s| {
+            vec![
+                s.id.clone(),
+                s.group.clone(),
+                s.state.clone(),
+                ago(s.created_at_ms),
+                ms(s.freeze_window_ms),
+                s.volumes.len().to_string(),
+                dash(&s.error),
+            ]
+        })
+        .collect();
+    table(&["SET", "GROUP", "STATE", "CREATED", "FREEZE WINDOW", "VOLUMES", "ERROR"], rows);
+}
+
+fn print_set(set: &pb::SnapshotSet) {
+    println!("set            {}", set.id);
+    println!("group          {} ({})", set.group, set.provider);
+    println!("state          {}", set.state);
+    if !set.error.is_empty() {
+        println!("error          {}", set.error);
+    }
+    println!("created        {}", ago(set.created_at_ms));
+    println!("freeze window  {} (first freeze sent → last thaw returned)", ms(set.freeze_window_ms));
+    println!("longest stall  {} (writes blocked on one host)", ms(set.max_write_stall_ms));
+    println!();
+    let rows = set
+        .hosts
+        .iter()
+        .map(|h| {
+            vec![
+                h.agent.clone(),
+                h.state.clone(),
+                if h.held_continuously { "yes" } else { "no" }.into(),
+                dash(&h.freeze_end),
+                ms(h.write_stall_ms),
+                dash(&h.error),
+            ]
+        })
+        .collect();
+    table(&["HOST", "STATE", "HELD", "FREEZE END", "STALL", "ERROR"], rows);
+    println!();
+    let rows = set
+        .volumes
+        .iter()
+        .map(|v| {
+            vec![
+                v.agent.clone(),
+                v.mount_point.clone(),
+                dash(&v.device),
+                dash(&v.fs_type),
+                dash(&v.snapshot_id),
+            ]
+        })
+        .collect();
+    table(&["HOST", "MOUNT", "DEVICE", "FS", "SNAPSHOT"], rows);
+    println!();
+    let start = set.created_at_ms;
+    let rows = set
+        .phases
+        .iter()
+        .map(|p| vec![p.phase.clone(), format!("+{} ms", p.at_ms.saturating_sub(start))])
+        .collect();
+    table(&["PHASE", "AT"], rows);
+}
+
+fn ms(value: u64) -> String {
+    if value == 0 { "-".into() } else { format!("{value} ms") }
+}
+
+fn ago(at_ms: u64) -> String {
+    if at_ms == 0 {
+        return "-".into();
+    }
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0);
+    let stamp = humantime::format_rfc3339_seconds(UNIX_EPOCH + Duration::from_millis(at_ms));
+    let secs = now.saturating_sub(at_ms) / 1000;
+    format!("{stamp} ({} ago)", humantime::format_duration(Duration::from_secs(secs)))
+}
+
+fn table(headers: &[&str], rows: Vec<Vec<String>>) {
+    let mut widths: Vec<usize> = headers.iter().map(|h| h.chars().count()).collect();
+    for row in &rows {
+        for (i, cell) in row.iter().enumerate() {
+            widths[i] = widths[i].max(cell.chars().count());
+        }
+    }
+    let line = |cells: Vec<String>| {
+        let padded: Vec<String> = cells
+            .iter()
+            .enumerate()
+            .map(|(i, c)| format!("{c:<width$}", width = widths[i]))
+            .collect();
+        println!("{}", padded.join("  ").trim_end());
+    };
+    line(headers.iter().map(|h| h.to_string()).collect());
+    if rows.is_empty() {
+        println!("(none)");
+    }
+    for row in rows {
+        line(row);
+    }
+}

@@ -1,0 +1,545 @@
+//! The SQLite catalog of snapshot sets (rusqlite, versioned migrations, WAL mode).
+//!
+//! Every transition of a set is written here before the coordinator acts on it, so a restarted
+//! coordinator finds what was in flight. Reads return the `quiesce.coordinator.v1` messages
+//! directly: they are the record's shape, and the operator API serves them as they are.
+
+use std::path::Path;
+use std::sync::Mutex;
+
+use quiesce_proto::coordinator::v1::{PhaseMark, SetHost, SetVolume, SnapshotSet};
+use rusqlite::{Connection, OptionalExtension, params};
+
+/// Schema migrations, applied in order; `PRAGMA user_version` counts how many have run.
+const MIGRATIONS: &[&str] = &[r#"
+CREATE TABLE sets (
+    id                 TEXT PRIMARY KEY,
+    group_name         TEXT NOT NULL,
+    provider           TEXT NOT NULL,
+    state              TEXT NOT NULL CHECK (state IN ('running', 'consistent', 'failed')),
+    phase              TEXT NOT NULL,
+    error              TEXT NOT NULL DEFAULT '',
+    created_at_ms      INTEGER NOT NULL,
+    finished_at_ms     INTEGER NOT NULL DEFAULT 0,
+    freeze_window_ms   INTEGER NOT NULL DEFAULT 0,
+    max_write_stall_ms INTEGER NOT NULL DEFAULT 0
+);
+-- One running set per group, enforced by the database itself.
+CREATE UNIQUE INDEX sets_one_running_per_group ON sets (group_name) WHERE state = 'running';
+CREATE INDEX sets_by_group ON sets (group_name, created_at_ms);
+CREATE TABLE set_phases (
+    set_id TEXT NOT NULL REFERENCES sets (id) ON DELETE CASCADE,
+    seq    INTEGER NOT NULL,
+    phase  TEXT NOT NULL,
+    at_ms  INTEGER NOT NULL,
+    PRIMARY KEY (set_id, seq)
+);
+CREATE TABLE set_hosts (
+    set_id               TEXT NOT NULL REFERENCES sets (id) ON DELETE CASCADE,
+    agent                TEXT NOT NULL,
+    state                TEXT NOT NULL DEFAULT 'pending',
+    error                TEXT NOT NULL DEFAULT '',
+    freeze_started_at_ms INTEGER NOT NULL DEFAULT 0,
+    frozen_at_ms         INTEGER NOT NULL DEFAULT 0,
+    thawed_at_ms         INTEGER NOT NULL DEFAULT 0,
+    held_continuously    INTEGER NOT NULL DEFAULT 0,
+    freeze_end           TEXT NOT NULL DEFAULT '',
+    write_stall_ms       INTEGER NOT NULL DEFAULT 0,
+    PRIMARY KEY (set_id, agent)
+);
+CREATE TABLE set_volumes (
+    set_id       TEXT NOT NULL REFERENCES sets (id) ON DELETE CASCADE,
+    agent        TEXT NOT NULL,
+    mount_point  TEXT NOT NULL,
+    device       TEXT NOT NULL DEFAULT '',
+    fs_type      TEXT NOT NULL DEFAULT '',
+    backing_file TEXT NOT NULL DEFAULT '',
+    snapshot_id  TEXT NOT NULL DEFAULT '',
+    size_bytes   INTEGER NOT NULL DEFAULT 0,
+    PRIMARY KEY (set_id, agent, mount_point)
+);
+"#];
+
+#[derive(Debug, thiserror::Error)]
+pub enum CatalogError {
+    #[error("cannot open catalog {path}")]
+    Open {
+        path: String,
+        #[source]
+        source: rusqlite::Error,
+    },
+    #[error("catalog {path} failed its integrity check: {report}")]
+    Corrupt { path: String, report: String },
+    #[error("catalog {path} has schema version {found}, newer than this coordinator knows ({known})")]
+    TooNew {
+        path: String,
+        found: usize,
+        known: usize,
+    },
+    #[error("group {group} already has a running set: {running}")]
+    GroupBusy { group: String, running: String },
+    #[error("catalog query")]
+    Sql(#[from] rusqlite::Error),
+}
+
+pub struct Catalog {
+    conn: Mutex<Connection>,
+}
+
+/// A set about to be planned.
+#[derive(Debug, Clone)]
+pub struct NewSet<'a> {
+    pub id: &'a str,
+    pub group: &'a str,
+    pub provider: &'a str,
+    pub created_at_ms: u64,
+    /// (agent, mount point) for every member volume.
+    pub volumes: Vec<(String, String)>,
+}
+
+impl Catalog {
+    pub fn open(path: &Path) -> Result<Catalog, CatalogError> {
+        let shown = path.display().to_string();
+        let open_err = |source| CatalogError::Open {
+            path: shown.clone(),
+            source,
+        };
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir).map_err(|e| CatalogError::Open {
+                path: shown.clone(),
+                source: rusqlite::Error::ToSqlConversionFailure(Box::new(e)),
+            })?;
+        }
+        let conn = Connection::open(path).map_err(open_err)?;
+        conn.pragma_update(None, "journal_mode", "WAL")
+            .map_err(open_err)?;
+        let report: String = conn
+            .query_row("PRAGMA integrity_check", [], |row| row.get(0))
+            .map_err(open_err)?;
+        if report != "ok" {
+            return Err(CatalogError::Corrupt {
+                path: shown,
+                report,
+            });
+        }
+        Catalog::init(conn, &shown)
+    }
+
+    pub fn in_memory() -> Result<Catalog, CatalogError> {
+        let conn = Connection::open_in_memory().map_err(|source| CatalogError::Open {
+            path: ":memory:".into(),
+            source,
+        })?;
+        Catalog::init(conn, ":memory:")
+    }
+
+    fn init(mut conn: Connection, path: &str) -> Result<Catalog, CatalogError> {
+        conn.pragma_update(None, "foreign_keys", "ON")?;
+        conn.pragma_update(None, "synchronous", "FULL")?;
+        conn.busy_timeout(std::time::Duration::from_secs(5))?;
+        let version: usize = conn.query_row("PRAGMA user_version", [], |row| row.get(0))?;
+        if version > MIGRATIONS.len() {
+            return Err(CatalogError::TooNew {
+                path: path.into(),
+                found: version,
+                known: MIGRATIONS.len(),
+            });
+        }
+        for (index, migration) in MIGRATIONS.iter().enumerate().skip(version) {
+            let tx = conn.transaction()?;
+            tx.execute_batch(migration)?;
+            tx.pragma_update(None, "user_version", index + 1)?;
+            tx.commit()?;
+        }
+        Ok(Catalog {
+            conn: Mutex::new(conn),
+        })
+    }
+
+    fn with<T>(
+        &self,
+        f: impl FnOnce(&mut Connection) -> Result<T, CatalogError>,
+    ) -> Result<T, CatalogError> {
+        let mut conn = self.conn.lock().unwrap_or_else(|poison| poison.into_inner());
+        f(&mut conn)
+    }
+
+    /// Records a new running set with its members, refusing a second running set per group.
+    pub fn create_set(&self, set: &NewSet<'_>) -> Result<(), CatalogError> {
+        self.with(|conn| {
+            let tx = conn.transaction()?;
+            let inserted = tx.execute(
+                "INSERT INTO sets (id, group_name, provider, state, phase, created_at_ms)
+                 VALUES (?1, ?2, ?3, 'running', 'planned', ?4)",
+                params![set.id, set.group, set.provider, set.created_at_ms as i64],
+            );
+            if let Err(rusqlite::Error::SqliteFailure(e, _)) = &inserted
+                && e.code == rusqlite::ErrorCode::ConstraintViolation
+            {
+                let running: String = tx
+                    .query_row(
+                        "SELECT id FROM sets WHERE group_name = ?1 AND state = 'running'",
+                        [set.group],
+                        |row| row.get(0),
+                    )
+                    .optional()?
+                    .unwrap_or_else(|| "?".into());
+                return Err(CatalogError::GroupBusy {
+                    group: set.group.into(),
+                    running,
+                });
+            }
+            inserted?;
+            tx.execute(
+                "INSERT INTO set_phases (set_id, seq, phase, at_ms) VALUES (?1, 0, 'planned', ?2)",
+                params![set.id, set.created_at_ms as i64],
+            )?;
+            for (agent, mount) in &set.volumes {
+                tx.execute(
+                    "INSERT OR IGNORE INTO set_hosts (set_id, agent) VALUES (?1, ?2)",
+                    params![set.id, agent],
+                )?;
+                tx.execute(
+                    "INSERT INTO set_volumes (set_id, agent, mount_point) VALUES (?1, ?2, ?3)",
+                    params![set.id, agent, mount],
+                )?;
+            }
+            tx.commit()?;
+            Ok(())
+        })
+    }
+
+    /// Records that the set entered `phase`.
+    pub fn set_phase(&self, id: &str, phase: &str, at_ms: u64) -> Result<(), CatalogError> {
+        self.with(|conn| {
+            let tx = conn.transaction()?;
+            tx.execute(
+                "UPDATE sets SET phase = ?2 WHERE id = ?1",
+                params![id, phase],
+            )?;
+            tx.execute(
+                "INSERT INTO set_phases (set_id, seq, phase, at_ms)
+                 VALUES (?1, (SELECT COALESCE(MAX(seq), -1) + 1 FROM set_phases WHERE set_id = ?1), ?2, ?3)",
+                params![id, phase, at_ms as i64],
+            )?;
+            tx.commit()?;
+            Ok(())
+        })
+    }
+
+    pub fn update_host(&self, id: &str, host: &SetHost) -> Result<(), CatalogError> {
+        self.with(|conn| {
+            conn.execute(
+                "UPDATE set_hosts SET state = ?3, error = ?4, freeze_started_at_ms = ?5,
+                    frozen_at_ms = ?6, thawed_at_ms = ?7, held_continuously = ?8,
+                    freeze_end = ?9, write_stall_ms = ?10
+                 WHERE set_id = ?1 AND agent = ?2",
+                params![
+                    id,
+                    host.agent,
+                    host.state,
+                    host.error,
+                    host.freeze_started_at_ms as i64,
+                    host.frozen_at_ms as i64,
+                    host.thawed_at_ms as i64,
+                    host.held_continuously,
+                    host.freeze_end,
+                    host.write_stall_ms as i64
+                ],
+            )?;
+            Ok(())
+        })
+    }
+
+    pub fn update_volume(&self, id: &str, volume: &SetVolume) -> Result<(), CatalogError> {
+        self.with(|conn| {
+            conn.execute(
+                "UPDATE set_volumes SET device = ?4, fs_type = ?5, backing_file = ?6,
+                    snapshot_id = ?7, size_bytes = ?8
+                 WHERE set_id = ?1 AND agent = ?2 AND mount_point = ?3",
+                params![
+                    id,
+                    volume.agent,
+                    volume.mount_point,
+                    volume.device,
+                    volume.fs_type,
+                    volume.backing_file,
+                    volume.snapshot_id,
+                    volume.size_bytes as i64
+                ],
+            )?;
+            Ok(())
+        })
+    }
+
+    /// Records the snapshot a provider made of one member volume.
+    pub fn update_volume_snapshot(
+        &self,
+        id: &str,
+        agent: &str,
+        mount_point: &str,
+        snapshot_id: &str,
+        size_bytes: u64,
+    ) -> Result<(), CatalogError> {
+        self.with(|conn| {
+            conn.execute(
+                "UPDATE set_volumes SET snapshot_id = ?4, size_bytes = ?5
+                 WHERE set_id = ?1 AND agent = ?2 AND mount_point = ?3",
+                params![id, agent, mount_point, snapshot_id, size_bytes as i64],
+            )?;
+            Ok(())
+        })
+    }
+
+    /// Ends a set: `consistent` or `failed`, with the figures measured.
+    pub fn finish(
+        &self,
+        id: &str,
+        state: &str,
+        error: &str,
+        freeze_window_ms: u64,
+        max_write_stall_ms: u64,
+        at_ms: u64,
+    ) -> Result<(), CatalogError> {
+        self.with(|conn| {
+            conn.execute(
+                "UPDATE sets SET state = ?2, error = ?3, freeze_window_ms = ?4,
+                    max_write_stall_ms = ?5, finished_at_ms = ?6
+                 WHERE id = ?1",
+                params![
+                    id,
+                    state,
+                    error,
+                    freeze_window_ms as i64,
+                    max_write_stall_ms as i64,
+                    at_ms as i64
+                ],
+            )?;
+            Ok(())
+        })
+    }
+
+    pub fn get(&self, id: &str) -> Result<Option<SnapshotSet>, CatalogError> {
+        self.with(|conn| {
+            let set = conn
+                .query_row(
+                    &format!("{SELECT_SET} WHERE id = ?1"),
+                    [id],
+                    set_from_row,
+                )
+                .optional()?;
+            set.map(|set| load_members(conn, set)).transpose()
+        })
+    }
+
+    /// Newest first; `group` empty for all; `limit` 0 for all.
+    pub fn list(&self, group: &str, limit: u32) -> Result<Vec<SnapshotSet>, CatalogError> {
+        self.list_where(
+            "WHERE (?1 = '' OR group_name = ?1) ORDER BY created_at_ms DESC, id DESC LIMIT ?2",
+            params![group, if limit == 0 { -1 } else { i64::from(limit) }],
+        )
+    }
+
+    /// Sets still marked running (in flight when a coordinator stopped).
+    pub fn running(&self) -> Result<Vec<SnapshotSet>, CatalogError> {
+        self.list_where("WHERE state = 'running' ORDER BY created_at_ms", [])
+    }
+
+    fn list_where(
+        &self,
+        clause: &str,
+        params: impl rusqlite::Params,
+    ) -> Result<Vec<SnapshotSet>, CatalogError> {
+        self.with(|conn| {
+            let sets = {
+                let mut stmt = conn.prepare(&format!("{SELECT_SET} {clause}"))?;
+                stmt.query_map(params, set_from_row)?
+                    .collect::<Result<Vec<_>, _>>()?
+            };
+            sets.into_iter()
+                .map(|set| load_members(conn, set))
+                .collect()
+        })
+    }
+
+    pub fn delete(&self, id: &str) -> Result<bool, CatalogError> {
+        self.with(|conn| Ok(conn.execute("DELETE FROM sets WHERE id = ?1", [id])? > 0))
+    }
+
+    /// The newest consistent set of a group: (id, finished at).
+    pub fn last_consistent(&self, group: &str) -> Result<Option<(String, u64)>, CatalogError> {
+        self.with(|conn| {
+            Ok(conn
+                .query_row(
+                    "SELECT id, finished_at_ms FROM sets WHERE group_name = ?1 AND state = 'consistent'
+                     ORDER BY finished_at_ms DESC LIMIT 1",
+                    [group],
+                    |row| Ok((row.get(0)?, row.get::<_, i64>(1)? as u64)),
+                )
+                .optional()?)
+        })
+    }
+}
+
+const SELECT_SET: &str = "SELECT id, group_name, provider, state, phase, error, created_at_ms,
+    finished_at_ms, freeze_window_ms, max_write_stall_ms FROM sets";
+
+fn set_from_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<SnapshotSet> {
+    Ok(SnapshotSet {
+        id: row.get(0)?,
+        group: row.get(1)?,
+        provider: row.get(2)?,
+        state: row.get(3)?,
+        phase: row.get(4)?,
+        error: row.get(5)?,
+        created_at_ms: row.get::<_, i64>(6)? as u64,
+        finished_at_ms: row.get::<_, i64>(7)? as u64,
+        freeze_window_ms: row.get::<_, i64>(8)? as u64,
+        max_write_stall_ms: row.get::<_, i64>(9)? as u64,
+        hosts: Vec::new(),
+        volumes: Vec::new(),
+        phases: Vec::new(),
+    })
+}
+
+fn load_members(conn: &Connection, mut set: SnapshotSet) -> Result<SnapshotSet, CatalogError> {
+    let mut stmt = conn.prepare_cached(
+        "SELECT agent, state, error, freeze_started_at_ms, frozen_at_ms, thawed_at_ms,
+            held_continuously, freeze_end, write_stall_ms
+         FROM set_hosts WHERE set_id = ?1 ORDER BY agent",
+    )?;
+    set.hosts = stmt
+        .query_map([&set.id], |row| {
+            Ok(SetHost {
+                agent: row.get(0)?,
+                state: row.get(1)?,
+                error: row.get(2)?,
+                freeze_started_at_ms: row.get::<_, i64>(3)? as u64,
+                frozen_at_ms: row.get::<_, i64>(4)? as u64,
+                thawed_at_ms: row.get::<_, i64>(5)? as u64,
+                held_continuously: row.get(6)?,
+                freeze_end: row.get(7)?,
+                write_stall_ms: row.get::<_, i64>(8)? as u64,
+            })
+        })?
+        .collect::<Result<_, _>>()?;
+    let mut stmt = conn.prepare_cached(
+        "SELECT agent, mount_point, device, fs_type, backing_file, snapshot_id, size_bytes
+         FROM set_volumes WHERE set_id = ?1 ORDER BY agent, mount_point",
+    )?;
+    set.volumes = stmt
+        .query_map([&set.id], |row| {
+            Ok(SetVolume {
+                agent: row.get(0)?,
+                mount_point: row.get(1)?,
+                device: row.get(2)?,
+                fs_type: row.get(3)?,
+                backing_file: row.get(4)?,
+                snapshot_id: row.get(5)?,
+                size_bytes: row.get::<_, i64>(6)? as u64,
+            })
+        })?
+        .collect::<Result<_, _>>()?;
+    let mut stmt = conn.prepare_cached(
+        "SELECT phase, at_ms FROM set_phases WHERE set_id = ?1 ORDER BY seq",
+    )?;
+    set.phases = stmt
+        .query_map([&set.id], |row| {
+            Ok(PhaseMark {
+                phase: row.get(0)?,
+                at_ms: row.get::<_, i64>(1)? as u64,
+            })
+        })?
+        .collect::<Result<_, _>>()?;
+    Ok(set)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn new_set<'a>(id: &'a str, group: &'a str, at: u64) -> NewSet<'a> {
+        NewSet {
+            id,
+            group,
+            provider: "reflink",
+            created_at_ms: at,
+            volumes: vec![
+                ("db1".into(), "/mnt/data".into()),
+                ("db1".into(), "/mnt/wal".into()),
+            ],
+        }
+    }
+
+    #[test]
+    fn a_second_running_set_of_a_group_is_refused_by_name() {
+        let catalog = Catalog::in_memory().unwrap();
+        catalog.create_set(&new_set("s1", "pg", 1)).unwrap();
+        let err = catalog.create_set(&new_set("s2", "pg", 2)).unwrap_err();
+        assert!(
+            err.to_string().contains("group pg already has a running set: s1"),
+            "{err}"
+        );
+        catalog.create_set(&new_set("s3", "other", 3)).unwrap();
+        catalog.finish("s1", "failed", "boom", 0, 0, 4).unwrap();
+        catalog.create_set(&new_set("s2", "pg", 5)).unwrap();
+    }
+
+    #[test]
+    fn a_set_round_trips_with_members_and_phases() {
+        let catalog = Catalog::in_memory().unwrap();
+        catalog.create_set(&new_set("s1", "pg", 10)).unwrap();
+        catalog.set_phase("s1", "frozen", 20).unwrap();
+        catalog
+            .update_host(
+                "s1",
+                &SetHost {
+                    agent: "db1".into(),
+                    state: "thawed".into(),
+                    held_continuously: true,
+                    freeze_end: "thawed".into(),
+                    write_stall_ms: 42,
+                    ..Default::default()
+                },
+            )
+            .unwrap();
+        catalog
+            .update_volume(
+                "s1",
+                &SetVolume {
+                    agent: "db1".into(),
+                    mount_point: "/mnt/wal".into(),
+                    snapshot_id: "/pool/snap/wal.img".into(),
+                    ..Default::default()
+                },
+            )
+            .unwrap();
+        catalog.finish("s1", "consistent", "", 55, 42, 30).unwrap();
+
+        let set = catalog.get("s1").unwrap().unwrap();
+        assert_eq!(set.state, "consistent");
+        assert_eq!(set.phase, "frozen");
+        assert_eq!(set.freeze_window_ms, 55);
+        assert_eq!(set.hosts.len(), 1);
+        assert!(set.hosts[0].held_continuously);
+        assert_eq!(set.volumes[1].snapshot_id, "/pool/snap/wal.img");
+        let phases: Vec<_> = set.phases.iter().map(|p| p.phase.as_str()).collect();
+        assert_eq!(phases, ["planned", "frozen"]);
+        assert_eq!(catalog.last_consistent("pg").unwrap(), Some(("s1".into(), 30)));
+        assert!(catalog.delete("s1").unwrap());
+        assert!(catalog.get("s1").unwrap().is_none());
+    }
+
+    #[test]
+    fn a_file_catalog_survives_reopening() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("sub/catalog.sqlite");
+        Catalog::open(&path)
+            .unwrap()
+            .create_set(&new_set("s1", "pg", 1))
+            .unwrap();
+        let catalog = Catalog::open(&path).unwrap();
+        assert_eq!(catalog.running().unwrap().len(), 1);
+        assert_eq!(catalog.list("", 0).unwrap().len(), 1);
+    }
+}

@@ -1,0 +1,79 @@
+//! The coordinator's one error enum, mapped once to gRPC status codes.
+
+use tonic::{Code, Status};
+
+use crate::catalog::CatalogError;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("invalid request: {0}")]
+    InvalidArgument(String),
+    #[error("unknown group {group} (configured: {known})")]
+    UnknownGroup { group: String, known: String },
+    #[error("unknown set {id}")]
+    UnknownSet { id: String },
+    #[error("group {group} already has a running set ({running}); wait for it to finish")]
+    GroupBusy { group: String, running: String },
+    #[error("set {id} is still running")]
+    SetRunning { id: String },
+    #[error("set {id} is {state}; only a consistent set can be restored")]
+    NotRestorable { id: String, state: String },
+    #[error("agent {agent} is not configured")]
+    UnknownAgent { agent: String },
+    #[error("agent {agent}: {message}")]
+    Agent { agent: String, message: String },
+    #[error("the coordinator is shutting down")]
+    ShuttingDown,
+    #[error(transparent)]
+    Catalog(CatalogError),
+}
+
+impl From<CatalogError> for Error {
+    fn from(err: CatalogError) -> Error {
+        match err {
+            CatalogError::GroupBusy { group, running } => Error::GroupBusy { group, running },
+            other => Error::Catalog(other),
+        }
+    }
+}
+
+impl From<Error> for Status {
+    fn from(err: Error) -> Status {
+        let code = match &err {
+            Error::InvalidArgument(_) => Code::InvalidArgument,
+            Error::UnknownGroup { .. } => Code::NotFound,
+            Error::UnknownSet { .. } => Code::NotFound,
+            Error::GroupBusy { .. } => Code::AlreadyExists,
+            Error::SetRunning { .. } => Code::FailedPrecondition,
+            Error::NotRestorable { .. } => Code::FailedPrecondition,
+            Error::UnknownAgent { .. } => Code::NotFound,
+            Error::Agent { .. } => Code::Unavailable,
+            Error::ShuttingDown => Code::Unavailable,
+            Error::Catalog(_) => Code::Internal,
+        };
+        Status::new(code, error_chain(&err))
+    }
+}
+
+/// The error and all its sources on one line, for the edge.
+pub fn error_chain(err: &dyn std::error::Error) -> String {
+    let mut out = err.to_string();
+    let mut source = err.source();
+    while let Some(cause) = source {
+        out.push_str(": ");
+        out.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    out
+}
+
+/// An agent's gRPC status, as one line naming the agent.
+pub fn agent_error(agent: &str, status: &Status) -> String {
+    let message = status.message();
+    let message = if message.is_empty() {
+        format!("{:?}", status.code())
+    } else {
+        message.to_owned()
+    };
+    format!("{agent}: {message}")
+}

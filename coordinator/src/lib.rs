@@ -1,0 +1,18 @@
+//! quiesce-coordinator: sequences consistency groups across agents and keeps the catalog.
+//!
+//! Layers: `service` (operator gRPC adapter) → `workflow` (one set's state machine) and
+//! `operations` → narrow traits: `agent_client::AgentClient`, `provider::SnapshotProvider`,
+//! and the SQLite `catalog`.
+
+pub mod agent_client;
+pub mod catalog;
+pub mod config;
+pub mod error;
+pub mod operations;
+pub mod pki;
+pub mod provider;
+pub mod server;
+pub mod service;
+pub mod workflow;
+
+pub use error::Error;

@@ -1,0 +1,192 @@
+//! Operator actions on finished sets and on the fleet: delete, restore, agent and group status.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use quiesce_proto::agent::v1 as agent_pb;
+use quiesce_proto::coordinator::v1 as pb;
+
+use crate::error::{Error, agent_error};
+use crate::provider;
+use crate::workflow::Coordinator;
+
+impl Coordinator {
+    fn finished_set(&self, id: &str) -> Result<pb::SnapshotSet, Error> {
+        let set = self
+            .catalog()
+            .get(id)?
+            .ok_or_else(|| Error::UnknownSet { id: id.to_owned() })?;
+        if set.state == "running" {
+            return Err(Error::SetRunning { id: id.to_owned() });
+        }
+        Ok(set)
+    }
+
+    /// Deletes a finished set's snapshots through its provider, then its catalog entry. If a
+    /// provider call fails the entry stays, so nothing is forgotten.
+    pub async fn delete_set(&self, id: &str) -> Result<u32, Error> {
+        let set = self.finished_set(id)?;
+        let group = self.group(&set.group)?;
+        let provider = provider::for_kind(group.provider);
+        let mut deleted = 0;
+        for (agent, ids) in snapshots_by_agent(&set) {
+            let client = self.client(&agent)?;
+            deleted += provider
+                .delete(&set.id, &agent, client.as_ref(), &ids)
+                .await
+                .map_err(|message| Error::Agent {
+                    agent: agent.clone(),
+                    message,
+                })?;
+        }
+        self.catalog().delete(id)?;
+        Ok(deleted)
+    }
+
+    /// Materialises a consistent set's snapshots as new images on each member host.
+    pub async fn restore_set(
+        &self,
+        id: &str,
+        target_dir: &str,
+    ) -> Result<Vec<pb::RestoredVolume>, Error> {
+        let set = self.finished_set(id)?;
+        if set.state != "consistent" {
+            return Err(Error::NotRestorable {
+                id: id.to_owned(),
+                state: set.state,
+            });
+        }
+        if !target_dir.starts_with('/') {
+            return Err(Error::InvalidArgument(format!(
+                "--target-dir {target_dir:?} must be an absolute directory on each member host"
+            )));
+        }
+        let mut restored = Vec::new();
+        for (agent, _) in snapshots_by_agent(&set) {
+            let client = self.client(&agent)?;
+            let snapshots = set
+                .volumes
+                .iter()
+                .filter(|v| v.agent == agent && !v.snapshot_id.is_empty())
+                .map(|v| agent_pb::VolumeSnapshot {
+                    mount_point: v.mount_point.clone(),
+                    snapshot_id: v.snapshot_id.clone(),
+                    size_bytes: v.size_bytes,
+                    duration_ms: 0,
+                })
+                .collect();
+            let reply = client
+                .restore_snapshots(agent_pb::RestoreSnapshotsRequest {
+                    set_id: set.id.clone(),
+                    snapshots,
+                    target_dir: target_dir.to_owned(),
+                })
+                .await
+                .map_err(|status| Error::Agent {
+                    agent: agent.clone(),
+                    message: agent_error(&agent, &status),
+                })?;
+            for image in reply.images {
+                restored.push(pb::RestoredVolume {
+                    attach_hint: format!(
+                        "mount \"$(losetup --find --show {})\" <where {} should appear>",
+                        image.image_path, image.mount_point
+                    ),
+                    agent: agent.clone(),
+                    mount_point: image.mount_point,
+                    image_path: image.image_path,
+                    cloned: image.cloned,
+                });
+            }
+        }
+        Ok(restored)
+    }
+
+    /// Every configured agent, asked for its host info in parallel.
+    pub async fn agent_statuses(&self) -> Vec<pb::AgentStatus> {
+        let calls = self.config().agents.iter().map(|agent| async move {
+            let mut status = pb::AgentStatus {
+                name: agent.name.clone(),
+                endpoint: agent.endpoint.clone(),
+                ..Default::default()
+            };
+            let Ok(client) = self.client(&agent.name) else {
+                status.error = "no client".into();
+                return status;
+            };
+            match tokio::time::timeout(Duration::from_secs(5), client.get_host_info()).await {
+                Ok(Ok(info)) => {
+                    status.reachable = true;
+                    status.hostname = info.hostname;
+                    status.agent_version = info.agent_version;
+                    status.frozen_sets = info.freezes.into_iter().map(|f| f.set_id).collect();
+                    status.volumes = info
+                        .volumes
+                        .into_iter()
+                        .map(|v| pb::AgentVolume {
+                            mount_point: v.mount_point,
+                            fs_type: v.fs_type,
+                            device: v.device,
+                            backing_file: v.backing_file,
+                            frozen_by: v.frozen_by,
+                            problem: v.problem,
+                        })
+                        .collect();
+                }
+                Ok(Err(e)) => status.error = agent_error(&agent.name, &e),
+                Err(_) => status.error = "no answer within 5s".into(),
+            }
+            status
+        });
+        futures::future::join_all(calls).await
+    }
+
+    pub fn group_infos(&self) -> Result<Vec<pb::GroupInfo>, Error> {
+        let running: BTreeMap<String, String> = self
+            .catalog()
+            .running()?
+            .into_iter()
+            .map(|set| (set.group, set.id))
+            .collect();
+        self.config()
+            .groups
+            .iter()
+            .map(|group| {
+                let last = self.catalog().last_consistent(&group.name)?;
+                Ok(pb::GroupInfo {
+                    name: group.name.clone(),
+                    provider: group.provider.as_str().into(),
+                    members: group
+                        .members
+                        .iter()
+                        .map(|m| pb::GroupMember {
+                            agent: m.agent.clone(),
+                            mount_points: m
+                                .mounts
+                                .iter()
+                                .map(|p| p.display().to_string())
+                                .collect(),
+                        })
+                        .collect(),
+                    running_set: running.get(&group.name).cloned().unwrap_or_default(),
+                    last_consistent_set: last.as_ref().map(|l| l.0.clone()).unwrap_or_default(),
+                    last_consistent_at_ms: last.map(|l| l.1).unwrap_or(0),
+                })
+            })
+            .collect()
+    }
+}
+
+/// The snapshot ids of a set, per agent, agents in a stable order.
+fn snapshots_by_agent(set: &pb::SnapshotSet) -> BTreeMap<String, Vec<String>> {
+    let mut by_agent: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    for volume in &set.volumes {
+        if !volume.snapshot_id.is_empty() {
+            by_agent
+                .entry(volume.agent.clone())
+                .or_default()
+                .push(volume.snapshot_id.clone());
+        }
+    }
+    by_agent
+}
