@@ -137,7 +137,10 @@ impl Config {
         for volume in &self.volumes {
             let mount = &volume.mount;
             if !mount.is_absolute() {
-                problems.push(format!("volume {} must be an absolute path", mount.display()));
+                problems.push(format!(
+                    "volume {} must be an absolute path",
+                    mount.display()
+                ));
             } else if mount == Path::new("/") {
                 problems.push("volume / is the root filesystem, which is never frozen".into());
             }
@@ -219,7 +222,12 @@ mount = "/mnt/a"
         let problems = Config::parse(text).unwrap().problems(true);
         assert_eq!(problems.len(), 4, "{problems:#?}");
         let all = problems.join("\n");
-        for needle in ["state-dir", "longer than max-freeze", "root filesystem", "listed twice"] {
+        for needle in [
+            "state-dir",
+            "longer than max-freeze",
+            "root filesystem",
+            "listed twice",
+        ] {
             assert!(all.contains(needle), "missing {needle:?} in {all}");
         }
     }

@@ -36,7 +36,9 @@ pub enum Error {
     Busy { mount: PathBuf, holder: String },
     #[error("{mount} is already frozen by someone other than this agent; refusing to touch it")]
     FrozenByOther { mount: PathBuf },
-    #[error("FIFREEZE on {mount} did not return within {timeout:?}; it is thawed as soon as it does")]
+    #[error(
+        "FIFREEZE on {mount} did not return within {timeout:?}; it is thawed as soon as it does"
+    )]
     FreezeTimedOut { mount: PathBuf, timeout: Duration },
     #[error("FIFREEZE on {mount} failed")]
     Freeze {

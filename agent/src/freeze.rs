@@ -196,7 +196,12 @@ impl FreezeManager {
     }
 
     pub fn resolve(&self, mounts: &[PathBuf]) -> Result<Vec<Volume>, Error> {
-        resolve_all(&self.config, self.mounts.as_ref(), &self.agent_files, mounts)
+        resolve_all(
+            &self.config,
+            self.mounts.as_ref(),
+            &self.agent_files,
+            mounts,
+        )
     }
 
     /// Outside any freeze: syncfs each volume so that FIFREEZE has little left to flush.
@@ -333,7 +338,12 @@ impl FreezeManager {
         guard.phase = Phase::Frozen;
         let info = guard.info();
         drop(guard);
-        info!(set_id, volumes = mounts.len(), lease_ms = lease.as_millis() as u64, "frozen");
+        info!(
+            set_id,
+            volumes = mounts.len(),
+            lease_ms = lease.as_millis() as u64,
+            "frozen"
+        );
         self.spawn_lease_timer(session);
         Ok(info)
     }
@@ -617,12 +627,13 @@ impl FreezeManager {
                     .ok_or_else(|| Error::NotMounted {
                         mount: mount.clone(),
                     })?;
-                let (_, dev, backing) = all.iter().find(|(_, d, _)| *d == dev).ok_or_else(|| {
-                    Error::InvalidArgument(format!(
-                        "{} is not frozen by set {set_id}",
-                        mount.display()
-                    ))
-                })?;
+                let (_, dev, backing) =
+                    all.iter().find(|(_, d, _)| *d == dev).ok_or_else(|| {
+                        Error::InvalidArgument(format!(
+                            "{} is not frozen by set {set_id}",
+                            mount.display()
+                        ))
+                    })?;
                 Ok((mount.clone(), *dev, backing.clone()))
             })
             .collect()
@@ -728,3 +739,292 @@ pub fn display_paths(paths: &[PathBuf]) -> String {
         .join(", ")
 }
 
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::VolumeConfig;
+    use crate::freezer::{Call, FakeFreezer};
+    use crate::mounts::{MountEntry, MountError};
+    use crate::watchdog::NoWatchdog;
+
+    /// Mount points are real temp dirs (the fake freezer opens them); each is its own
+    /// filesystem unless listed as an alias.
+    struct Table(Vec<(PathBuf, DevId)>);
+
+    impl MountTable for Table {
+        fn entries(&self) -> Result<Vec<MountEntry>, MountError> {
+            Ok(self
+                .0
+                .iter()
+                .enumerate()
+                .map(|(i, (path, dev))| MountEntry {
+                    mount_id: i as u32,
+                    dev: *dev,
+                    root: "/".into(),
+                    mount_point: path.clone(),
+                    fs_type: "ext4".into(),
+                    source: format!("/dev/loop{}", dev.minor),
+                })
+                .collect())
+        }
+        fn loop_backing_file(&self, _dev: DevId) -> Option<PathBuf> {
+            None
+        }
+    }
+
+    struct Fixture {
+        _dir: tempfile::TempDir,
+        mounts: Vec<PathBuf>,
+        freezer: FakeFreezer,
+        manager: Arc<FreezeManager>,
+    }
+
+    fn fixture(count: u32, tweak: impl FnOnce(&mut Config)) -> Fixture {
+        let dir = tempfile::tempdir().unwrap();
+        let state = dir.path().join("state");
+        let mut table = Vec::new();
+        let mut mounts = Vec::new();
+        for i in 0..count {
+            let mount = dir.path().join(format!("vol{i}"));
+            std::fs::create_dir_all(&mount).unwrap();
+            table.push((mount.clone(), DevId { major: 7, minor: i }));
+            mounts.push(mount);
+        }
+        let mut config = Config::parse(&format!(
+            "listen = \"127.0.0.1:1\"\nstate-dir = \"{}\"\n",
+            state.display()
+        ))
+        .unwrap();
+        config.volumes = mounts
+            .iter()
+            .map(|m| VolumeConfig { mount: m.clone() })
+            .collect();
+        tweak(&mut config);
+        let freezer = FakeFreezer::new();
+        let manager = FreezeManager::new(
+            Arc::new(config),
+            Arc::new(freezer.clone()),
+            Arc::new(Table(table)),
+            AgentFiles::default(),
+            Arc::new(NoWatchdog),
+        );
+        RecordStore::new(&state).create_dir().unwrap();
+        Fixture {
+            _dir: dir,
+            mounts,
+            freezer,
+            manager,
+        }
+    }
+
+    fn freezes_and_thaws(calls: Vec<Call>) -> Vec<Call> {
+        calls
+            .into_iter()
+            .filter(|c| !matches!(c, Call::Sync(_)))
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn freeze_then_thaw_holds_and_thaws_in_reverse_order() {
+        let f = fixture(2, |_| {});
+        f.manager.freeze("s1", &f.mounts, None).await.unwrap();
+        assert!(f.mounts.iter().all(|m| f.freezer.is_frozen(m)));
+        assert_eq!(f.manager.held().await.len(), 1);
+        let report = f.manager.thaw("s1").await;
+        assert!(report.held_continuously);
+        assert_eq!(report.end, FreezeEnd::Thawed);
+        let (a, b) = (f.mounts[0].clone(), f.mounts[1].clone());
+        assert_eq!(
+            freezes_and_thaws(f.freezer.calls()),
+            vec![
+                Call::Freeze(a.clone()),
+                Call::Freeze(b.clone()),
+                Call::Thaw(b),
+                Call::Thaw(a)
+            ]
+        );
+        assert!(f.manager.held().await.is_empty());
+    }
+
+    #[tokio::test]
+    async fn freeze_writes_the_record_first_and_thaw_removes_it() {
+        let f = fixture(1, |_| {});
+        f.manager.freeze("s1", &f.mounts, None).await.unwrap();
+        let store = RecordStore::new(&f.manager.config().state_dir);
+        assert_eq!(store.list().unwrap().len(), 1);
+        f.manager.thaw("s1").await;
+        assert!(store.list().unwrap().is_empty());
+    }
+
+    #[tokio::test]
+    async fn partial_failure_thaws_what_was_frozen_in_reverse() {
+        let f = fixture(3, |_| {});
+        f.freezer.fail_freeze(&f.mounts[2], libc::EIO);
+        let err = f.manager.freeze("s1", &f.mounts, None).await.unwrap_err();
+        assert!(err.to_string().contains("FIFREEZE on"), "{err}");
+        assert!(f.mounts.iter().all(|m| !f.freezer.is_frozen(m)));
+        let calls = freezes_and_thaws(f.freezer.calls());
+        assert_eq!(
+            calls[3..],
+            [
+                Call::Thaw(f.mounts[1].clone()),
+                Call::Thaw(f.mounts[0].clone())
+            ]
+        );
+        // The set left nothing reserved: a new set can freeze the same volumes.
+        f.manager.freeze("s2", &f.mounts[..2], None).await.unwrap();
+        f.manager.thaw("s2").await;
+    }
+
+    #[tokio::test]
+    async fn a_foreign_freeze_is_refused_and_never_thawed() {
+        let f = fixture(2, |_| {});
+        f.freezer.set_frozen(&f.mounts[1], true);
+        let err = f.manager.freeze("s1", &f.mounts, None).await.unwrap_err();
+        assert!(matches!(err, Error::FrozenByOther { .. }), "{err}");
+        assert!(!f.freezer.is_frozen(&f.mounts[0]));
+        assert!(
+            f.freezer.is_frozen(&f.mounts[1]),
+            "someone else's freeze stays"
+        );
+    }
+
+    #[tokio::test]
+    async fn an_overlapping_set_is_busy_and_names_the_holder() {
+        let f = fixture(2, |_| {});
+        f.manager
+            .freeze("holder", &f.mounts[..1], None)
+            .await
+            .unwrap();
+        let err = f
+            .manager
+            .freeze("second", &f.mounts, None)
+            .await
+            .unwrap_err();
+        assert!(
+            err.to_string().contains("set holder holds it frozen"),
+            "{err}"
+        );
+        // A retry of the same freeze is answered, not refused.
+        f.manager
+            .freeze("holder", &f.mounts[..1], None)
+            .await
+            .unwrap();
+        f.manager.thaw("holder").await;
+    }
+
+    #[tokio::test]
+    async fn thaw_is_idempotent_and_harmless_for_unknown_sets() {
+        let f = fixture(1, |_| {});
+        let unknown = f.manager.thaw("never").await;
+        assert_eq!(unknown.end, FreezeEnd::UnknownSet);
+        assert!(!unknown.held_continuously);
+        f.manager.freeze("s1", &f.mounts, None).await.unwrap();
+        let first = f.manager.thaw("s1").await;
+        let second = f.manager.thaw("s1").await;
+        assert_eq!(first, second);
+        let thaws = f
+            .freezer
+            .calls()
+            .into_iter()
+            .filter(|c| matches!(c, Call::Thaw(_)))
+            .count();
+        assert_eq!(thaws, 1);
+    }
+
+    #[tokio::test]
+    async fn lease_expiry_thaws_and_the_thaw_reply_says_so() {
+        let f = fixture(1, |_| {});
+        f.manager
+            .freeze("s1", &f.mounts, Some(Duration::from_millis(150)))
+            .await
+            .unwrap();
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        assert!(!f.freezer.is_frozen(&f.mounts[0]), "lease thawed it");
+        let report = f.manager.thaw("s1").await;
+        assert!(!report.held_continuously);
+        assert_eq!(report.end, FreezeEnd::LeaseExpired);
+        let err = f.manager.renew("s1", None).await.unwrap_err();
+        assert!(err.to_string().contains("lease-expired"), "{err}");
+    }
+
+    #[tokio::test]
+    async fn renewals_never_outlive_max_freeze() {
+        let f = fixture(1, |config| {
+            config.max_freeze = Duration::from_millis(500);
+        });
+        f.manager
+            .freeze("s1", &f.mounts, Some(Duration::from_millis(200)))
+            .await
+            .unwrap();
+        let started = std::time::Instant::now();
+        while f
+            .manager
+            .renew("s1", Some(Duration::from_secs(60)))
+            .await
+            .is_ok()
+        {
+            assert!(
+                started.elapsed() < Duration::from_secs(2),
+                "cap not enforced"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let report = f.manager.thaw("s1").await;
+        assert_eq!(report.end, FreezeEnd::MaxFreeze);
+        assert!(!f.freezer.is_frozen(&f.mounts[0]));
+        assert!(started.elapsed() < Duration::from_millis(900));
+    }
+
+    #[tokio::test]
+    async fn a_thaw_behind_our_back_is_not_a_held_freeze() {
+        let f = fixture(1, |_| {});
+        f.manager.freeze("s1", &f.mounts, None).await.unwrap();
+        f.freezer.set_frozen(&f.mounts[0], false);
+        let report = f.manager.thaw("s1").await;
+        assert_eq!(report.end, FreezeEnd::ExternalThaw);
+        assert!(!report.held_continuously);
+    }
+
+    #[tokio::test]
+    async fn a_slow_fifreeze_fails_the_freeze_and_is_thawed_when_it_returns() {
+        let f = fixture(1, |config| {
+            config.freeze_timeout = Duration::from_millis(100);
+        });
+        f.freezer
+            .delay_freeze(&f.mounts[0], Duration::from_millis(400));
+        let err = f.manager.freeze("s1", &f.mounts, None).await.unwrap_err();
+        assert!(matches!(err, Error::FreezeTimedOut { .. }), "{err}");
+        // Still reserved while the ioctl runs.
+        let busy = f.manager.freeze("s2", &f.mounts, None).await.unwrap_err();
+        assert!(matches!(busy, Error::Busy { .. }), "{busy}");
+        tokio::time::sleep(Duration::from_millis(700)).await;
+        assert!(
+            !f.freezer.is_frozen(&f.mounts[0]),
+            "thawed once FIFREEZE returned"
+        );
+        f.freezer.delay_freeze(&f.mounts[0], Duration::ZERO);
+        f.manager.freeze("s3", &f.mounts, None).await.unwrap();
+        f.manager.thaw("s3").await;
+    }
+
+    #[tokio::test]
+    async fn shutdown_thaws_everything_and_refuses_new_freezes() {
+        let f = fixture(2, |_| {});
+        f.manager.freeze("a", &f.mounts[..1], None).await.unwrap();
+        f.manager.freeze("b", &f.mounts[1..], None).await.unwrap();
+        assert_eq!(f.manager.shutdown().await, 2);
+        assert!(f.mounts.iter().all(|m| !f.freezer.is_frozen(m)));
+        assert_eq!(f.manager.thaw("a").await.end, FreezeEnd::Shutdown);
+        let err = f.manager.freeze("c", &f.mounts, None).await.unwrap_err();
+        assert!(matches!(err, Error::ShuttingDown));
+    }
+
+    #[test]
+    fn set_ids_are_restricted_to_a_safe_alphabet() {
+        assert!(validate_set_id("pg-20261125T131200Z-3fa9").is_ok());
+        for bad in ["", "../x", "a/b", ".hidden", "a b"] {
+            assert!(validate_set_id(bad).is_err(), "{bad:?}");
+        }
+    }
+}

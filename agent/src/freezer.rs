@@ -36,11 +36,9 @@ pub fn open_mount_point(mount_point: &Path) -> io::Result<OwnedFd> {
     let flags = OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC | OFlag::O_NOATIME;
     match open(mount_point, flags, Mode::empty()) {
         // O_NOATIME is refused for files we do not own (EPERM) outside root.
-        Err(nix::errno::Errno::EPERM) => Ok(open(
-            mount_point,
-            flags - OFlag::O_NOATIME,
-            Mode::empty(),
-        )?),
+        Err(nix::errno::Errno::EPERM) => {
+            Ok(open(mount_point, flags - OFlag::O_NOATIME, Mode::empty())?)
+        }
         other => Ok(other?),
     }
 }

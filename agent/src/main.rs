@@ -20,7 +20,11 @@ use quiesce_agent::watchdog::NoWatchdog;
 const EXIT_CONFIG: u8 = 64;
 
 #[derive(Parser)]
-#[command(name = "quiesce-agent", version, about = "Freezes this host's filesystems for a Quiesce coordinator, under a lease")]
+#[command(
+    name = "quiesce-agent",
+    version,
+    about = "Freezes this host's filesystems for a Quiesce coordinator, under a lease"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -96,7 +100,8 @@ fn init_logging(format: &str) {
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
     if format == "json" {
         builder.json().init();
     } else {

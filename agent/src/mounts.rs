@@ -209,7 +209,10 @@ mod tests {
         let alias = &entries[3];
         assert_eq!(alias.mount_point, Path::new("/mnt/data alias"));
         assert_eq!(alias.dev, DevId { major: 7, minor: 0 });
-        assert_eq!(alias.dev, entries[2].dev, "bind/alias shares the superblock");
+        assert_eq!(
+            alias.dev, entries[2].dev,
+            "bind/alias shares the superblock"
+        );
         assert_eq!(entries[4].root, Path::new("/sub"));
         assert_eq!(entries[5].fs_type, "nfs4");
         assert_eq!(entries[5].source, "server:/export");
@@ -235,7 +238,13 @@ mod tests {
             table.loop_backing_file(data.dev),
             Some(PathBuf::from("/pool/data.img"))
         );
-        assert_eq!(table.loop_backing_file(DevId { major: 254, minor: 0 }), None);
+        assert_eq!(
+            table.loop_backing_file(DevId {
+                major: 254,
+                minor: 0
+            }),
+            None
+        );
         assert_eq!(table.at(Path::new("/mnt")).unwrap(), None);
     }
 

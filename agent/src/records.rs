@@ -119,7 +119,10 @@ mod tests {
         let record = FreezeRecord {
             set_id: "pg-1".into(),
             pid: 42,
-            volumes: vec![RecordedVolume::new(Path::new("/mnt/a"), DevId { major: 7, minor: 0 })],
+            volumes: vec![RecordedVolume::new(
+                Path::new("/mnt/a"),
+                DevId { major: 7, minor: 0 },
+            )],
         };
         store.write(&record).unwrap();
         std::fs::write(store.dir().join("junk.json"), "{").unwrap();

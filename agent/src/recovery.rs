@@ -145,14 +145,20 @@ mod tests {
         freezer.set_frozen(&a, true);
         freezer.set_frozen(&b, true);
         // b now holds a different filesystem than the record names.
-        let table = Table(vec![(a.clone(), dev_a), (b.clone(), DevId { major: 7, minor: 9 })]);
+        let table = Table(vec![
+            (a.clone(), dev_a),
+            (b.clone(), DevId { major: 7, minor: 9 }),
+        ]);
 
         let done = replay(&store, &freezer, &table).unwrap();
         assert_eq!(done.len(), 2);
         assert_eq!(done[0].outcome, Outcome::Thawed);
         assert_eq!(done[1].outcome, Outcome::Replaced);
         assert!(!freezer.is_frozen(&a));
-        assert!(freezer.is_frozen(&b), "a filesystem we did not freeze is never thawed");
+        assert!(
+            freezer.is_frozen(&b),
+            "a filesystem we did not freeze is never thawed"
+        );
         assert!(store.list().unwrap().is_empty(), "settled record removed");
     }
 }

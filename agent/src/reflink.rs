@@ -280,7 +280,10 @@ pub fn image_name(mount: &Path) -> String {
 /// Refuses a directory whose nearest existing ancestor is on a frozen filesystem. `stat` does
 /// not block on a frozen filesystem; `mkdir` would.
 fn refuse_frozen_dir(dir: &Path, frozen: &[DevId]) -> Result<(), ReflinkError> {
-    let existing = dir.ancestors().find(|p| p.exists()).unwrap_or(Path::new("/"));
+    let existing = dir
+        .ancestors()
+        .find(|p| p.exists())
+        .unwrap_or(Path::new("/"));
     let dev = DevId::of_path(existing).map_err(io_err("cannot stat", existing))?;
     if frozen.contains(&dev) {
         return Err(ReflinkError::DirOnFrozenFs {
@@ -295,10 +298,7 @@ fn refuse_frozen_dir(dir: &Path, frozen: &[DevId]) -> Result<(), ReflinkError> {
 pub fn clone_file(source: &Path, target: &Path) -> Result<Clone, ReflinkError> {
     let started = Instant::now();
     let src = File::open(source).map_err(io_err("cannot open", source))?;
-    let size_bytes = src
-        .metadata()
-        .map_err(io_err("cannot stat", source))?
-        .len();
+    let size_bytes = src.metadata().map_err(io_err("cannot stat", source))?.len();
     let dst = create_new(target)?;
     // SAFETY: both descriptors are open for the duration of the call; FICLONE takes the source
     // descriptor as its integer argument.
@@ -354,7 +354,10 @@ mod tests {
 
     #[test]
     fn image_names_are_flat_and_distinct() {
-        assert_eq!(image_name(Path::new("/var/lib/pg data")), "var-lib-pg_data.img");
+        assert_eq!(
+            image_name(Path::new("/var/lib/pg data")),
+            "var-lib-pg_data.img"
+        );
         assert_ne!(image_name(Path::new("/a/b")), image_name(Path::new("/a-c")));
     }
 

@@ -236,21 +236,33 @@ impl Agent for AgentService {
         let frozen = self.manager.frozen_devs();
         let mut snapshots = Vec::new();
         for (mount, dev, backing) in volumes {
-            match self.snapshot_one(&req.set_id, &mount, dev, backing, &frozen).await {
+            match self
+                .snapshot_one(&req.set_id, &mount, dev, backing, &frozen)
+                .await
+            {
                 Ok(snapshot) => snapshots.push(snapshot),
                 Err(status) => {
                     // All or nothing: remove the clones this request already made.
-                    let ids: Vec<PathBuf> =
-                        snapshots.iter().map(|s| s.snapshot_id.clone().into()).collect();
-                    let _ = self.reflink.delete(&req.set_id, &ids, &self.backing_files());
+                    let ids: Vec<PathBuf> = snapshots
+                        .iter()
+                        .map(|s| s.snapshot_id.clone().into())
+                        .collect();
+                    let _ = self
+                        .reflink
+                        .delete(&req.set_id, &ids, &self.backing_files());
                     return Err(status);
                 }
             }
         }
         if !self.manager.is_frozen(&req.set_id).await {
             // The lease ran out while cloning: the clones may hold later writes.
-            let ids: Vec<PathBuf> = snapshots.iter().map(|s| s.snapshot_id.clone().into()).collect();
-            let _ = self.reflink.delete(&req.set_id, &ids, &self.backing_files());
+            let ids: Vec<PathBuf> = snapshots
+                .iter()
+                .map(|s| s.snapshot_id.clone().into())
+                .collect();
+            let _ = self
+                .reflink
+                .delete(&req.set_id, &ids, &self.backing_files());
             return Err(Error::NotFrozen {
                 set_id: req.set_id,
                 state: "freeze ended while the snapshots were taken".into(),

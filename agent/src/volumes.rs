@@ -174,8 +174,15 @@ mod tests {
     }
 
     fn files() -> AgentFiles {
-        let mut files = AgentFiles::default().with_root(DevId { major: 254, minor: 0 });
-        files.files.push(("state directory", "/mnt/state/run".into(), DevId { major: 7, minor: 2 }));
+        let mut files = AgentFiles::default().with_root(DevId {
+            major: 254,
+            minor: 0,
+        });
+        files.files.push((
+            "state directory",
+            "/mnt/state/run".into(),
+            DevId { major: 7, minor: 2 },
+        ));
         files
     }
 
@@ -186,9 +193,13 @@ mod tests {
     #[test]
     fn aliases_of_one_filesystem_are_frozen_once_in_stable_order() {
         let config = config(&["/mnt/wal", "/mnt/data", "/mnt/alias"]);
-        let volumes =
-            resolve_all(&config, &table(), &files(), &paths(&["/mnt/wal", "/mnt/alias", "/mnt/data"]))
-                .unwrap();
+        let volumes = resolve_all(
+            &config,
+            &table(),
+            &files(),
+            &paths(&["/mnt/wal", "/mnt/alias", "/mnt/data"]),
+        )
+        .unwrap();
         let mounts: Vec<_> = volumes.iter().map(|v| v.mount_point.clone()).collect();
         assert_eq!(mounts, paths(&["/mnt/alias", "/mnt/wal"]));
         assert_eq!(volumes[0].backing_file, Some(PathBuf::from("/pool/0.img")));
@@ -207,6 +218,9 @@ mod tests {
         assert!(check("/mnt/state").contains("holds the agent's state directory"));
         assert!(check("/mnt/nowhere").contains("not a mount point"));
         let not_allowed = check("/mnt/alias");
-        assert!(not_allowed.contains("/mnt/alias is not an allowed volume"), "{not_allowed}");
+        assert!(
+            not_allowed.contains("/mnt/alias is not an allowed volume"),
+            "{not_allowed}"
+        );
     }
 }

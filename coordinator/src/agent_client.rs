@@ -25,8 +25,10 @@ pub trait AgentClient: Send + Sync {
         &self,
         req: pb::FreezeVolumesRequest,
     ) -> Result<pb::FreezeVolumesResponse, Status>;
-    async fn renew_lease(&self, req: pb::RenewLeaseRequest)
-    -> Result<pb::RenewLeaseResponse, Status>;
+    async fn renew_lease(
+        &self,
+        req: pb::RenewLeaseRequest,
+    ) -> Result<pb::RenewLeaseResponse, Status>;
     async fn thaw_volumes(
         &self,
         req: pb::ThawVolumesRequest,
@@ -104,7 +106,10 @@ impl GrpcAgents {
                 endpoint = endpoint.tls_config(config).map_err(endpoint_err)?;
             }
             let channel = endpoint.connect_lazy();
-            clients.insert(agent.name.clone(), Arc::new(GrpcAgent(GrpcClient::new(channel))));
+            clients.insert(
+                agent.name.clone(),
+                Arc::new(GrpcAgent(GrpcClient::new(channel))),
+            );
         }
         Ok(GrpcAgents { clients })
     }

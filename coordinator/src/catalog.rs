@@ -70,7 +70,9 @@ pub enum CatalogError {
     },
     #[error("catalog {path} failed its integrity check: {report}")]
     Corrupt { path: String, report: String },
-    #[error("catalog {path} has schema version {found}, newer than this coordinator knows ({known})")]
+    #[error(
+        "catalog {path} has schema version {found}, newer than this coordinator knows ({known})"
+    )]
     TooNew {
         path: String,
         found: usize,
@@ -160,7 +162,10 @@ impl Catalog {
         &self,
         f: impl FnOnce(&mut Connection) -> Result<T, CatalogError>,
     ) -> Result<T, CatalogError> {
-        let mut conn = self.conn.lock().unwrap_or_else(|poison| poison.into_inner());
+        let mut conn = self
+            .conn
+            .lock()
+            .unwrap_or_else(|poison| poison.into_inner());
         f(&mut conn)
     }
 
@@ -322,11 +327,7 @@ impl Catalog {
     pub fn get(&self, id: &str) -> Result<Option<SnapshotSet>, CatalogError> {
         self.with(|conn| {
             let set = conn
-                .query_row(
-                    &format!("{SELECT_SET} WHERE id = ?1"),
-                    [id],
-                    set_from_row,
-                )
+                .query_row(&format!("{SELECT_SET} WHERE id = ?1"), [id], set_from_row)
                 .optional()?;
             set.map(|set| load_members(conn, set)).transpose()
         })
@@ -440,9 +441,8 @@ fn load_members(conn: &Connection, mut set: SnapshotSet) -> Result<SnapshotSet, 
             })
         })?
         .collect::<Result<_, _>>()?;
-    let mut stmt = conn.prepare_cached(
-        "SELECT phase, at_ms FROM set_phases WHERE set_id = ?1 ORDER BY seq",
-    )?;
+    let mut stmt =
+        conn.prepare_cached("SELECT phase, at_ms FROM set_phases WHERE set_id = ?1 ORDER BY seq")?;
     set.phases = stmt
         .query_map([&set.id], |row| {
             Ok(PhaseMark {
@@ -477,7 +477,8 @@ mod tests {
         catalog.create_set(&new_set("s1", "pg", 1)).unwrap();
         let err = catalog.create_set(&new_set("s2", "pg", 2)).unwrap_err();
         assert!(
-            err.to_string().contains("group pg already has a running set: s1"),
+            err.to_string()
+                .contains("group pg already has a running set: s1"),
             "{err}"
         );
         catalog.create_set(&new_set("s3", "other", 3)).unwrap();
@@ -525,7 +526,10 @@ mod tests {
         assert_eq!(set.volumes[1].snapshot_id, "/pool/snap/wal.img");
         let phases: Vec<_> = set.phases.iter().map(|p| p.phase.as_str()).collect();
         assert_eq!(phases, ["planned", "frozen"]);
-        assert_eq!(catalog.last_consistent("pg").unwrap(), Some(("s1".into(), 30)));
+        assert_eq!(
+            catalog.last_consistent("pg").unwrap(),
+            Some(("s1".into(), 30))
+        );
         assert!(catalog.delete("s1").unwrap());
         assert!(catalog.get("s1").unwrap().is_none());
     }

@@ -165,7 +165,10 @@ impl Config {
                 problems.push(format!("group {} has no members", group.name));
             }
             if group.lease.is_zero() {
-                problems.push(format!("group {}: lease must be longer than 0s", group.name));
+                problems.push(format!(
+                    "group {}: lease must be longer than 0s",
+                    group.name
+                ));
             }
             for member in &group.members {
                 if !names.contains(member.agent.as_str()) {

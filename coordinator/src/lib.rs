@@ -8,6 +8,7 @@ pub mod agent_client;
 pub mod catalog;
 pub mod config;
 pub mod error;
+pub mod fake_agent;
 pub mod operations;
 pub mod pki;
 pub mod provider;

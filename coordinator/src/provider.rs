@@ -62,7 +62,11 @@ impl SnapshotProvider for Reflink {
             return Err(format!(
                 "{agent}:{} is on {}, not a loop device: the reflink provider clones loop backing files",
                 volume.mount_point,
-                if volume.device.is_empty() { "an unknown device" } else { &volume.device }
+                if volume.device.is_empty() {
+                    "an unknown device"
+                } else {
+                    &volume.device
+                }
             ));
         }
         Ok(())

@@ -11,9 +11,9 @@ use std::future::Future;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use futures::future::join_all;
 use quiesce_proto::agent::v1 as agent_pb;
 use quiesce_proto::coordinator::v1::{SetHost, SetVolume, SnapshotSet};
-use futures::future::join_all;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tracing::{Instrument, error, info, info_span, warn};
@@ -92,9 +92,11 @@ impl Coordinator {
     }
 
     pub fn client(&self, agent: &str) -> Result<Arc<dyn AgentClient>, Error> {
-        self.agents.client(agent).ok_or_else(|| Error::UnknownAgent {
-            agent: agent.to_owned(),
-        })
+        self.agents
+            .client(agent)
+            .ok_or_else(|| Error::UnknownAgent {
+                agent: agent.to_owned(),
+            })
     }
 
     /// Records a new set of `group` and starts running it in the background.
@@ -159,7 +161,11 @@ impl Coordinator {
             members.push(Member {
                 agent: member.agent.clone(),
                 client,
-                mounts: member.mounts.iter().map(|m| m.display().to_string()).collect(),
+                mounts: member
+                    .mounts
+                    .iter()
+                    .map(|m| m.display().to_string())
+                    .collect(),
                 host: SetHost {
                     agent: member.agent.clone(),
                     state: "pending".into(),
@@ -629,7 +635,11 @@ impl Run<'_> {
             let ids: Vec<String> = if member.snapshot_unsure {
                 Vec::new()
             } else {
-                member.snapshots.iter().map(|s| s.snapshot_id.clone()).collect()
+                member
+                    .snapshots
+                    .iter()
+                    .map(|s| s.snapshot_id.clone())
+                    .collect()
             };
             if let Err(e) = self
                 .provider
@@ -648,7 +658,11 @@ impl Run<'_> {
 }
 
 /// Calls every member at once, each bounded by `timeout`; errors become one line.
-async fn fan_out<T, F, Fut>(members: &[Member], timeout: Duration, call: F) -> Vec<Result<T, String>>
+async fn fan_out<T, F, Fut>(
+    members: &[Member],
+    timeout: Duration,
+    call: F,
+) -> Vec<Result<T, String>>
 where
     F: Fn(&Member) -> Fut,
     Fut: Future<Output = Result<T, tonic::Status>>,
@@ -707,4 +721,223 @@ pub fn new_set_id(group: &str) -> String {
         .unwrap_or(0);
     let noise = (nanos ^ std::process::id().rotate_left(16)) & 0xffff;
     format!("{group}-{stamp}-{noise:04x}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::fake_agent::{FakeAgent, Phase};
+    use tonic::Status;
+
+    const CONFIG: &str = r#"
+listen = "127.0.0.1:1"
+catalog = ":memory:"
+[[agent]]
+name = "db1"
+endpoint = "https://127.0.0.1:2"
+[[agent]]
+name = "db2"
+endpoint = "https://127.0.0.1:3"
+[[group]]
+name = "g"
+provider = "reflink"
+lease = "3s"
+phase-timeout = "1s"
+[[group.member]]
+agent = "db1"
+mounts = ["/data", "/wal"]
+[[group.member]]
+agent = "db2"
+mounts = ["/data"]
+"#;
+
+    fn setup() -> (Arc<Coordinator>, FakeAgent, FakeAgent) {
+        let db1 = FakeAgent::new("db1", &["/data", "/wal"]);
+        let db2 = FakeAgent::new("db2", &["/data"]);
+        let mut agents: HashMap<String, Arc<dyn AgentClient>> = HashMap::new();
+        agents.insert("db1".into(), Arc::new(db1.clone()));
+        agents.insert("db2".into(), Arc::new(db2.clone()));
+        let coordinator = Coordinator::new(
+            Arc::new(Config::parse(CONFIG).unwrap()),
+            Arc::new(Catalog::in_memory().unwrap()),
+            Arc::new(agents),
+        );
+        (coordinator, db1, db2)
+    }
+
+    fn phases(set: &SnapshotSet) -> Vec<&str> {
+        set.phases.iter().map(|p| p.phase.as_str()).collect()
+    }
+
+    #[tokio::test]
+    async fn a_clean_run_is_consistent_with_every_snapshot_recorded() {
+        let (coordinator, db1, db2) = setup();
+        let set = coordinator.backup("g").await.unwrap();
+        assert_eq!(set.state, "consistent", "{}", set.error);
+        assert_eq!(
+            phases(&set),
+            [
+                "planned",
+                "preparing",
+                "freezing",
+                "snapshotting",
+                "thawing",
+                "committed"
+            ]
+        );
+        assert!(set.volumes.iter().all(|v| !v.snapshot_id.is_empty()));
+        assert!(
+            set.hosts
+                .iter()
+                .all(|h| h.held_continuously && h.state == "thawed")
+        );
+        assert!(!db1.is_frozen() && !db2.is_frozen());
+        assert_eq!(db1.live_snapshots().len(), 2);
+        assert_eq!(db2.live_snapshots().len(), 1);
+    }
+
+    #[tokio::test]
+    async fn one_member_failing_to_freeze_thaws_everyone_and_snapshots_nothing() {
+        let (coordinator, db1, db2) = setup();
+        db2.fail(
+            Phase::Freeze,
+            Status::aborted("/data is busy: set x holds it frozen"),
+        );
+        let set = coordinator.backup("g").await.unwrap();
+        assert_eq!(set.state, "failed");
+        assert!(
+            set.error.contains("db2: freeze failed: /data is busy"),
+            "{}",
+            set.error
+        );
+        assert!(!db1.is_frozen(), "the member that froze was thawed");
+        assert!(db1.calls().contains(&Phase::Thaw));
+        assert!(!db1.calls().contains(&Phase::Snapshot));
+        assert_eq!(phases(&set).last(), Some(&"aborted"));
+    }
+
+    #[tokio::test]
+    async fn a_failed_snapshot_removes_the_partial_set() {
+        let (coordinator, db1, db2) = setup();
+        db2.fail(Phase::Snapshot, Status::internal("clone failed"));
+        let set = coordinator.backup("g").await.unwrap();
+        assert_eq!(set.state, "failed");
+        assert!(set.error.contains("db2: clone failed"), "{}", set.error);
+        assert!(!db1.is_frozen() && !db2.is_frozen());
+        assert!(db1.live_snapshots().is_empty(), "db1's snapshots removed");
+        assert!(
+            db2.calls().contains(&Phase::Delete),
+            "unsure member asked to clean up"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_lease_that_ran_out_makes_the_set_failed() {
+        let (coordinator, db1, _db2) = setup();
+        db1.expire_lease();
+        let set = coordinator.backup("g").await.unwrap();
+        assert_eq!(set.state, "failed");
+        assert!(
+            set.error
+                .contains("db1: freeze did not hold until the thaw (ended by lease-expired)"),
+            "{}",
+            set.error
+        );
+        assert!(db1.live_snapshots().is_empty());
+        let host = set.hosts.iter().find(|h| h.agent == "db1").unwrap();
+        assert!(!host.held_continuously);
+        assert_eq!(host.freeze_end, "lease-expired");
+    }
+
+    #[tokio::test]
+    async fn an_unreachable_member_fails_the_plan_before_any_freeze() {
+        let (coordinator, db1, db2) = setup();
+        db2.fail(Phase::HostInfo, Status::unavailable("connection refused"));
+        let set = coordinator.backup("g").await.unwrap();
+        assert_eq!(set.state, "failed");
+        assert!(
+            set.error.contains("db2: unreachable at plan time"),
+            "{}",
+            set.error
+        );
+        assert!(!db1.calls().contains(&Phase::Freeze));
+        assert!(!db1.calls().contains(&Phase::Thaw));
+    }
+
+    #[tokio::test]
+    async fn a_hung_prepare_fails_at_the_phase_deadline() {
+        let (coordinator, _db1, db2) = setup();
+        db2.delay(Phase::Prepare, Duration::from_secs(5));
+        let set = coordinator.backup("g").await.unwrap();
+        assert_eq!(set.state, "failed");
+        assert!(
+            set.error
+                .contains("db2: prepare failed: no answer within 1s"),
+            "{}",
+            set.error
+        );
+    }
+
+    #[tokio::test]
+    async fn a_second_backup_of_a_running_group_is_refused() {
+        let (coordinator, _db1, db2) = setup();
+        db2.delay(Phase::Prepare, Duration::from_millis(300));
+        let first = coordinator.start_set("g").unwrap();
+        let err = coordinator.start_set("g").unwrap_err();
+        assert!(
+            err.to_string()
+                .contains(&format!("already has a running set ({first})")),
+            "{err}"
+        );
+        coordinator.wait(&first).await;
+        let unknown = coordinator.start_set("nope").unwrap_err();
+        assert!(
+            unknown
+                .to_string()
+                .contains("unknown group nope (configured: g)")
+        );
+    }
+
+    #[tokio::test]
+    async fn recovery_thaws_and_fails_sets_left_running() {
+        let (coordinator, db1, db2) = setup();
+        coordinator
+            .catalog()
+            .create_set(&NewSet {
+                id: "g-crashed",
+                group: "g",
+                provider: "reflink",
+                created_at_ms: 1,
+                volumes: vec![
+                    ("db1".into(), "/data".into()),
+                    ("db2".into(), "/data".into()),
+                ],
+            })
+            .unwrap();
+        coordinator
+            .catalog()
+            .set_phase("g-crashed", "snapshotting", 2)
+            .unwrap();
+        let recovered = coordinator.recover().await.unwrap();
+        assert_eq!(recovered, ["g-crashed"]);
+        let set = coordinator.catalog().get("g-crashed").unwrap().unwrap();
+        assert_eq!(set.state, "failed");
+        assert!(
+            set.error.contains("stopped while the set was snapshotting"),
+            "{}",
+            set.error
+        );
+        assert!(db1.calls().contains(&Phase::Thaw) && db2.calls().contains(&Phase::Thaw));
+        assert!(db1.calls().contains(&Phase::Delete));
+    }
+
+    #[test]
+    fn set_ids_start_with_the_group_and_are_safe_file_names() {
+        let id = new_set_id("pg");
+        assert!(id.starts_with("pg-20"), "{id}");
+        assert!(
+            id.chars().all(|c| c.is_ascii_alphanumeric() || c == '-'),
+            "{id}"
+        );
+    }
 }

@@ -16,7 +16,11 @@ use quiesce_coordinator::workflow::Coordinator;
 const EXIT_CONFIG: u8 = 64;
 
 #[derive(Parser)]
-#[command(name = "quiesce-coordinator", version, about = "Takes application-consistent snapshots of consistency groups across Quiesce agents")]
+#[command(
+    name = "quiesce-coordinator",
+    version,
+    about = "Takes application-consistent snapshots of consistency groups across Quiesce agents"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -79,7 +83,8 @@ fn init_logging(format: &str) {
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
     if format == "json" {
         builder.json().init();
     } else {
@@ -124,7 +129,10 @@ fn run(path: &Path, insecure: bool) -> anyhow::Result<ExitCode> {
         let coordinator = Coordinator::new(Arc::new(config), Arc::new(catalog), Arc::new(agents));
         let recovered = coordinator.recover().await?;
         if !recovered.is_empty() {
-            tracing::warn!(?recovered, "interrupted sets thawed, cleaned up and marked failed");
+            tracing::warn!(
+                ?recovered,
+                "interrupted sets thawed, cleaned up and marked failed"
+            );
         }
         let listener = tokio::net::TcpListener::bind(listen)
             .await

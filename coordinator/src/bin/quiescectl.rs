@@ -20,7 +20,11 @@ const EXIT_FAILED: u8 = 1;
 const EXIT_UNREACHABLE: u8 = 3;
 
 #[derive(Parser)]
-#[command(name = "quiescectl", version, about = "Operate a Quiesce coordinator: backups, sets, restores, agents")]
+#[command(
+    name = "quiescectl",
+    version,
+    about = "Operate a Quiesce coordinator: backups, sets, restores, agents"
+)]
 struct Cli {
     #[command(flatten)]
     conn: Connection,
@@ -34,7 +38,12 @@ struct Cli {
 #[derive(Args)]
 struct Connection {
     /// Coordinator API endpoint.
-    #[arg(long, env = "QUIESCECTL_ENDPOINT", default_value = "https://127.0.0.1:7400", global = true)]
+    #[arg(
+        long,
+        env = "QUIESCECTL_ENDPOINT",
+        default_value = "https://127.0.0.1:7400",
+        global = true
+    )]
     endpoint: String,
     /// CA certificate that signed the coordinator's certificate.
     #[arg(long, env = "QUIESCECTL_CA", global = true)]
@@ -45,7 +54,12 @@ struct Connection {
     #[arg(long, env = "QUIESCECTL_KEY", global = true)]
     key: Option<PathBuf>,
     /// Name in the coordinator's certificate.
-    #[arg(long, env = "QUIESCECTL_SERVER_NAME", default_value = "coordinator", global = true)]
+    #[arg(
+        long,
+        env = "QUIESCECTL_SERVER_NAME",
+        default_value = "coordinator",
+        global = true
+    )]
     server_name: String,
     /// Plain-text gRPC (only against a coordinator run with --insecure).
     #[arg(long, global = true)]
@@ -155,8 +169,10 @@ fn status_message(status: &tonic::Status) -> String {
     let message = status.message();
     if message.is_empty() {
         format!("{:?}", status.code())
-    } else if matches!(status.code(), tonic::Code::Unavailable | tonic::Code::Unknown)
-        && let Some(source) = std::error::Error::source(status)
+    } else if matches!(
+        status.code(),
+        tonic::Code::Unavailable | tonic::Code::Unknown
+    ) && let Some(source) = std::error::Error::source(status)
     {
         format!("{message}: {}", chain(source))
     } else {
@@ -191,7 +207,13 @@ async fn connect(conn: &Connection) -> Result<CoordinatorClient<Channel>, String
         .connect()
         .await
         .map(CoordinatorClient::new)
-        .map_err(|e| format!("cannot reach the coordinator at {}: {}", conn.endpoint, chain(&e)))
+        .map_err(|e| {
+            format!(
+                "cannot reach the coordinator at {}: {}",
+                conn.endpoint,
+                chain(&e)
+            )
+        })
 }
 
 async fn run(
@@ -251,13 +273,18 @@ async fn run(
         }
         Command::Sets(SetsCommand::Delete { set }) => {
             let reply = client
-                .delete_set(pb::DeleteSetRequest { set_id: set.clone() })
+                .delete_set(pb::DeleteSetRequest {
+                    set_id: set.clone(),
+                })
                 .await?
                 .into_inner();
             if json {
                 print_json(&reply);
             } else {
-                println!("deleted set {set} ({} snapshots removed)", reply.snapshots_deleted);
+                println!(
+                    "deleted set {set} ({} snapshots removed)",
+                    reply.snapshots_deleted
+                );
             }
             Ok(ExitCode::SUCCESS)
         }
@@ -322,7 +349,10 @@ async fn run(
                         frozen,
                     ]);
                 }
-                table(&["AGENT", "ENDPOINT", "STATE", "HOST", "VERSION", "FROZEN"], rows);
+                table(
+                    &["AGENT", "ENDPOINT", "STATE", "HOST", "VERSION", "FROZEN"],
+                    rows,
+                );
                 for a in reply.agents.iter().filter(|a| a.reachable) {
                     println!();
                     let rows = a
@@ -340,7 +370,17 @@ async fn run(
                         })
                         .collect();
                     println!("{}:", a.name);
-                    table(&["MOUNT", "FS", "DEVICE", "BACKING FILE", "FROZEN BY", "PROBLEM"], rows);
+                    table(
+                        &[
+                            "MOUNT",
+                            "FS",
+                            "DEVICE",
+                            "BACKING FILE",
+                            "FROZEN BY",
+                            "PROBLEM",
+                        ],
+                        rows,
+                    );
                 }
             }
             Ok(ExitCode::SUCCESS)
@@ -371,12 +411,19 @@ async fn run(
                             if g.last_consistent_set.is_empty() {
                                 "-".into()
                             } else {
-                                format!("{} ({})", g.last_consistent_set, ago(g.last_consistent_at_ms))
+                                format!(
+                                    "{} ({})",
+                                    g.last_consistent_set,
+                                    ago(g.last_consistent_at_ms)
+                                )
                             },
                         ]
                     })
                     .collect();
-                table(&["GROUP", "PROVIDER", "MEMBERS", "RUNNING", "LAST CONSISTENT"], rows);
+                table(
+                    &["GROUP", "PROVIDER", "MEMBERS", "RUNNING", "LAST CONSISTENT"],
+                    rows,
+                );
             }
             Ok(ExitCode::SUCCESS)
         }
@@ -412,7 +459,11 @@ async fn wait_for(
         if !json {
             let start = set.created_at_ms;
             for mark in set.phases.iter().skip(shown) {
-                eprintln!("  {:>6} ms  {}", mark.at_ms.saturating_sub(start), mark.phase);
+                eprintln!(
+                    "  {:>6} ms  {}",
+                    mark.at_ms.saturating_sub(start),
+                    mark.phase
+                );
             }
             let _ = std::io::stderr().flush();
         }
@@ -450,7 +501,18 @@ fn print_sets(sets: &[pb::SnapshotSet]) {
             ]
         })
         .collect();
-    table(&["SET", "GROUP", "STATE", "CREATED", "FREEZE WINDOW", "VOLUMES", "ERROR"], rows);
+    table(
+        &[
+            "SET",
+            "GROUP",
+            "STATE",
+            "CREATED",
+            "FREEZE WINDOW",
+            "VOLUMES",
+            "ERROR",
+        ],
+        rows,
+    );
 }
 
 fn print_set(set: &pb::SnapshotSet) {
@@ -461,8 +523,14 @@ fn print_set(set: &pb::SnapshotSet) {
         println!("error          {}", set.error);
     }
     println!("created        {}", ago(set.created_at_ms));
-    println!("freeze window  {} (first freeze sent → last thaw returned)", ms(set.freeze_window_ms));
-    println!("longest stall  {} (writes blocked on one host)", ms(set.max_write_stall_ms));
+    println!(
+        "freeze window  {} (first freeze sent → last thaw returned)",
+        ms(set.freeze_window_ms)
+    );
+    println!(
+        "longest stall  {} (writes blocked on one host)",
+        ms(set.max_write_stall_ms)
+    );
     println!();
     let rows = set
         .hosts
@@ -478,7 +546,10 @@ fn print_set(set: &pb::SnapshotSet) {
             ]
         })
         .collect();
-    table(&["HOST", "STATE", "HELD", "FREEZE END", "STALL", "ERROR"], rows);
+    table(
+        &["HOST", "STATE", "HELD", "FREEZE END", "STALL", "ERROR"],
+        rows,
+    );
     println!();
     let rows = set
         .volumes
@@ -499,13 +570,22 @@ fn print_set(set: &pb::SnapshotSet) {
     let rows = set
         .phases
         .iter()
-        .map(|p| vec![p.phase.clone(), format!("+{} ms", p.at_ms.saturating_sub(start))])
+        .map(|p| {
+            vec![
+                p.phase.clone(),
+                format!("+{} ms", p.at_ms.saturating_sub(start)),
+            ]
+        })
         .collect();
     table(&["PHASE", "AT"], rows);
 }
 
 fn ms(value: u64) -> String {
-    if value == 0 { "-".into() } else { format!("{value} ms") }
+    if value == 0 {
+        "-".into()
+    } else {
+        format!("{value} ms")
+    }
 }
 
 fn ago(at_ms: u64) -> String {
@@ -518,7 +598,10 @@ fn ago(at_ms: u64) -> String {
         .unwrap_or(0);
     let stamp = humantime::format_rfc3339_seconds(UNIX_EPOCH + Duration::from_millis(at_ms));
     let secs = now.saturating_sub(at_ms) / 1000;
-    format!("{stamp} ({} ago)", humantime::format_duration(Duration::from_secs(secs)))
+    format!(
+        "{stamp} ({} ago)",
+        humantime::format_duration(Duration::from_secs(secs))
+    )
 }
 
 fn table(headers: &[&str], rows: Vec<Vec<String>>) {

@@ -1,0 +1,227 @@
+//! A hand-written fake agent for unit tests and benchmarks of the workflow: records every call,
+//! keeps a frozen flag per set, and injects failures per phase.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use quiesce_proto::agent::v1 as pb;
+use tonic::Status;
+
+use crate::agent_client::AgentClient;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Phase {
+    HostInfo,
+    Prepare,
+    Freeze,
+    Snapshot,
+    Thaw,
+    Delete,
+}
+
+#[derive(Debug, Default)]
+struct State {
+    calls: Vec<(Phase, String)>,
+    frozen: HashMap<String, bool>,
+    failures: HashMap<Phase, Status>,
+    delays: HashMap<Phase, Duration>,
+    /// The lease "ran out": thaw replies report it.
+    lease_expired: bool,
+    snapshots: Vec<String>,
+    deleted: Vec<String>,
+}
+
+#[derive(Debug, Clone)]
+pub struct FakeAgent {
+    name: String,
+    mounts: Vec<String>,
+    state: Arc<Mutex<State>>,
+}
+
+impl FakeAgent {
+    pub fn new(name: &str, mounts: &[&str]) -> Self {
+        FakeAgent {
+            name: name.into(),
+            mounts: mounts.iter().map(|m| m.to_string()).collect(),
+            state: Arc::default(),
+        }
+    }
+
+    pub fn fail(&self, phase: Phase, status: Status) {
+        self.state.lock().unwrap().failures.insert(phase, status);
+    }
+
+    pub fn delay(&self, phase: Phase, delay: Duration) {
+        self.state.lock().unwrap().delays.insert(phase, delay);
+    }
+
+    pub fn expire_lease(&self) {
+        self.state.lock().unwrap().lease_expired = true;
+    }
+
+    pub fn calls(&self) -> Vec<Phase> {
+        self.state
+            .lock()
+            .unwrap()
+            .calls
+            .iter()
+            .map(|c| c.0)
+            .collect()
+    }
+
+    pub fn is_frozen(&self) -> bool {
+        self.state.lock().unwrap().frozen.values().any(|f| *f)
+    }
+
+    /// Snapshots that exist (made and not deleted).
+    pub fn live_snapshots(&self) -> Vec<String> {
+        let state = self.state.lock().unwrap();
+        state
+            .snapshots
+            .iter()
+            .filter(|s| !state.deleted.contains(s))
+            .cloned()
+            .collect()
+    }
+
+    async fn enter(&self, phase: Phase, set_id: &str) -> Result<(), Status> {
+        let (delay, failure) = {
+            let mut state = self.state.lock().unwrap();
+            state.calls.push((phase, set_id.to_owned()));
+            (
+                state.delays.get(&phase).copied(),
+                state.failures.get(&phase).cloned(),
+            )
+        };
+        if let Some(delay) = delay {
+            tokio::time::sleep(delay).await;
+        }
+        match failure {
+            Some(status) => Err(status),
+            None => Ok(()),
+        }
+    }
+}
+
+#[tonic::async_trait]
+impl AgentClient for FakeAgent {
+    async fn get_host_info(&self) -> Result<pb::GetHostInfoResponse, Status> {
+        self.enter(Phase::HostInfo, "").await?;
+        Ok(pb::GetHostInfoResponse {
+            hostname: self.name.clone(),
+            agent_version: "fake".into(),
+            volumes: self
+                .mounts
+                .iter()
+                .map(|m| pb::VolumeInfo {
+                    mount_point: m.clone(),
+                    fs_type: "ext4".into(),
+                    device: "/dev/loop0".into(),
+                    backing_file: format!("/pool{m}.img"),
+                    ..Default::default()
+                })
+                .collect(),
+            ..Default::default()
+        })
+    }
+
+    async fn prepare_volumes(
+        &self,
+        req: pb::PrepareVolumesRequest,
+    ) -> Result<pb::PrepareVolumesResponse, Status> {
+        self.enter(Phase::Prepare, &req.set_id).await?;
+        Ok(pb::PrepareVolumesResponse { duration_ms: 1 })
+    }
+
+    async fn freeze_volumes(
+        &self,
+        req: pb::FreezeVolumesRequest,
+    ) -> Result<pb::FreezeVolumesResponse, Status> {
+        self.enter(Phase::Freeze, &req.set_id).await?;
+        self.state.lock().unwrap().frozen.insert(req.set_id, true);
+        Ok(pb::FreezeVolumesResponse {
+            freeze_started_at_ms: 1,
+            frozen_at_ms: 2,
+            lease_deadline_ms: 3,
+            hard_deadline_ms: 4,
+        })
+    }
+
+    async fn renew_lease(
+        &self,
+        _req: pb::RenewLeaseRequest,
+    ) -> Result<pb::RenewLeaseResponse, Status> {
+        Ok(pb::RenewLeaseResponse::default())
+    }
+
+    async fn thaw_volumes(
+        &self,
+        req: pb::ThawVolumesRequest,
+    ) -> Result<pb::ThawVolumesResponse, Status> {
+        self.enter(Phase::Thaw, &req.set_id).await?;
+        let mut state = self.state.lock().unwrap();
+        let was_frozen = state.frozen.insert(req.set_id, false).unwrap_or(false);
+        let (held, end) = match (was_frozen, state.lease_expired) {
+            (true, false) => (true, pb::FreezeEnd::Thawed),
+            (true, true) => (false, pb::FreezeEnd::LeaseExpired),
+            (false, _) => (false, pb::FreezeEnd::UnknownSet),
+        };
+        Ok(pb::ThawVolumesResponse {
+            held_continuously: held,
+            end: end.into(),
+            write_stall_ms: 5,
+            ..Default::default()
+        })
+    }
+
+    async fn create_snapshots(
+        &self,
+        req: pb::CreateSnapshotsRequest,
+    ) -> Result<pb::CreateSnapshotsResponse, Status> {
+        self.enter(Phase::Snapshot, &req.set_id).await?;
+        let mut state = self.state.lock().unwrap();
+        let snapshots: Vec<pb::VolumeSnapshot> = req
+            .mount_points
+            .iter()
+            .map(|m| pb::VolumeSnapshot {
+                mount_point: m.clone(),
+                snapshot_id: format!("{}:{}{m}", self.name, req.set_id),
+                size_bytes: 1,
+                duration_ms: 0,
+            })
+            .collect();
+        state
+            .snapshots
+            .extend(snapshots.iter().map(|s| s.snapshot_id.clone()));
+        Ok(pb::CreateSnapshotsResponse { snapshots })
+    }
+
+    async fn delete_snapshots(
+        &self,
+        req: pb::DeleteSnapshotsRequest,
+    ) -> Result<pb::DeleteSnapshotsResponse, Status> {
+        self.enter(Phase::Delete, &req.set_id).await?;
+        let mut state = self.state.lock().unwrap();
+        let ids = if req.snapshot_ids.is_empty() {
+            state
+                .snapshots
+                .iter()
+                .filter(|s| s.contains(&req.set_id))
+                .cloned()
+                .collect()
+        } else {
+            req.snapshot_ids
+        };
+        let deleted = ids.len() as u32;
+        state.deleted.extend(ids);
+        Ok(pb::DeleteSnapshotsResponse { deleted })
+    }
+
+    async fn restore_snapshots(
+        &self,
+        _req: pb::RestoreSnapshotsRequest,
+    ) -> Result<pb::RestoreSnapshotsResponse, Status> {
+        Err(Status::unimplemented("fake"))
+    }
+}
