@@ -233,6 +233,22 @@ mount = "/mnt/a"
     }
 
     #[test]
+    fn the_packaged_sample_is_valid_and_safe_by_default() {
+        let config = Config::parse(include_str!("../../packaging/agent.toml")).unwrap();
+        assert!(
+            config.volumes.is_empty(),
+            "no volume until the operator lists one"
+        );
+        assert!(config.tls.is_some(), "TLS required");
+        let problems = config.problems(false);
+        // Only the certificate files are missing on a build machine.
+        assert!(
+            problems.iter().all(|p| p.contains("/etc/quiesce/tls/")),
+            "{problems:#?}"
+        );
+    }
+
+    #[test]
     fn durations_read_as_humantime() {
         let config = Config::parse(&format!("{MINIMAL}default-lease = \"1500ms\"\n")).unwrap();
         assert_eq!(config.default_lease, Duration::from_millis(1500));

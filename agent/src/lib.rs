@@ -9,6 +9,7 @@ pub mod config;
 pub mod error;
 pub mod freeze;
 pub mod freezer;
+pub mod guardian;
 pub mod mounts;
 pub mod records;
 pub mod recovery;

@@ -10,11 +10,11 @@ use quiesce_agent::config::Config;
 use quiesce_agent::error::error_chain;
 use quiesce_agent::freeze::FreezeManager;
 use quiesce_agent::freezer::{Freezer, IoctlFreezer};
+use quiesce_agent::guardian::Guardian;
 use quiesce_agent::mounts::{MountTable, ProcMountTable};
 use quiesce_agent::records::{RecordStore, is_memory_fs};
 use quiesce_agent::recovery::{self, Outcome};
 use quiesce_agent::volumes::{AgentFiles, resolve};
-use quiesce_agent::watchdog::NoWatchdog;
 
 /// Exit status for a bad config (EX_USAGE / EX_CONFIG convention: 64).
 const EXIT_CONFIG: u8 = 64;
@@ -232,6 +232,11 @@ fn run(path: &Path, insecure: bool) -> anyhow::Result<ExitCode> {
         tracing::warn!(set_id = %item.set_id, mount = %item.mount_point, outcome = ?item.outcome, "recovered a freeze left by a previous agent");
     }
 
+    // Before any thread exists: fork the guardian that thaws if this process dies.
+    let guardian = Guardian::spawn(store.clone(), config.max_freeze.as_millis() as u64)
+        .context("starting the guardian process")?;
+    tracing::info!(pid = guardian.pid(), "guardian started");
+
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
@@ -247,7 +252,7 @@ fn run(path: &Path, insecure: bool) -> anyhow::Result<ExitCode> {
             freezer,
             mounts,
             files,
-            Arc::new(NoWatchdog),
+            Arc::new(guardian),
         );
         quiesce_agent::server::serve(manager, listener, tls.as_ref(), shutdown_signal()).await?;
         Ok(ExitCode::SUCCESS)

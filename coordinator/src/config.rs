@@ -248,6 +248,17 @@ mounts = ["/mnt/data", "/mnt/wal"]
     }
 
     #[test]
+    fn the_packaged_sample_is_valid() {
+        let config = Config::parse(include_str!("../../packaging/coordinator.toml")).unwrap();
+        assert!(config.tls.is_some());
+        let problems = config.problems(false);
+        assert!(
+            problems.iter().all(|p| p.contains("/etc/quiesce/tls/")),
+            "{problems:#?}"
+        );
+    }
+
+    #[test]
     fn unknown_provider_is_named() {
         let err = Config::parse(&SAMPLE.replace("\"reflink\"", "\"lvm\"")).unwrap_err();
         assert!(err.to_string().contains("lvm"), "{err}");

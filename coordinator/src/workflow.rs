@@ -410,8 +410,8 @@ impl Run<'_> {
         })
         .await;
         let mut problems = Vec::new();
-        for index in 0..self.members.len() {
-            match &replies[index] {
+        for (index, reply) in replies.iter().enumerate() {
+            match reply {
                 Ok(_) => self.members[index].host.state = "prepared".into(),
                 Err(e) => {
                     let member = &mut self.members[index];

@@ -82,10 +82,14 @@ impl Identity {
     pub fn from_der(der: &[u8]) -> Option<Identity> {
         let (_, cert) = X509Certificate::from_der(der).ok()?;
         let san = cert.subject_alternative_name().ok()??;
-        let mut found = san.value.general_names.iter().filter_map(|name| match name {
-            GeneralName::URI(uri) => Identity::from_uri(uri),
-            _ => None,
-        });
+        let mut found = san
+            .value
+            .general_names
+            .iter()
+            .filter_map(|name| match name {
+                GeneralName::URI(uri) => Identity::from_uri(uri),
+                _ => None,
+            });
         let first = found.next()?;
         match found.next() {
             Some(_) => None,
