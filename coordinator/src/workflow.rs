@@ -255,9 +255,11 @@ impl Run<'_> {
         self.group.phase_timeout
     }
 
-    fn phase(&self, phase: &str) -> Result<(), Error> {
+    async fn phase(&self, phase: &str) -> Result<(), Error> {
         info!(phase, "phase");
-        Ok(self.catalog.set_phase(&self.set_id, phase, unix_ms())?)
+        self.catalog.set_phase(&self.set_id, phase, unix_ms())?;
+        test_pause_after(phase).await;
+        Ok(())
     }
 
     fn save_host(&self, index: usize) -> Result<(), Error> {
@@ -270,7 +272,7 @@ impl Run<'_> {
     async fn execute(&mut self) -> Result<(), Error> {
         let outcome = self.capture().await?;
         let thaw_failure = if self.first_freeze_sent.is_some() {
-            self.phase("thawing")?;
+            self.phase("thawing").await?;
             self.thaw().await?
         } else {
             None
@@ -288,7 +290,7 @@ impl Run<'_> {
         let failure = outcome.err().or(thaw_failure);
         match failure {
             None => {
-                self.phase("committed")?;
+                self.phase("committed").await?;
                 self.catalog.finish(
                     &self.set_id,
                     "consistent",
@@ -300,13 +302,13 @@ impl Run<'_> {
                 info!(freeze_window_ms, max_stall, "consistent");
             }
             Some(reason) => {
-                self.phase("aborting")?;
+                self.phase("aborting").await?;
                 let cleanup = self.remove_snapshots().await;
                 let reason = match cleanup {
                     Ok(()) => reason,
                     Err(e) => format!("{reason}; partial snapshots not all removed: {e}"),
                 };
-                self.phase("aborted")?;
+                self.phase("aborted").await?;
                 self.catalog.finish(
                     &self.set_id,
                     "failed",
@@ -326,15 +328,15 @@ impl Run<'_> {
         if let Err(reason) = self.plan().await? {
             return Ok(Err(reason));
         }
-        self.phase("preparing")?;
+        self.phase("preparing").await?;
         if let Err(reason) = self.prepare().await? {
             return Ok(Err(reason));
         }
-        self.phase("freezing")?;
+        self.phase("freezing").await?;
         if let Err(reason) = self.freeze().await? {
             return Ok(Err(reason));
         }
-        self.phase("snapshotting")?;
+        self.phase("snapshotting").await?;
         self.snapshot().await
     }
 
@@ -654,6 +656,26 @@ impl Run<'_> {
         } else {
             Err(problems.join("; "))
         }
+    }
+}
+
+/// Fault-injection hook for the integration tests: `QUIESCE_TEST_PAUSE_AFTER=<phase>:<ms>`
+/// makes the coordinator sleep that long right after persisting `<phase>`, so a test can
+/// SIGKILL or SIGSTOP it, or cut its network, at a known point (e.g. with every member frozen:
+/// `snapshotting:30000`). Unset in production; read on every phase so tests can set it per
+/// process.
+async fn test_pause_after(phase: &str) {
+    let Ok(spec) = std::env::var("QUIESCE_TEST_PAUSE_AFTER") else {
+        return;
+    };
+    let Some((at, ms)) = spec.split_once(':') else {
+        return;
+    };
+    if at == phase
+        && let Ok(ms) = ms.parse::<u64>()
+    {
+        warn!(phase, ms, "QUIESCE_TEST_PAUSE_AFTER: pausing (fault-injection test hook)");
+        tokio::time::sleep(Duration::from_millis(ms)).await;
     }
 }
 
