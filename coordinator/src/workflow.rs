@@ -142,6 +142,15 @@ impl Coordinator {
         }
     }
 
+    /// Waits for every running set to end, up to `grace` (graceful shutdown). A set still
+    /// running after that is left to the next start's recovery.
+    pub async fn drain(&self, grace: Duration) -> usize {
+        let handles: Vec<_> = self.runs.lock().unwrap().drain().map(|(_, h)| h).collect();
+        let count = handles.len();
+        let _ = tokio::time::timeout(grace, join_all(handles)).await;
+        count
+    }
+
     /// Starts a set and waits for its end (tests, benchmarks).
     pub async fn backup(self: &Arc<Self>, group: &str) -> Result<SnapshotSet, Error> {
         let id = self.start_set(group)?;

@@ -138,8 +138,17 @@ fn run(path: &Path, insecure: bool) -> anyhow::Result<ExitCode> {
             .await
             .with_context(|| format!("binding {listen}"))?;
         tracing::info!(listen = %listener.local_addr()?, "coordinator ready");
-        quiesce_coordinator::server::serve(coordinator, listener, tls.as_ref(), shutdown_signal())
-            .await?;
+        quiesce_coordinator::server::serve(
+            coordinator.clone(),
+            listener,
+            tls.as_ref(),
+            shutdown_signal(),
+        )
+        .await?;
+        // Let running sets finish (each phase is bounded by its deadline), so that shutdown
+        // does not leave them for recovery.
+        let running = coordinator.drain(std::time::Duration::from_secs(60)).await;
+        tracing::info!(running, "coordinator stopped");
         Ok(ExitCode::SUCCESS)
     })
 }
