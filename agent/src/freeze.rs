@@ -172,6 +172,10 @@ impl FreezeManager {
         watchdog: Arc<dyn Watchdog>,
     ) -> Arc<Self> {
         let records = RecordStore::new(&config.state_dir);
+        if let Err(e) = records.create_dir() {
+            // Every freeze will then fail to write its record, naming the path.
+            error!(dir = %records.dir().display(), error = %e, "cannot create the freeze record directory");
+        }
         Arc::new(FreezeManager {
             config,
             freezer,
@@ -499,6 +503,9 @@ impl FreezeManager {
         };
         session.phase = Phase::Ended(report.clone());
         self.forget(&session.set_id.clone(), session);
+        // Close the mount descriptors now: an ended set must not keep its filesystems busy
+        // (umount would fail with EBUSY until the lease timer task wakes up).
+        session.volumes.clear();
         match end {
             FreezeEnd::Thawed => {
                 info!(set_id = %session.set_id, stall_ms = report.write_stall_ms, "thawed")
@@ -553,6 +560,14 @@ impl FreezeManager {
             .map(|(_, report)| report.clone())
     }
 
+    /// How a set that is no longer held ended, for messages.
+    fn ended_state(&self, set_id: &str) -> String {
+        match self.ended_report(set_id) {
+            Some(report) => format!("freeze ended: {}", report.end.as_str()),
+            None => "unknown set".into(),
+        }
+    }
+
     /// Pushes the lease out by `lease` from now, never past the hard deadline.
     pub async fn renew(&self, set_id: &str, lease: Option<Duration>) -> Result<FreezeInfo, Error> {
         let not_frozen = |state: String| Error::NotFrozen {
@@ -560,11 +575,7 @@ impl FreezeManager {
             state,
         };
         let Some(session) = self.session(set_id) else {
-            let state = match self.ended_report(set_id) {
-                Some(report) => format!("freeze ended: {}", report.end.as_str()),
-                None => "unknown set".into(),
-            };
-            return Err(not_frozen(state));
+            return Err(not_frozen(self.ended_state(set_id)));
         };
         let mut s = session.lock().await;
         if !matches!(s.phase, Phase::Frozen) {
@@ -604,7 +615,7 @@ impl FreezeManager {
         };
         let session = self
             .session(set_id)
-            .ok_or_else(|| not_frozen("unknown set".into()))?;
+            .ok_or_else(|| not_frozen(self.ended_state(set_id)))?;
         let s = session.lock().await;
         if !matches!(s.phase, Phase::Frozen) {
             return Err(not_frozen(s.state_name()));

@@ -232,26 +232,32 @@ impl Catalog {
         })
     }
 
-    pub fn update_host(&self, id: &str, host: &SetHost) -> Result<(), CatalogError> {
+    /// Updates every host of a set in one transaction (one commit inside the freeze window,
+    /// not one per host).
+    pub fn update_hosts(&self, id: &str, hosts: &[SetHost]) -> Result<(), CatalogError> {
         self.with(|conn| {
-            conn.execute(
-                "UPDATE set_hosts SET state = ?3, error = ?4, freeze_started_at_ms = ?5,
-                    frozen_at_ms = ?6, thawed_at_ms = ?7, held_continuously = ?8,
-                    freeze_end = ?9, write_stall_ms = ?10
-                 WHERE set_id = ?1 AND agent = ?2",
-                params![
-                    id,
-                    host.agent,
-                    host.state,
-                    host.error,
-                    host.freeze_started_at_ms as i64,
-                    host.frozen_at_ms as i64,
-                    host.thawed_at_ms as i64,
-                    host.held_continuously,
-                    host.freeze_end,
-                    host.write_stall_ms as i64
-                ],
-            )?;
+            let tx = conn.transaction()?;
+            for host in hosts {
+                tx.execute(
+                    "UPDATE set_hosts SET state = ?3, error = ?4, freeze_started_at_ms = ?5,
+                        frozen_at_ms = ?6, thawed_at_ms = ?7, held_continuously = ?8,
+                        freeze_end = ?9, write_stall_ms = ?10
+                     WHERE set_id = ?1 AND agent = ?2",
+                    params![
+                        id,
+                        host.agent,
+                        host.state,
+                        host.error,
+                        host.freeze_started_at_ms as i64,
+                        host.frozen_at_ms as i64,
+                        host.thawed_at_ms as i64,
+                        host.held_continuously,
+                        host.freeze_end,
+                        host.write_stall_ms as i64
+                    ],
+                )?;
+            }
+            tx.commit()?;
             Ok(())
         })
     }
@@ -277,21 +283,23 @@ impl Catalog {
         })
     }
 
-    /// Records the snapshot a provider made of one member volume.
-    pub fn update_volume_snapshot(
+    /// Records the snapshots providers made: (agent, mount point, snapshot id, size), in one
+    /// transaction.
+    pub fn record_snapshots(
         &self,
         id: &str,
-        agent: &str,
-        mount_point: &str,
-        snapshot_id: &str,
-        size_bytes: u64,
+        snapshots: &[(String, String, String, u64)],
     ) -> Result<(), CatalogError> {
         self.with(|conn| {
-            conn.execute(
-                "UPDATE set_volumes SET snapshot_id = ?4, size_bytes = ?5
-                 WHERE set_id = ?1 AND agent = ?2 AND mount_point = ?3",
-                params![id, agent, mount_point, snapshot_id, size_bytes as i64],
-            )?;
+            let tx = conn.transaction()?;
+            for (agent, mount_point, snapshot_id, size_bytes) in snapshots {
+                tx.execute(
+                    "UPDATE set_volumes SET snapshot_id = ?4, size_bytes = ?5
+                     WHERE set_id = ?1 AND agent = ?2 AND mount_point = ?3",
+                    params![id, agent, mount_point, snapshot_id, *size_bytes as i64],
+                )?;
+            }
+            tx.commit()?;
             Ok(())
         })
     }
@@ -492,16 +500,16 @@ mod tests {
         catalog.create_set(&new_set("s1", "pg", 10)).unwrap();
         catalog.set_phase("s1", "frozen", 20).unwrap();
         catalog
-            .update_host(
+            .update_hosts(
                 "s1",
-                &SetHost {
+                &[SetHost {
                     agent: "db1".into(),
                     state: "thawed".into(),
                     held_continuously: true,
                     freeze_end: "thawed".into(),
                     write_stall_ms: 42,
                     ..Default::default()
-                },
+                }],
             )
             .unwrap();
         catalog

@@ -164,9 +164,15 @@ impl Config {
             if group.members.is_empty() {
                 problems.push(format!("group {} has no members", group.name));
             }
-            if group.lease.is_zero() {
+            if group.lease < Duration::from_millis(100) {
                 problems.push(format!(
-                    "group {}: lease must be longer than 0s",
+                    "group {}: lease must be at least 100ms",
+                    group.name
+                ));
+            }
+            if group.phase_timeout < Duration::from_millis(100) {
+                problems.push(format!(
+                    "group {}: phase-timeout must be at least 100ms",
                     group.name
                 ));
             }

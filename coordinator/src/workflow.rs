@@ -271,10 +271,9 @@ impl Run<'_> {
         Ok(())
     }
 
-    fn save_host(&self, index: usize) -> Result<(), Error> {
-        Ok(self
-            .catalog
-            .update_host(&self.set_id, &self.members[index].host)?)
+    fn save_hosts(&self) -> Result<(), Error> {
+        let hosts: Vec<SetHost> = self.members.iter().map(|m| m.host.clone()).collect();
+        Ok(self.catalog.update_hosts(&self.set_id, &hosts)?)
     }
 
     /// Runs the set to its end. `Err` only when the catalog cannot be written.
@@ -296,7 +295,10 @@ impl Run<'_> {
             .map(|m| m.host.write_stall_ms)
             .max()
             .unwrap_or(0);
-        let failure = outcome.err().or(thaw_failure);
+        let failure = match (outcome.err(), thaw_failure) {
+            (Some(first), Some(thaw)) => Some(format!("{first}; {thaw}")),
+            (first, thaw) => first.or(thaw),
+        };
         match failure {
             None => {
                 self.phase("committed").await?;
@@ -431,8 +433,8 @@ impl Run<'_> {
                     problems.push(format!("{}: prepare failed: {e}", member.agent));
                 }
             }
-            self.save_host(index)?;
         }
+        self.save_hosts()?;
         Ok(if problems.is_empty() {
             Ok(())
         } else {
@@ -472,8 +474,8 @@ impl Run<'_> {
                     problems.push(format!("{}: freeze failed: {e}", member.agent));
                 }
             }
-            self.save_host(index)?;
         }
+        self.save_hosts()?;
         Ok(if problems.is_empty() {
             Ok(())
         } else {
@@ -508,19 +510,19 @@ impl Run<'_> {
         let replies = join_all(calls).await;
         renewer.abort();
         let mut problems = Vec::new();
+        let mut made = Vec::new();
         for (index, reply) in replies.into_iter().enumerate() {
             match reply {
                 Ok(snapshots) => {
-                    let agent = self.members[index].agent.clone();
-                    for snapshot in &snapshots {
-                        self.catalog.update_volume_snapshot(
-                            &self.set_id,
-                            &agent,
-                            &snapshot.mount_point,
-                            &snapshot.snapshot_id,
-                            snapshot.size_bytes,
-                        )?;
-                    }
+                    let agent = &self.members[index].agent;
+                    made.extend(snapshots.iter().map(|s| {
+                        (
+                            agent.clone(),
+                            s.mount_point.clone(),
+                            s.snapshot_id.clone(),
+                            s.size_bytes,
+                        )
+                    }));
                     self.members[index].snapshots = snapshots;
                 }
                 Err(reason) => {
@@ -529,6 +531,7 @@ impl Run<'_> {
                 }
             }
         }
+        self.catalog.record_snapshots(&self.set_id, &made)?;
         Ok(if problems.is_empty() {
             Ok(())
         } else {
@@ -630,8 +633,8 @@ impl Run<'_> {
                     }
                 }
             }
-            self.save_host(index)?;
         }
+        self.save_hosts()?;
         Ok((!problems.is_empty()).then(|| problems.join("; ")))
     }
 
@@ -683,7 +686,10 @@ async fn test_pause_after(phase: &str) {
     if at == phase
         && let Ok(ms) = ms.parse::<u64>()
     {
-        warn!(phase, ms, "QUIESCE_TEST_PAUSE_AFTER: pausing (fault-injection test hook)");
+        warn!(
+            phase,
+            ms, "QUIESCE_TEST_PAUSE_AFTER: pausing (fault-injection test hook)"
+        );
         tokio::time::sleep(Duration::from_millis(ms)).await;
     }
 }

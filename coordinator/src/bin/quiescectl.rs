@@ -144,14 +144,49 @@ fn main() -> ExitCode {
         match run(client, cli.command, cli.json).await {
             Ok(code) => code,
             Err(status) => {
-                eprintln!("quiescectl: {}", status_message(&status));
-                ExitCode::from(match status.code() {
-                    tonic::Code::Unavailable | tonic::Code::Unauthenticated => EXIT_UNREACHABLE,
-                    _ => EXIT_FAILED,
-                })
+                let message = status_message(&status);
+                match failure_kind(&status) {
+                    Failure::Refused => {
+                        eprintln!("quiescectl: the coordinator refused this client: {message}");
+                        ExitCode::from(EXIT_UNREACHABLE)
+                    }
+                    Failure::Transport => {
+                        eprintln!(
+                            "quiescectl: the connection to the coordinator failed (unreachable, or it rejected this client's TLS certificate): {message}"
+                        );
+                        ExitCode::from(EXIT_UNREACHABLE)
+                    }
+                    Failure::Request => {
+                        eprintln!("quiescectl: {message}");
+                        ExitCode::from(EXIT_FAILED)
+                    }
+                }
             }
         }
     })
+}
+
+enum Failure {
+    /// The coordinator answered: these credentials are not an operator's.
+    Refused,
+    /// No answer at the gRPC level: the connection failed or was closed. Under TLS 1.3 a
+    /// client certificate the server rejects shows up here, on the first call.
+    Transport,
+    /// The coordinator answered with an error about the request itself.
+    Request,
+}
+
+fn failure_kind(status: &tonic::Status) -> Failure {
+    match status.code() {
+        tonic::Code::Unauthenticated | tonic::Code::PermissionDenied => Failure::Refused,
+        tonic::Code::Unavailable => Failure::Transport,
+        tonic::Code::Unknown | tonic::Code::Cancelled
+            if std::error::Error::source(status).is_some() =>
+        {
+            Failure::Transport
+        }
+        _ => Failure::Request,
+    }
 }
 
 fn chain(err: &dyn std::error::Error) -> String {
@@ -171,7 +206,7 @@ fn status_message(status: &tonic::Status) -> String {
         format!("{:?}", status.code())
     } else if matches!(
         status.code(),
-        tonic::Code::Unavailable | tonic::Code::Unknown
+        tonic::Code::Unavailable | tonic::Code::Unknown | tonic::Code::Cancelled
     ) && let Some(source) = std::error::Error::source(status)
     {
         format!("{message}: {}", chain(source))
