@@ -28,6 +28,9 @@
 //! `cargo build --workspace --bins`. This crate's own `quiesce-writer` is always taken from next
 //! to the test executable (cargo builds it for the integration tests).
 
+pub mod faults;
+pub mod proxy;
+
 use std::collections::BTreeMap;
 use std::fs::{self, File};
 use std::io::{BufRead, BufReader, Read};
@@ -115,8 +118,13 @@ pub fn serial() -> SerialGuard {
 /// `target/debug` (or wherever the test executable's `deps/` directory sits).
 fn test_bin_dir() -> PathBuf {
     let exe = std::env::current_exe().expect("current_exe");
-    let deps = exe.parent().expect("test executable has a directory");
-    deps.parent().unwrap_or(deps).to_owned()
+    let dir = exe.parent().expect("test executable has a directory");
+    // Tests live in target/debug/deps; this crate's own binaries in target/debug.
+    if dir.file_name().is_some_and(|name| name == "deps") {
+        dir.parent().unwrap_or(dir).to_owned()
+    } else {
+        dir.to_owned()
+    }
 }
 
 /// Where the product binaries are: `$QUIESCE_BIN_DIR`, else next to the test executable.
@@ -837,6 +845,28 @@ impl Writer {
     }
 
     /// Writes completed so far.
+    /// How long after `since_ns` (Unix ns) the first write completed, waiting up to `timeout`.
+    pub fn first_write_after(&self, since_ns: u64, timeout: Duration) -> Option<Duration> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let first = self
+                .samples
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .iter()
+                .map(|s| s.done_ns)
+                .filter(|done| *done > since_ns)
+                .min();
+            if let Some(done) = first {
+                return Some(Duration::from_nanos(done - since_ns));
+            }
+            if Instant::now() >= deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        }
+    }
+
     pub fn count(&self) -> usize {
         self.samples.lock().unwrap_or_else(|p| p.into_inner()).len()
     }
@@ -1303,6 +1333,23 @@ impl AgentProcess {
         let _ = self.child.wait();
     }
 
+    /// Sends `signal` (SIGTERM, SIGSTOP, SIGCONT, ...) without waiting.
+    pub fn signal(&self, signal: Signal) {
+        let _ = kill(Pid::from_raw(self.child.id() as i32), signal);
+    }
+
+    /// Waits up to `timeout` for the process to exit; true if it did.
+    pub fn wait_exit(&mut self, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        false
+    }
+
     /// A gRPC client of this agent presenting `identity`'s certificate from `pki`, checking the
     /// agent's certificate against the name [`AGENT`].
     pub async fn client(
@@ -1341,6 +1388,17 @@ impl CoordinatorProcess {
     /// Starts a coordinator with mTLS from `pki` ([`COORDINATOR`]'s certificate); `body` holds
     /// its `[[agent]]` and `[[group]]` tables (see [`agent_table`], [`group_table`]).
     pub fn start(dir: &Path, pki: &Pki, body: &str) -> CoordinatorProcess {
+        CoordinatorProcess::start_with_env(dir, pki, body, &[])
+    }
+
+    /// Like [`CoordinatorProcess::start`], with extra environment (e.g. the fault-injection
+    /// pause `QUIESCE_TEST_PAUSE_AFTER`). Restarting in the same `dir` reuses the catalog.
+    pub fn start_with_env(
+        dir: &Path,
+        pki: &Pki,
+        body: &str,
+        env: &[(&str, &str)],
+    ) -> CoordinatorProcess {
         let port = free_port();
         let catalog = dir.join("catalog.sqlite");
         let tls = pki.tls(COORDINATOR);
@@ -1354,13 +1412,12 @@ impl CoordinatorProcess {
         let config = dir.join("coordinator.toml");
         fs::write(&config, text).expect("write coordinator.toml");
         let log = dir.join("coordinator.log");
-        let mut child = spawn_logged(
-            Command::new(bin("quiesce-coordinator"))
-                .arg("run")
-                .arg("--config")
-                .arg(&config),
-            &log,
-        );
+        let mut command = Command::new(bin("quiesce-coordinator"));
+        command.arg("run").arg("--config").arg(&config);
+        for (key, value) in env {
+            command.env(key, value);
+        }
+        let mut child = spawn_logged(&mut command, &log);
         wait_for_port(port, &mut child, "quiesce-coordinator", &log);
         CoordinatorProcess {
             child,
@@ -1374,6 +1431,21 @@ impl CoordinatorProcess {
 
     pub fn endpoint(&self) -> String {
         format!("https://127.0.0.1:{}", self.port)
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Sends `signal` without waiting.
+    pub fn signal(&self, signal: Signal) {
+        let _ = kill(Pid::from_raw(self.child.id() as i32), signal);
+    }
+
+    /// SIGKILL; waits for the process to be gone.
+    pub fn kill_hard(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 
     pub fn catalog(&self) -> &Path {

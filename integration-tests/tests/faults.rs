@@ -1,0 +1,307 @@
+//! Fault injection: whatever fails while a set holds a volume frozen, a blocked writer on it
+//! makes progress again within the bound of the mechanism that must thaw it, and the set is
+//! `failed`. Real binaries, real loop filesystems; root only.
+
+use std::time::Duration;
+
+use quiesce_integration_tests::faults::{self, Fault};
+use quiesce_integration_tests::{require_root, serial};
+
+const LEASE: Duration = Duration::from_millis(1500);
+
+fn check(fault: Fault, bound: Duration) {
+    let _serial = serial();
+    if !require_root() {
+        return;
+    }
+    let outcome = faults::run(fault, LEASE);
+    println!(
+        "{fault}: thaw latency {} ms (lease {} ms); set {}: {}",
+        outcome.thaw_latency.as_millis(),
+        outcome.lease.as_millis(),
+        outcome.state,
+        outcome.error
+    );
+    assert!(
+        outcome.thaw_latency <= bound,
+        "{fault}: a writer waited {:?} after the fault (bound {bound:?})",
+        outcome.thaw_latency
+    );
+    assert_eq!(outcome.state, "failed", "{fault}: {outcome:?}");
+    assert!(
+        !outcome.error.is_empty(),
+        "{fault}: failed without a reason"
+    );
+}
+
+#[test]
+fn coordinator_killed_while_frozen_is_thawed_by_the_lease_and_the_set_fails() {
+    // The lease runs from the freeze, so the latency is at most the lease.
+    check(Fault::CoordinatorKilled, LEASE + Duration::from_millis(500));
+}
+
+#[test]
+fn coordinator_stalled_while_frozen_is_thawed_by_the_lease_and_the_set_fails() {
+    check(
+        Fault::CoordinatorStalled,
+        LEASE + Duration::from_millis(500),
+    );
+}
+
+#[test]
+fn network_cut_while_frozen_is_thawed_by_the_lease_and_the_set_fails() {
+    check(Fault::NetworkCut, LEASE + Duration::from_millis(500));
+}
+
+#[test]
+fn agent_killed_while_frozen_is_thawed_by_the_guardian_at_once() {
+    // The set's lease is 60 s here: only the guardian can explain a fast thaw.
+    check(Fault::AgentKilled, Duration::from_millis(500));
+}
+
+#[test]
+fn agent_terminated_while_frozen_thaws_before_exiting() {
+    check(Fault::AgentTerminated, Duration::from_millis(500));
+}
+
+mod direct {
+    //! Faults driven straight through the agent API, as a misbehaving coordinator would.
+
+    use std::time::{Duration, Instant};
+
+    use nix::sys::signal::Signal;
+    use quiesce_integration_tests::faults::Rig;
+    use quiesce_integration_tests::{COORDINATOR, require_root, serial, unix_ns};
+    use quiesce_proto::agent::v1 as pb;
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn a_coordinator_that_keeps_renewing_is_cut_off_at_max_freeze() {
+        let _serial = serial();
+        if !require_root() {
+            return;
+        }
+        let rig = Rig::start(
+            "fault-hard-cap",
+            Duration::from_secs(1),
+            "max-freeze = \"2s\"\ndefault-lease = \"1s\"\n",
+            false,
+            "",
+        );
+        let mut client = rig
+            .agent
+            .client(&rig.pki, COORDINATOR)
+            .await
+            .expect("connect");
+        let mounts = vec![rig.mount().display().to_string()];
+        let frozen_ns = unix_ns();
+        client
+            .freeze_volumes(pb::FreezeVolumesRequest {
+                set_id: "cap-1".into(),
+                mount_points: mounts,
+                lease_ms: 1000,
+            })
+            .await
+            .expect("freeze");
+        // Renew every 200 ms asking for a minute, until the agent refuses.
+        let started = Instant::now();
+        let mut renewals = 0;
+        loop {
+            let renewed = client
+                .renew_lease(pb::RenewLeaseRequest {
+                    set_id: "cap-1".into(),
+                    lease_ms: 60_000,
+                })
+                .await;
+            match renewed {
+                Ok(reply) => {
+                    renewals += 1;
+                    let reply = reply.into_inner();
+                    assert!(
+                        reply.lease_deadline_ms <= reply.hard_deadline_ms,
+                        "lease past the hard cap: {reply:?}"
+                    );
+                }
+                Err(status) => {
+                    assert!(status.message().contains("max-freeze"), "{status:?}");
+                    break;
+                }
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(5),
+                "the cap never fired"
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        let resumed = rig
+            .writer
+            .as_ref()
+            .expect("writer")
+            .first_write_after(frozen_ns + 1_500_000_000, Duration::from_secs(5))
+            .expect("writer resumed");
+        let frozen_for = Duration::from_millis(1500) + resumed;
+        println!(
+            "hard cap: {renewals} renewals; writes blocked ≈{} ms",
+            frozen_for.as_millis()
+        );
+        assert!(
+            renewals >= 5,
+            "renewals did extend the 1 s lease: {renewals}"
+        );
+        assert!(
+            frozen_for < Duration::from_millis(2600),
+            "frozen {frozen_for:?} with max-freeze 2 s"
+        );
+        let thawed = client
+            .thaw_volumes(pb::ThawVolumesRequest {
+                set_id: "cap-1".into(),
+            })
+            .await
+            .expect("thaw")
+            .into_inner();
+        assert_eq!(thawed.end(), pb::FreezeEnd::MaxFreeze, "{thawed:?}");
+        assert!(!thawed.held_continuously);
+    }
+
+    #[test]
+    fn a_prepare_that_hangs_fails_the_set_without_freezing_anything() {
+        let _serial = serial();
+        if !require_root() {
+            return;
+        }
+        // The coordinator pauses after persisting `preparing`; the test stops the agent there,
+        // so the prepare call hangs until the 2 s phase deadline.
+        let rig = Rig::start(
+            "fault-prepare-hang",
+            Duration::from_secs(2),
+            "",
+            false,
+            "preparing:800",
+        );
+        let id = rig.start_backup();
+        rig.wait_for_phase(&id, "preparing", Duration::from_secs(10));
+        rig.agent.signal(Signal::SIGSTOP);
+        let (state, error) = rig.wait_for_end(&id, Duration::from_secs(20));
+        rig.agent.signal(Signal::SIGCONT);
+        println!("hung prepare: set {state}: {error}");
+        assert_eq!(state, "failed");
+        assert!(
+            error.contains("prepare failed: no answer within 2s"),
+            "{error}"
+        );
+        let set = rig.set(&id);
+        let phases: Vec<&str> = set["phases"]
+            .as_array()
+            .expect("phases")
+            .iter()
+            .filter_map(|p| p["phase"].as_str())
+            .collect();
+        assert!(
+            !phases.contains(&"freezing"),
+            "froze after a failed prepare: {phases:?}"
+        );
+        let report = rig.writer.as_ref().expect("writer");
+        assert!(report.count() > 0);
+        assert!(!rig.pool.volume("a").is_frozen());
+    }
+}
+
+mod cycles {
+    use std::time::Duration;
+
+    use quiesce_integration_tests::faults::Rig;
+    use quiesce_integration_tests::{COORDINATOR, require_root, serial};
+    use quiesce_proto::agent::v1 as pb;
+
+    /// (open fds, threads, RSS KiB) of a process.
+    fn usage(pid: u32) -> (usize, u64, u64) {
+        let fds = std::fs::read_dir(format!("/proc/{pid}/fd"))
+            .map(|d| d.count())
+            .unwrap_or(0);
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+        let field = |name: &str| {
+            status
+                .lines()
+                .find(|l| l.starts_with(name))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(0)
+        };
+        (fds, field("Threads:"), field("VmRSS:"))
+    }
+
+    fn guardian_of(pid: u32) -> u32 {
+        std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children"))
+            .ok()
+            .and_then(|c| c.split_whitespace().next().and_then(|p| p.parse().ok()))
+            .expect("the agent has a guardian child")
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn hundreds_of_freeze_thaw_cycles_leak_no_fds_threads_or_memory() {
+        let _serial = serial();
+        if !require_root() {
+            return;
+        }
+        let rig = Rig::start("fault-cycles", Duration::from_secs(5), "", false, "");
+        let client = rig
+            .agent
+            .client(&rig.pki, COORDINATOR)
+            .await
+            .expect("connect");
+        let mounts = vec![rig.mount().display().to_string()];
+        let cycle = |n: usize| {
+            let mounts = mounts.clone();
+            let mut client = client.clone();
+            async move {
+                let set_id = format!("cycle-{n}");
+                client
+                    .freeze_volumes(pb::FreezeVolumesRequest {
+                        set_id: set_id.clone(),
+                        mount_points: mounts,
+                        lease_ms: 5000,
+                    })
+                    .await
+                    .expect("freeze");
+                let thawed = client
+                    .thaw_volumes(pb::ThawVolumesRequest { set_id })
+                    .await
+                    .expect("thaw")
+                    .into_inner();
+                assert!(thawed.held_continuously, "cycle {n}: {thawed:?}");
+            }
+        };
+        for n in 0..30 {
+            cycle(n).await;
+        }
+        // Let blocking-pool threads and lease timers of the warm-up settle.
+        tokio::time::sleep(Duration::from_secs(6)).await;
+        let agent = rig.agent.pid();
+        let guardian = guardian_of(agent);
+        let before = (usage(agent), usage(guardian));
+        for n in 30..330 {
+            cycle(n).await;
+        }
+        tokio::time::sleep(Duration::from_secs(6)).await;
+        let after = (usage(agent), usage(guardian));
+        println!(
+            "agent (fds, threads, RSS KiB) before {:?} after {:?}",
+            before.0, after.0
+        );
+        println!("guardian before {:?} after {:?}", before.1, after.1);
+        assert_eq!(after.0.0, before.0.0, "agent fds leaked");
+        assert_eq!(after.1.0, before.1.0, "guardian fds leaked");
+        assert!(
+            after.0.1 <= before.0.1 + 4,
+            "agent threads grew: {before:?} → {after:?}"
+        );
+        assert!(
+            after.0.2 <= before.0.2 + 4096,
+            "agent RSS grew by more than 4 MiB over 300 cycles: {before:?} → {after:?}"
+        );
+        assert!(
+            after.1.2 <= before.1.2 + 512,
+            "guardian RSS grew: {before:?} → {after:?}"
+        );
+        assert!(!rig.pool.volume("a").is_frozen());
+    }
+}
