@@ -40,6 +40,9 @@ min_wal_size = 64MB
 shared_buffers = 64MB
 max_connections = 30
 log_checkpoints = on
+# crash recovery of a restored copy starts by syncing the data directory: one
+# syncfs instead of an fsync per file (5 s -> well under 1 s on a loop volume)
+recovery_init_sync_method = syncfs
 log_line_prefix = '%m [%p] '
 EOF
     # PostgreSQL never fsyncs its config; without this a crash image taken within
