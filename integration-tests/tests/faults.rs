@@ -305,3 +305,161 @@ mod cycles {
         assert!(!rig.pool.volume("a").is_frozen());
     }
 }
+
+mod hatch {
+    //! When both the agent and its guardian are gone, the freeze record still gets the volume
+    //! thawed: by the emergency hatch, or by the next agent's start-up replay.
+
+    use std::process::Command;
+    use std::time::Duration;
+
+    use nix::sys::signal::{Signal, kill};
+    use nix::unistd::Pid;
+    use quiesce_integration_tests::faults::Rig;
+    use quiesce_integration_tests::{
+        AgentProcess, COORDINATOR, bin, describe, require_root, serial, write_completes_within,
+    };
+    use quiesce_proto::agent::v1 as pb;
+
+    fn guardian_of(pid: u32) -> i32 {
+        std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children"))
+            .ok()
+            .and_then(|c| c.split_whitespace().next().and_then(|p| p.parse().ok()))
+            .expect("the agent has a guardian child")
+    }
+
+    /// Freezes volume `a` through the agent, then SIGKILLs the guardian and the agent (in that
+    /// order, so nothing thaws), leaving a frozen volume and its record.
+    async fn orphan_a_freeze(rig: &mut Rig) {
+        let mut client = rig
+            .agent
+            .client(&rig.pki, COORDINATOR)
+            .await
+            .expect("connect");
+        client
+            .freeze_volumes(pb::FreezeVolumesRequest {
+                set_id: "orphan-1".into(),
+                mount_points: vec![rig.mount().display().to_string()],
+                lease_ms: 60_000,
+            })
+            .await
+            .expect("freeze");
+        let guardian = guardian_of(rig.agent.pid());
+        kill(Pid::from_raw(guardian), Signal::SIGKILL).expect("kill guardian");
+        std::thread::sleep(Duration::from_millis(100));
+        rig.agent.kill_hard();
+        assert!(
+            rig.pool.volume("a").is_frozen(),
+            "the setup should leave the volume frozen"
+        );
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn thaw_all_replays_the_record_without_network() {
+        let _serial = serial();
+        if !require_root() {
+            return;
+        }
+        let mut rig = Rig::start("hatch-thaw-all", Duration::from_secs(5), "", false, "");
+        orphan_a_freeze(&mut rig).await;
+        let out = Command::new(bin("quiesce-agent"))
+            .args(["thaw", "--all", "--config"])
+            .arg(rig.agent.config_path())
+            .output()
+            .expect("run quiesce-agent thaw");
+        println!("{}", describe(&out));
+        assert!(out.status.success(), "{}", describe(&out));
+        assert!(
+            String::from_utf8_lossy(&out.stdout).contains("orphan-1"),
+            "{}",
+            describe(&out)
+        );
+        assert!(write_completes_within(
+            &rig.mount().join("probe"),
+            Duration::from_secs(3)
+        ));
+        // The record is gone: a second run has nothing to do.
+        let again = Command::new(bin("quiesce-agent"))
+            .args(["thaw", "--all", "--config"])
+            .arg(rig.agent.config_path())
+            .output()
+            .expect("run quiesce-agent thaw");
+        assert!(
+            String::from_utf8_lossy(&again.stdout).contains("nothing recorded"),
+            "{}",
+            describe(&again)
+        );
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn a_restarted_agent_thaws_what_a_dead_one_left_frozen() {
+        let _serial = serial();
+        if !require_root() {
+            return;
+        }
+        let mut rig = Rig::start("hatch-replay", Duration::from_secs(5), "", false, "");
+        orphan_a_freeze(&mut rig).await;
+        let config = std::fs::read_to_string(rig.agent.config_path()).expect("config");
+        let dir = rig.scratch.join("second");
+        std::fs::create_dir_all(&dir).expect("mkdir");
+        let toml = quiesce_integration_tests::AgentToml {
+            listen: None,
+            state_dir: rig.state.join("agent"),
+            allowed_coordinators: vec![COORDINATOR.into()],
+            tls: Some(rig.pki.tls(quiesce_integration_tests::AGENT)),
+            volumes: vec![rig.mount()],
+            snapshot_dir: None,
+            top_level: String::new(),
+        };
+        assert!(config.contains("state-dir"));
+        let second = AgentProcess::start(&dir, &toml);
+        assert!(
+            write_completes_within(&rig.mount().join("probe"), Duration::from_secs(3)),
+            "the new agent did not thaw at start-up:\n{}",
+            second.log()
+        );
+        assert!(
+            second
+                .log()
+                .contains("recovered a freeze left by a previous agent"),
+            "{}",
+            second.log()
+        );
+    }
+
+    #[test]
+    fn thaw_mount_force_thaws_a_freeze_nobody_recorded() {
+        let _serial = serial();
+        if !require_root() {
+            return;
+        }
+        let rig = Rig::start("hatch-force", Duration::from_secs(5), "", false, "");
+        let volume = rig.pool.volume("a");
+        volume.freeze_externally();
+        let without_force = Command::new(bin("quiesce-agent"))
+            .args(["thaw", "--mount"])
+            .arg(rig.mount())
+            .output()
+            .expect("run");
+        assert!(!without_force.status.success(), "--mount must need --force");
+        assert!(volume.is_frozen());
+        let out = Command::new(bin("quiesce-agent"))
+            .args(["thaw", "--force", "--mount"])
+            .arg(rig.mount())
+            .output()
+            .expect("run");
+        assert!(out.status.success(), "{}", describe(&out));
+        assert!(!volume.is_frozen());
+        // On a volume that is not frozen it says so and does no harm.
+        let again = Command::new(bin("quiesce-agent"))
+            .args(["thaw", "--force", "--mount"])
+            .arg(rig.mount())
+            .output()
+            .expect("run");
+        assert!(
+            String::from_utf8_lossy(&again.stdout).contains("WasNotFrozen"),
+            "{}",
+            describe(&again)
+        );
+    }
+}
