@@ -409,6 +409,9 @@ impl FreezeManager {
 
     /// Releases everything the set reserved: its filesystems, record and watchdog hold.
     fn forget(&self, set_id: &str, session: &Session) {
+        // Release the guardian's copy first: once the filesystems are free, another set may
+        // freeze them, and the guardian must never thaw that one on this set's account.
+        self.watchdog.release(set_id);
         {
             let mut inner = self.inner.lock().unwrap();
             for volume in &session.volumes {
@@ -426,7 +429,6 @@ impl FreezeManager {
                 }
             }
         }
-        self.watchdog.release(set_id);
         if let Err(e) = self.records.remove(set_id) {
             error!(set_id, error = %e, "cannot remove freeze record");
         }

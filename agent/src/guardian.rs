@@ -146,24 +146,31 @@ fn guard(sock: OwnedFd, records: &RecordStore) -> io::Result<()> {
         }
         let ready = fds[0].revents().unwrap_or(PollFlags::empty());
         if ready.intersects(PollFlags::POLLIN | PollFlags::POLLHUP | PollFlags::POLLERR) {
-            match receive(&sock)? {
-                Some(Message::Hold {
-                    set_id,
-                    deadline_ms,
-                    fds,
-                }) => {
-                    held.insert(set_id, Held { deadline_ms, fds });
-                }
-                Some(Message::Release { set_id }) => {
-                    held.remove(&set_id);
-                }
-                None => {
-                    // The agent is gone: thaw everything it left.
-                    for (set_id, set) in held.drain() {
-                        thaw_set(&set_id, &set, records, "the agent died");
+            // Read everything queued before looking at deadlines: a release already sent must
+            // win over an expiry computed a moment later.
+            let mut flags = MsgFlags::MSG_CMSG_CLOEXEC;
+            loop {
+                match receive(&sock, flags)? {
+                    Received::Message(Message::Hold {
+                        set_id,
+                        deadline_ms,
+                        fds,
+                    }) => {
+                        held.insert(set_id, Held { deadline_ms, fds });
                     }
-                    return Ok(());
+                    Received::Message(Message::Release { set_id }) => {
+                        held.remove(&set_id);
+                    }
+                    Received::Nothing => break,
+                    Received::Closed => {
+                        // The agent is gone: thaw everything it left.
+                        for (set_id, set) in held.drain() {
+                            thaw_set(&set_id, &set, records, "the agent died");
+                        }
+                        return Ok(());
+                    }
                 }
+                flags = MsgFlags::MSG_CMSG_CLOEXEC | MsgFlags::MSG_DONTWAIT;
             }
         }
         let now = unix_ms();
@@ -210,20 +217,24 @@ enum Message {
     },
 }
 
-/// One message, or `None` at end of stream.
-fn receive(sock: &OwnedFd) -> io::Result<Option<Message>> {
+enum Received {
+    Message(Message),
+    /// Nothing queued (only with MSG_DONTWAIT).
+    Nothing,
+    /// The agent's end is closed.
+    Closed,
+}
+
+/// One message, `Nothing` when none is queued (non-blocking), or `Closed` at end of stream.
+fn receive(sock: &OwnedFd, flags: MsgFlags) -> io::Result<Received> {
     let mut buf = [0u8; 512];
     let mut cmsg_space = nix::cmsg_space!([RawFd; MAX_FDS]);
     let (len, fds) = {
         let mut iov = [IoSliceMut::new(&mut buf)];
-        let msg = match recvmsg::<()>(
-            sock.as_raw_fd(),
-            &mut iov,
-            Some(&mut cmsg_space),
-            MsgFlags::MSG_CMSG_CLOEXEC,
-        ) {
+        let msg = match recvmsg::<()>(sock.as_raw_fd(), &mut iov, Some(&mut cmsg_space), flags) {
             Ok(msg) => msg,
-            Err(nix::errno::Errno::ECONNRESET) => return Ok(None),
+            Err(nix::errno::Errno::ECONNRESET) => return Ok(Received::Closed),
+            Err(nix::errno::Errno::EAGAIN) => return Ok(Received::Nothing),
             Err(e) => return Err(e.into()),
         };
         let mut fds = Vec::new();
@@ -239,26 +250,26 @@ fn receive(sock: &OwnedFd) -> io::Result<Option<Message>> {
         (msg.bytes, fds)
     };
     if len == 0 {
-        return Ok(None);
+        return Ok(Received::Closed);
     }
     let text = String::from_utf8_lossy(&buf[..len]);
     let mut parts = text.splitn(3, ' ');
     let (kind, deadline, set_id) = (parts.next(), parts.next(), parts.next());
     let deadline_ms = deadline.and_then(|d| d.parse().ok()).unwrap_or(0);
-    Ok(match (kind, set_id) {
-        (Some("H"), Some(set_id)) => Some(Message::Hold {
+    Ok(Received::Message(match (kind, set_id) {
+        (Some("H"), Some(set_id)) => Message::Hold {
             set_id: set_id.to_owned(),
             deadline_ms,
             fds,
-        }),
-        (Some("R"), Some(set_id)) => Some(Message::Release {
+        },
+        (Some("R"), Some(set_id)) => Message::Release {
             set_id: set_id.to_owned(),
-        }),
+        },
         _ => {
             eprintln!("quiesce-guardian: ignoring malformed message {text:?}");
-            Some(Message::Release {
+            Message::Release {
                 set_id: String::new(),
-            })
+            }
         }
-    })
+    }))
 }

@@ -162,6 +162,63 @@ mod direct {
         assert!(!thawed.held_continuously);
     }
 
+    #[tokio::test(flavor = "multi_thread")]
+    async fn a_hung_agent_is_thawed_by_its_guardian_at_max_freeze() {
+        let _serial = serial();
+        if !require_root() {
+            return;
+        }
+        let rig = Rig::start(
+            "fault-hung-agent",
+            Duration::from_secs(1),
+            "max-freeze = \"2s\"\ndefault-lease = \"2s\"\n",
+            false,
+            "",
+        );
+        let mut client = rig
+            .agent
+            .client(&rig.pki, COORDINATOR)
+            .await
+            .expect("connect");
+        let frozen_ns = unix_ns();
+        client
+            .freeze_volumes(pb::FreezeVolumesRequest {
+                set_id: "hung-1".into(),
+                mount_points: vec![rig.mount().display().to_string()],
+                lease_ms: 2000,
+            })
+            .await
+            .expect("freeze");
+        // The agent stops answering (and its own lease timer with it).
+        rig.agent.signal(Signal::SIGSTOP);
+        let resumed = rig
+            .writer
+            .as_ref()
+            .expect("writer")
+            .first_write_after(frozen_ns + 500_000_000, Duration::from_secs(8));
+        rig.agent.signal(Signal::SIGCONT);
+        let blocked = Duration::from_millis(500) + resumed.expect("the guardian never thawed");
+        println!(
+            "hung agent: writes blocked ≈{} ms (max-freeze 2 s + 1 s guardian slack)",
+            blocked.as_millis()
+        );
+        assert!(
+            blocked >= Duration::from_millis(2500),
+            "thawed before the cap: {blocked:?}"
+        );
+        assert!(
+            blocked < Duration::from_millis(4500),
+            "guardian late: {blocked:?}"
+        );
+        assert!(
+            rig.agent
+                .log()
+                .contains("max-freeze passed and the agent did not thaw"),
+            "{}",
+            rig.agent.log()
+        );
+    }
+
     #[test]
     fn a_prepare_that_hangs_fails_the_set_without_freezing_anything() {
         let _serial = serial();
