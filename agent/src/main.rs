@@ -15,6 +15,8 @@ use quiesce_agent::mounts::{MountTable, ProcMountTable};
 use quiesce_agent::records::{RecordStore, is_memory_fs};
 use quiesce_agent::recovery::{self, Outcome};
 use quiesce_agent::volumes::{AgentFiles, resolve};
+use quiesce_proto::systemd;
+use quiesce_proto::tls_reload::ReloadableServerTls;
 
 /// Exit status for a bad config (EX_USAGE / EX_CONFIG convention: 64).
 const EXIT_CONFIG: u8 = 64;
@@ -241,11 +243,16 @@ fn run(path: &Path, insecure: bool) -> anyhow::Result<ExitCode> {
         .enable_all()
         .build()?;
     runtime.block_on(async move {
+        let tls = match (insecure, &config.tls) {
+            (false, Some(files)) => {
+                Some(ReloadableServerTls::load(files).context("loading TLS files")?)
+            }
+            _ => None,
+        };
         let listener = tokio::net::TcpListener::bind(config.listen)
             .await
             .with_context(|| format!("binding {}", config.listen))?;
         tracing::info!(listen = %listener.local_addr()?, volumes = config.volumes.len(), "agent ready");
-        let tls = if insecure { None } else { config.tls.clone() };
         let files = AgentFiles::discover(&config.state_dir);
         let manager = FreezeManager::new(
             Arc::new(config),
@@ -254,9 +261,41 @@ fn run(path: &Path, insecure: bool) -> anyhow::Result<ExitCode> {
             files,
             Arc::new(guardian),
         );
-        quiesce_agent::server::serve(manager, listener, tls.as_ref(), shutdown_signal()).await?;
+        // The listener is bound (connections queue from here on) and the freeze record replayed.
+        notify_systemd("READY=1");
+        tokio::spawn(reload_on_sighup(tls.clone()));
+        quiesce_agent::server::serve(manager, listener, tls, shutdown_signal()).await?;
         Ok(ExitCode::SUCCESS)
     })
+}
+
+/// Under systemd (`Type=notify`), says "ready" / "stopping"; elsewhere does nothing.
+fn notify_systemd(state: &str) {
+    if let Err(e) = systemd::notify(state) {
+        tracing::warn!(error = %e, state, "cannot notify systemd");
+    }
+}
+
+/// Certificate rotation: on SIGHUP re-read the TLS files. Files that fail any check leave the
+/// running certificate in place; connections already open keep theirs.
+async fn reload_on_sighup(tls: Option<Arc<ReloadableServerTls>>) {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut hup = signal(SignalKind::hangup()).expect("SIGHUP handler");
+    while hup.recv().await.is_some() {
+        let Some(tls) = &tls else {
+            tracing::info!("SIGHUP: --insecure, no TLS files to reload");
+            continue;
+        };
+        match tls.reload() {
+            Ok(()) => {
+                tracing::info!(cert = %tls.files().cert.display(), "SIGHUP: TLS files reloaded")
+            }
+            Err(e) => tracing::error!(
+                "SIGHUP: TLS files not reloaded, previous certificate still served: {}",
+                error_chain(&e)
+            ),
+        }
+    }
 }
 
 async fn shutdown_signal() {
@@ -267,4 +306,5 @@ async fn shutdown_signal() {
         _ = term.recv() => tracing::info!("SIGTERM"),
         _ = int.recv() => tracing::info!("SIGINT"),
     }
+    notify_systemd("STOPPING=1");
 }

@@ -4,7 +4,7 @@ use std::future::Future;
 use std::sync::Arc;
 
 use quiesce_proto::agent::v1::agent_server::AgentServer;
-use quiesce_proto::tls::{TlsError, TlsFiles};
+use quiesce_proto::tls_reload::ReloadableServerTls;
 use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
 use tonic::transport::Server;
@@ -14,10 +14,6 @@ use crate::service::{AgentService, CoordinatorAuth};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServeError {
-    #[error(transparent)]
-    Tls(#[from] TlsError),
-    #[error("TLS setup")]
-    TlsSetup(#[source] tonic::transport::Error),
     #[error("gRPC server")]
     Transport(#[source] tonic::transport::Error),
 }
@@ -27,17 +23,11 @@ pub enum ServeError {
 pub async fn serve(
     manager: Arc<FreezeManager>,
     listener: TcpListener,
-    tls: Option<&TlsFiles>,
+    tls: Option<Arc<ReloadableServerTls>>,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), ServeError> {
-    let mut builder = Server::builder();
     let auth = match tls {
-        Some(files) => {
-            builder = builder
-                .tls_config(files.server_config()?)
-                .map_err(ServeError::TlsSetup)?;
-            CoordinatorAuth::new(manager.config().allowed_coordinators.clone())
-        }
+        Some(_) => CoordinatorAuth::new(manager.config().allowed_coordinators.clone()),
         None => CoordinatorAuth::insecure(),
     };
     let service = AgentServer::with_interceptor(AgentService::new(manager.clone()), auth);
@@ -50,11 +40,21 @@ pub async fn serve(
             tracing::info!(thawed, "shutting down: every freeze thawed");
         }
     };
-    let result = builder
-        .add_service(service)
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), thaw_then_drain)
-        .await
-        .map_err(ServeError::Transport);
+    let router = Server::builder().add_service(service);
+    // TLS is terminated by `ReloadableServerTls` so that SIGHUP can swap the certificate.
+    let result = match tls {
+        Some(tls) => {
+            router
+                .serve_with_incoming_shutdown(tls.incoming(listener), thaw_then_drain)
+                .await
+        }
+        None => {
+            router
+                .serve_with_incoming_shutdown(TcpListenerStream::new(listener), thaw_then_drain)
+                .await
+        }
+    }
+    .map_err(ServeError::Transport);
     // Also covers a server that stopped on an error.
     manager.shutdown().await;
     result

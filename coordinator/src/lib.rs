@@ -12,6 +12,7 @@ pub mod fake_agent;
 pub mod operations;
 pub mod pki;
 pub mod provider;
+pub mod reload;
 pub mod server;
 pub mod service;
 pub mod workflow;

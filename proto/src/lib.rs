@@ -1,7 +1,10 @@
-//! The gRPC contracts of Quiesce and the identity scheme both ends of every channel check.
+//! The gRPC contracts of Quiesce, the identity scheme both ends of every channel check, and
+//! the plumbing both daemons share (reloadable server TLS, systemd notification).
 
 pub mod identity;
+pub mod systemd;
 pub mod tls;
+pub mod tls_reload;
 
 /// `quiesce.agent.v1`: the coordinator drives agents on database hosts.
 pub mod agent {

@@ -6,11 +6,13 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use quiesce_coordinator::agent_client::GrpcAgents;
 use quiesce_coordinator::catalog::Catalog;
 use quiesce_coordinator::config::Config;
 use quiesce_coordinator::error::error_chain;
+use quiesce_coordinator::reload::ReloadableAgents;
 use quiesce_coordinator::workflow::Coordinator;
+use quiesce_proto::systemd;
+use quiesce_proto::tls_reload::ReloadableServerTls;
 
 /// Exit status for a bad config.
 const EXIT_CONFIG: u8 = 64;
@@ -124,9 +126,13 @@ fn run(path: &Path, insecure: bool) -> anyhow::Result<ExitCode> {
         .enable_all()
         .build()?;
     runtime.block_on(async move {
-        let agents = GrpcAgents::new(&config.agents, tls.as_ref())?;
+        let server_tls = match &tls {
+            Some(files) => Some(ReloadableServerTls::load(files).context("loading TLS files")?),
+            None => None,
+        };
+        let agents = Arc::new(ReloadableAgents::new(&config.agents, tls.as_ref())?);
         let listen = config.listen;
-        let coordinator = Coordinator::new(Arc::new(config), Arc::new(catalog), Arc::new(agents));
+        let coordinator = Coordinator::new(Arc::new(config), Arc::new(catalog), agents.clone());
         let recovered = coordinator.recover().await?;
         if !recovered.is_empty() {
             tracing::warn!(
@@ -138,10 +144,12 @@ fn run(path: &Path, insecure: bool) -> anyhow::Result<ExitCode> {
             .await
             .with_context(|| format!("binding {listen}"))?;
         tracing::info!(listen = %listener.local_addr()?, "coordinator ready");
+        notify_systemd("READY=1");
+        tokio::spawn(reload_on_sighup(server_tls.clone(), agents));
         quiesce_coordinator::server::serve(
             coordinator.clone(),
             listener,
-            tls.as_ref(),
+            server_tls,
             shutdown_signal(),
         )
         .await?;
@@ -153,6 +161,40 @@ fn run(path: &Path, insecure: bool) -> anyhow::Result<ExitCode> {
     })
 }
 
+/// Under systemd (`Type=notify`), says "ready" / "stopping"; elsewhere does nothing.
+fn notify_systemd(state: &str) {
+    if let Err(e) = systemd::notify(state) {
+        tracing::warn!(error = %e, state, "cannot notify systemd");
+    }
+}
+
+/// Certificate rotation: on SIGHUP re-read the TLS files, for the operator API and for the
+/// channels to agents. Files that fail any check leave the running certificates in place.
+async fn reload_on_sighup(server: Option<Arc<ReloadableServerTls>>, agents: Arc<ReloadableAgents>) {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut hup = signal(SignalKind::hangup()).expect("SIGHUP handler");
+    while hup.recv().await.is_some() {
+        let Some(server) = &server else {
+            tracing::info!("SIGHUP: --insecure, no TLS files to reload");
+            continue;
+        };
+        let cert = server.files().cert.display().to_string();
+        match server.reload() {
+            Ok(()) => match agents.reload() {
+                Ok(()) => tracing::info!(%cert, "SIGHUP: TLS files reloaded"),
+                Err(e) => tracing::error!(
+                    "SIGHUP: operator API reloaded, but the agents' channels keep the previous certificate: {}",
+                    error_chain(&e)
+                ),
+            },
+            Err(e) => tracing::error!(
+                "SIGHUP: TLS files not reloaded, previous certificate still served: {}",
+                error_chain(&e)
+            ),
+        }
+    }
+}
+
 async fn shutdown_signal() {
     use tokio::signal::unix::{SignalKind, signal};
     let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
@@ -161,4 +203,5 @@ async fn shutdown_signal() {
         _ = term.recv() => tracing::info!("SIGTERM"),
         _ = int.recv() => tracing::info!("SIGINT"),
     }
+    notify_systemd("STOPPING=1");
 }

@@ -1,0 +1,5 @@
+# quiesce-agent %postun: reload systemd; on upgrade ($1 >= 1) restart a running agent.
+if [ -d /run/systemd/system ]; then
+    systemctl daemon-reload >/dev/null 2>&1 || :
+    if [ "$1" -ge 1 ]; then systemctl try-restart quiesce-agent.service >/dev/null 2>&1 || :; fi
+fi
