@@ -52,6 +52,11 @@ impl FakeAgent {
         self.state.lock().unwrap().failures.insert(phase, status);
     }
 
+    /// Stops injecting the failure of `phase`.
+    pub fn heal(&self, phase: Phase) {
+        self.state.lock().unwrap().failures.remove(&phase);
+    }
+
     pub fn delay(&self, phase: Phase, delay: Duration) {
         self.state.lock().unwrap().delays.insert(phase, delay);
     }
@@ -138,13 +143,15 @@ impl AgentClient for FakeAgent {
         &self,
         req: pb::FreezeVolumesRequest,
     ) -> Result<pb::FreezeVolumesResponse, Status> {
+        let started = crate::workflow::unix_ms();
         self.enter(Phase::Freeze, &req.set_id).await?;
         self.state.lock().unwrap().frozen.insert(req.set_id, true);
+        let now = crate::workflow::unix_ms();
         Ok(pb::FreezeVolumesResponse {
-            freeze_started_at_ms: 1,
-            frozen_at_ms: 2,
-            lease_deadline_ms: 3,
-            hard_deadline_ms: 4,
+            freeze_started_at_ms: started,
+            frozen_at_ms: now,
+            lease_deadline_ms: now + req.lease_ms,
+            hard_deadline_ms: now + req.lease_ms,
         })
     }
 
@@ -171,6 +178,7 @@ impl AgentClient for FakeAgent {
             held_continuously: held,
             end: end.into(),
             write_stall_ms: 5,
+            thawed_at_ms: crate::workflow::unix_ms(),
             ..Default::default()
         })
     }

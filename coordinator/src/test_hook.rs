@@ -1,0 +1,23 @@
+//! Deterministic crash points for the process-level crash-recovery tests.
+//!
+//! With `QUIESCE_TEST_PAUSE_AFTER=<point>` in its environment, the coordinator stops making
+//! progress forever right after it has persisted `<point>` of a set, so that a test can
+//! SIGKILL it at exactly that phase and check what a restart recovers. Points, in order:
+//! `planned` (plan done, nothing prepared), `freezing` (phase persisted, no freeze sent),
+//! `frozen` (every member frozen, no snapshot), `snapshotted` (snapshots made, still frozen),
+//! `thawing` (phase persisted, no thaw sent), `thawed` (thawed, verdict stored, not committed).
+//! Nothing else reads the variable; unset, this is a no-op.
+
+use tracing::warn;
+
+pub const PAUSE_ENV: &str = "QUIESCE_TEST_PAUSE_AFTER";
+
+pub async fn pause_after(point: &str) {
+    if std::env::var(PAUSE_ENV).is_ok_and(|wanted| wanted == point) {
+        warn!(
+            point,
+            "test hook {PAUSE_ENV}: paused for good after this point (kill me)"
+        );
+        std::future::pending::<()>().await;
+    }
+}
