@@ -285,6 +285,28 @@ async fn a_second_backup_of_a_group_while_one_runs_is_refused_by_the_coordinator
         "{text}"
     );
     assert!(text.contains("FROZEN(C)"), "{text}");
+
+    // Logs join across hosts: every line about the set carries its id, on both sides.
+    let coordinator_log = lab.coordinator().proc.log_text();
+    let phase_lines: Vec<&str> = coordinator_log
+        .lines()
+        .filter(|l| l.contains("phase"))
+        .collect();
+    assert!(phase_lines.len() >= 5, "{coordinator_log}");
+    for line in phase_lines {
+        assert!(line.contains(&format!("set_id={first}")), "{line}");
+    }
+    for agent in ["db1", "db2"] {
+        let log = lab.agent(agent).proc.log_text();
+        let lines: Vec<&str> = log
+            .lines()
+            .filter(|l| l.contains("frozen") || l.contains("thawed"))
+            .collect();
+        assert_eq!(lines.len(), 2, "{agent}: {log}");
+        for line in lines {
+            assert!(line.contains(&first), "{agent}: {line}");
+        }
+    }
 }
 
 #[test]
