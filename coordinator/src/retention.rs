@@ -14,6 +14,9 @@ use chrono::{DateTime, Datelike};
 use crate::catalog::FinishedSet;
 use crate::config::RetentionConfig;
 
+/// The calendar bucket (hour, day, week, month) a creation time falls in.
+type BucketOf = fn(u64) -> i64;
+
 /// How many failed sets are kept for diagnosis.
 pub const KEEP_FAILED: usize = 10;
 
@@ -44,7 +47,7 @@ pub fn expired(sets: &[FinishedSet], policy: &RetentionConfig, now_ms: u64) -> V
             .filter(|s| young(s))
             .map(|s| s.id.as_str()),
     );
-    let buckets: [(Option<u32>, fn(u64) -> i64); 4] = [
+    let buckets: [(Option<u32>, BucketOf); 4] = [
         (policy.keep_hourly, |ms| (ms / 3_600_000) as i64),
         (policy.keep_daily, |ms| (ms / 86_400_000) as i64),
         // ISO weeks start on Monday; 1970-01-01 was a Thursday.

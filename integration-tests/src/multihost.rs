@@ -619,8 +619,9 @@ pub fn scrape(addr: SocketAddr) -> String {
     body
 }
 
-/// Root tests that build labs run one at a time within a test binary.
-pub fn serial() -> std::sync::MutexGuard<'static, ()> {
-    static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
-    LOCK.lock().unwrap_or_else(|poison| poison.into_inner())
+/// Root tests that build labs run one at a time within a test binary (an async lock: the
+/// guard lives across awaits; a panicking holder does not poison it).
+pub async fn serial() -> tokio::sync::MutexGuard<'static, ()> {
+    static LOCK: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+    LOCK.lock().await
 }

@@ -385,7 +385,7 @@ async fn a_group_backup_under_cross_shard_load_restores_to_a_state_the_bank_pass
         Path::new(PGBIN).join("initdb").exists(),
         "PostgreSQL 15 binaries expected in {PGBIN}"
     );
-    let _serial = serial();
+    let _serial = serial().await;
     let mut lab = Lab::new("cut", 4096);
     fs::set_permissions(&lab.dir, fs::Permissions::from_mode(0o755)).unwrap();
     fs::set_permissions(&lab.run, fs::Permissions::from_mode(0o755)).unwrap();

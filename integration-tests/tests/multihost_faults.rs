@@ -2,7 +2,7 @@
 //! loop volume in an XFS reflink pool, and a coordinator process that is killed, restarted,
 //! paused at a phase (`QUIESCE_TEST_PAUSE_AFTER`), or whose members die or stop mid-set.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use quiesce_coordinator::catalog::Catalog;
@@ -14,7 +14,7 @@ use quiesce_proto::coordinator::v1 as pb;
 /// Long enough that a thaw seen within it was done by recovery, not by the lease running out.
 const LEASE: &str = "20s";
 
-fn group(budget: &str, phase_timeout: &str, a: &PathBuf, b: &PathBuf) -> String {
+fn group(budget: &str, phase_timeout: &str, a: &Path, b: &Path) -> String {
     format!(
         r#"
 [[group]]
@@ -53,7 +53,7 @@ async fn coordinator_killed_at_each_phase_recovers_the_set_as_failed_with_nothin
     if !have_root("coordinator_killed_at_each_phase") {
         return;
     }
-    let _serial = serial();
+    let _serial = serial().await;
     let (mut lab, a, b) = lab("crash");
     lab.start_coordinator(Some(&group("10s", "5s", &a, &b)), &[]);
     let mut client = lab.coordinator().client().await;
@@ -142,7 +142,7 @@ async fn an_agent_unreachable_at_plan_time_fails_the_set_before_anything_is_froz
     if !have_root("an_agent_unreachable_at_plan_time") {
         return;
     }
-    let _serial = serial();
+    let _serial = serial().await;
     let (mut lab, a, b) = lab("unreach");
     lab.start_coordinator(Some(&group("10s", "3s", &a, &b)), &[]);
     lab.agent("db2").proc.kill9();
@@ -163,7 +163,7 @@ async fn an_agent_that_dies_mid_freeze_fails_the_set_and_every_volume_is_thawed(
     if !have_root("an_agent_that_dies_mid_freeze") {
         return;
     }
-    let _serial = serial();
+    let _serial = serial().await;
     let (mut lab, a, b) = lab("die");
     lab.start_coordinator(
         Some(&group("10s", "3s", &a, &b)),
@@ -200,7 +200,7 @@ async fn an_agent_slower_than_the_freeze_budget_fails_the_set_and_the_others_tha
     if !have_root("an_agent_slower_than_the_freeze_budget") {
         return;
     }
-    let _serial = serial();
+    let _serial = serial().await;
     let (mut lab, a, b) = lab("slow");
     lab.start_coordinator(
         Some(&group("2s", "3s", &a, &b)),
@@ -249,7 +249,7 @@ async fn a_second_backup_of_a_group_while_one_runs_is_refused_by_the_coordinator
     if !have_root("a_second_backup_of_a_group") {
         return;
     }
-    let _serial = serial();
+    let _serial = serial().await;
     let (mut lab, a, b) = lab("twice");
     lab.start_coordinator(
         Some(&group("10s", "3s", &a, &b)),
