@@ -30,6 +30,8 @@ struct State {
     lease_expired: bool,
     snapshots: Vec<String>,
     deleted: Vec<String>,
+    /// mount → set id holding it frozen (host info reports it).
+    held_by: HashMap<String, String>,
 }
 
 #[derive(Debug, Clone)]
@@ -50,6 +52,15 @@ impl FakeAgent {
 
     pub fn fail(&self, phase: Phase, status: Status) {
         self.state.lock().unwrap().failures.insert(phase, status);
+    }
+
+    /// Host info reports `mount` as held frozen by `set_id` (another coordinator's set).
+    pub fn hold(&self, mount: &str, set_id: &str) {
+        self.state
+            .lock()
+            .unwrap()
+            .held_by
+            .insert(mount.into(), set_id.into());
     }
 
     /// Stops injecting the failure of `phase`.
@@ -113,6 +124,7 @@ impl FakeAgent {
 impl AgentClient for FakeAgent {
     async fn get_host_info(&self) -> Result<pb::GetHostInfoResponse, Status> {
         self.enter(Phase::HostInfo, "").await?;
+        let held_by = self.state.lock().unwrap().held_by.clone();
         Ok(pb::GetHostInfoResponse {
             hostname: self.name.clone(),
             agent_version: "fake".into(),
@@ -124,6 +136,7 @@ impl AgentClient for FakeAgent {
                     fs_type: "ext4".into(),
                     device: "/dev/loop0".into(),
                     backing_file: format!("/pool{m}.img"),
+                    frozen_by: held_by.get(m).cloned().unwrap_or_default(),
                     ..Default::default()
                 })
                 .collect(),

@@ -471,10 +471,19 @@ impl Run<'_> {
                     continue;
                 }
                 if !volume.frozen_by.is_empty() {
-                    problems.push(format!(
-                        "{}:{mount} is busy: set {} holds it frozen",
-                        member.agent, volume.frozen_by
-                    ));
+                    let other = group_of_set(&volume.frozen_by);
+                    if other != self.group.name {
+                        // Two groups (from two coordinators' configs) share this volume.
+                        problems.push(format!(
+                            "{}:{mount} is busy: set {} of group {other} holds it frozen; a volume belongs to one group, and groups {other} and {} both claim it",
+                            member.agent, volume.frozen_by, self.group.name
+                        ));
+                    } else {
+                        problems.push(format!(
+                            "{}:{mount} is busy: set {} holds it frozen",
+                            member.agent, volume.frozen_by
+                        ));
+                    }
                     continue;
                 }
                 if let Err(why) = self.provider.check_volume(&member.agent, volume) {
@@ -942,6 +951,11 @@ pub fn freeze_end_name(end: agent_pb::FreezeEnd) -> &'static str {
     }
 }
 
+/// The group a set id belongs to: `<group>-<UTC stamp>-<hex>`.
+pub fn group_of_set(set_id: &str) -> &str {
+    set_id.rsplitn(3, '-').nth(2).unwrap_or(set_id)
+}
+
 pub fn unix_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -1318,10 +1332,29 @@ mounts = ["/data"]
         assert!(!db1.is_frozen() && !db2.is_frozen());
     }
 
+    #[tokio::test]
+    async fn a_volume_held_by_another_groups_set_is_refused_at_plan_time_naming_both_groups() {
+        let (coordinator, db1, _db2) = setup();
+        let other = new_set_id("billing-eu");
+        db1.hold("/wal", &other);
+        let set = coordinator.backup("g").await.unwrap();
+        assert_eq!(set.state, "failed");
+        assert!(
+            set.error.contains(&format!(
+                "db1:/wal is busy: set {other} of group billing-eu holds it frozen; a volume belongs to one group, and groups billing-eu and g both claim it"
+            )),
+            "{}",
+            set.error
+        );
+        assert!(!db1.calls().contains(&Phase::Freeze));
+    }
+
     #[test]
     fn set_ids_start_with_the_group_and_are_safe_file_names() {
         let id = new_set_id("pg");
         assert!(id.starts_with("pg-20"), "{id}");
+        assert_eq!(group_of_set(&id), "pg");
+        assert_eq!(group_of_set(&new_set_id("a-b_c")), "a-b_c");
         assert!(
             id.chars().all(|c| c.is_ascii_alphanumeric() || c == '-'),
             "{id}"
