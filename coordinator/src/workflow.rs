@@ -291,6 +291,8 @@ impl Coordinator {
                 }
                 warn!(%reason, "recovered an interrupted set");
                 let now = self.clock.now_ms();
+                self.catalog
+                    .set_verdict(&set.id, &format!("not consistent: {reason}"))?;
                 self.catalog.set_phase(&set.id, "aborted", now)?;
                 self.catalog.finish(&set.id, "failed", &reason, 0, 0, now)?;
                 recovered.push(set.id.clone());
@@ -1192,6 +1194,7 @@ mounts = ["/data"]
         );
         assert!(db1.calls().contains(&Phase::Thaw) && db2.calls().contains(&Phase::Thaw));
         assert!(db1.calls().contains(&Phase::Delete));
+        assert!(set.verdict.starts_with("not consistent: the coordinator stopped"));
     }
 
     #[tokio::test]
