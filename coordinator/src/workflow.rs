@@ -884,6 +884,8 @@ pub fn verdict(
     if !problems.is_empty() {
         return Err(problems.join("; "));
     }
+    let origin = hosts.iter().map(|h| h.freeze_sent_at_ms).min().unwrap_or(0);
+    let rel = |at: u64| at as i64 - origin as i64;
     let last_freeze = hosts
         .iter()
         .map(|h| h.freeze_acked_at_ms)
@@ -891,12 +893,12 @@ pub fn verdict(
         .unwrap_or(0);
     let first_thaw = hosts.iter().map(|h| h.thaw_sent_at_ms).min().unwrap_or(0);
     let mut why = format!(
-        "all {} members frozen by {} ms ≤ first snapshot at {} ms; last snapshot returned at {} ms ≤ first thaw sent at {} ms (coordinator clock); every freeze held continuously",
+        "all {} members frozen (last freeze reply +{} ms) before the first snapshot call (+{} ms); every freeze held until a thaw sent (+{} ms) after the last snapshot returned (+{} ms); coordinator clock, ms after the first freeze was sent",
         hosts.len(),
-        last_freeze,
-        first_snapshot_started_at_ms,
-        last_snapshot_returned_at_ms,
-        first_thaw
+        rel(last_freeze),
+        rel(first_snapshot_started_at_ms),
+        rel(first_thaw),
+        rel(last_snapshot_returned_at_ms),
     );
     if !skews.is_empty() {
         why.push_str(&format!(
@@ -1194,7 +1196,10 @@ mounts = ["/data"]
         );
         assert!(db1.calls().contains(&Phase::Thaw) && db2.calls().contains(&Phase::Thaw));
         assert!(db1.calls().contains(&Phase::Delete));
-        assert!(set.verdict.starts_with("not consistent: the coordinator stopped"));
+        assert!(
+            set.verdict
+                .starts_with("not consistent: the coordinator stopped")
+        );
     }
 
     #[tokio::test]
@@ -1204,7 +1209,7 @@ mounts = ["/data"]
         assert_eq!(set.state, "consistent", "{}", set.error);
         assert!(
             set.verdict
-                .starts_with("consistent: all 2 members frozen by"),
+                .starts_with("consistent: all 2 members frozen (last freeze reply +"),
             "{}",
             set.verdict
         );
@@ -1245,7 +1250,7 @@ mounts = ["/data"]
         let hosts = vec![good_host("db1"), good_host("db2")];
         let ok = verdict(&hosts, 120, 150).unwrap();
         assert!(
-            ok.contains("all 2 members frozen by 110 ms ≤ first snapshot at 120 ms"),
+            ok.contains("all 2 members frozen (last freeze reply +10 ms) before the first snapshot call (+20 ms); every freeze held until a thaw sent (+60 ms) after the last snapshot returned (+50 ms)"),
             "{ok}"
         );
         assert!(!ok.contains("clocks off"), "{ok}");

@@ -468,7 +468,7 @@ async fn a_group_backup_under_cross_shard_load_restores_to_a_state_the_bank_pass
         assert_eq!(set.state, "consistent", "{}: {}", set.id, set.error);
         assert!(
             set.verdict
-                .starts_with("consistent: all 3 members frozen by"),
+                .starts_with("consistent: all 3 members frozen (last freeze reply +"),
             "{}",
             set.verdict
         );

@@ -280,8 +280,9 @@ async fn a_second_backup_of_a_group_while_one_runs_is_refused_by_the_coordinator
         .output()
         .unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
+    eprintln!("{text}");
     assert!(
-        text.contains("verdict        consistent: all 2 members frozen by"),
+        text.contains("verdict        consistent: all 2 members frozen (last freeze reply +"),
         "{text}"
     );
     assert!(text.contains("FROZEN(C)"), "{text}");
