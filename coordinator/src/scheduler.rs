@@ -11,7 +11,7 @@
 //! * **Overdue.** A group is overdue when its last consistent set is older than
 //!   `overdue-after` (default: twice the interval between its next two runs), or when it has
 //!   none and the scheduler has been running it for longer than that.
-//! * **Retention** runs after each tick for each group with a `[group.retention]` and no set
+//! * **Retention** runs at each tick, before due sets are started, for each group with a `[group.retention]` and no set
 //!   running: expired sets (see `retention`) are deleted through their provider
 //!   (`Coordinator::delete_set`); a deletion that fails is retried at the next tick.
 
@@ -107,9 +107,11 @@ impl Coordinator {
         Ok(())
     }
 
-    /// One pass: start the sets that are due, then apply retention. Returns the ids started.
+    /// One pass: apply retention (while no set of the group runs), then start the sets that
+    /// are due. Returns the ids started.
     pub async fn schedule_tick(self: &Arc<Self>) -> Vec<String> {
         let now = self.clock().now_ms();
+        self.apply_retention(now).await;
         let running: Vec<String> = match self.catalog().running() {
             Ok(sets) => sets.into_iter().map(|s| s.group).collect(),
             Err(e) => {
@@ -144,7 +146,6 @@ impl Coordinator {
                 Err(e) => warn!(%group, error = %e, "scheduled set not started"),
             }
         }
-        self.apply_retention(now).await;
         started
     }
 
@@ -406,7 +407,7 @@ mounts = ["/data"]
             ids.extend(tick_and_wait(&coordinator).await);
         }
         assert_eq!(ids.len(), 4);
-        // Retention runs at each tick, after the sets it started: the last tick's set is
+        // Retention runs at each tick before the sets it starts: the last tick's set is
         // counted at the next one.
         coordinator.apply_retention(clock.now_ms()).await;
         let left: Vec<String> = coordinator

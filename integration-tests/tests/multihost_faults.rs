@@ -358,3 +358,83 @@ mounts = ["/srv/data", "/srv/wal"]
         "refused before the catalog"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_coordinator_runs_the_schedule_and_retention_deletes_expired_sets_with_their_snapshots()
+{
+    if !have_root("the_coordinator_runs_the_schedule") {
+        return;
+    }
+    let _serial = serial().await;
+    let (mut lab, a, b) = lab("sched");
+    // Every 2 seconds (croner accepts a leading seconds field), keep the newest 2.
+    let groups = format!(
+        "{}[group.schedule]\ncron = \"*/2 * * * * *\"\n[group.retention]\nkeep-last = 2\n",
+        group("10s", "3s", &a, &b)
+    );
+    lab.start_coordinator(Some(&groups), &[]);
+    let mut client = lab.coordinator().client().await;
+    let deadline = Instant::now() + Duration::from_secs(40);
+    let mut expired = 0;
+    loop {
+        assert!(Instant::now() < deadline, "schedule did not run and expire");
+        let metrics = scrape(lab.coordinator().metrics);
+        expired = metrics
+            .lines()
+            .find(|l| l.starts_with("quiesce_sets_expired_total{group=\"g\"}"))
+            .and_then(|l| l.split_whitespace().last())
+            .and_then(|v| v.parse::<u64>().ok())
+            .unwrap_or(0);
+        if expired >= 2 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let sets = client
+        .list_sets(pb::ListSetsRequest {
+            group: "g".into(),
+            limit: 0,
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .sets;
+    assert!(sets.iter().all(|s| s.trigger == "schedule"), "{sets:?}");
+    let consistent: Vec<&pb::SnapshotSet> =
+        sets.iter().filter(|s| s.state == "consistent").collect();
+    assert!(
+        (2..=3).contains(&consistent.len()),
+        "keep-last 2 (a third may have finished since the last tick): {consistent:?}"
+    );
+    for set in &consistent {
+        assert_eq!(
+            lab.snapshot_files(&set.id).len(),
+            2,
+            "{} kept whole",
+            set.id
+        );
+    }
+    // Expired sets are gone from the catalog and from the agents' snapshot directories.
+    let kept: Vec<&str> = sets.iter().map(|s| s.id.as_str()).collect();
+    for agent in ["db1", "db2"] {
+        let dir = lab.agent(agent).snapshot_dir.clone();
+        for entry in std::fs::read_dir(&dir).unwrap() {
+            let name = entry.unwrap().file_name().to_string_lossy().into_owned();
+            assert!(
+                kept.contains(&name.as_str()),
+                "{agent}: snapshots of expired set {name} left behind ({expired} expired)"
+            );
+        }
+    }
+    let groups = client
+        .list_groups(pb::ListGroupsRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .groups;
+    let g = &groups[0];
+    assert_eq!(g.schedule, "*/2 * * * * *");
+    assert!(g.next_run_at_ms > 0 && !g.overdue, "{g:?}");
+    assert_eq!(g.retention, "keep last 2");
+    assert!(g.last_scheduled_set.starts_with("g-"), "{g:?}");
+}
