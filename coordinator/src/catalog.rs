@@ -261,55 +261,68 @@ impl Catalog {
     }
 
     pub fn update_host(&self, id: &str, host: &SetHost) -> Result<(), CatalogError> {
+        self.update_hosts(id, std::slice::from_ref(host))
+    }
+
+    /// Every member host of a phase in one transaction (one fsync, not one per member: the
+    /// snapshot and thaw phases write these while the group is frozen).
+    pub fn update_hosts(&self, id: &str, hosts: &[SetHost]) -> Result<(), CatalogError> {
         self.with(|conn| {
-            conn.execute(
-                "UPDATE set_hosts SET state = ?3, error = ?4, freeze_started_at_ms = ?5,
-                    frozen_at_ms = ?6, thawed_at_ms = ?7, held_continuously = ?8,
-                    freeze_end = ?9, write_stall_ms = ?10, freeze_sent_at_ms = ?11,
-                    freeze_acked_at_ms = ?12, snapshot_started_at_ms = ?13,
-                    snapshot_returned_at_ms = ?14, thaw_sent_at_ms = ?15
-                 WHERE set_id = ?1 AND agent = ?2",
-                params![
-                    id,
-                    host.agent,
-                    host.state,
-                    host.error,
-                    host.freeze_started_at_ms as i64,
-                    host.frozen_at_ms as i64,
-                    host.thawed_at_ms as i64,
-                    host.held_continuously,
-                    host.freeze_end,
-                    host.write_stall_ms as i64,
-                    host.freeze_sent_at_ms as i64,
-                    host.freeze_acked_at_ms as i64,
-                    host.snapshot_started_at_ms as i64,
-                    host.snapshot_returned_at_ms as i64,
-                    host.thaw_sent_at_ms as i64
-                ],
+            let tx = conn.transaction()?;
+            for host in hosts {
+                write_host(&tx, id, host)?;
+            }
+            tx.commit()?;
+            Ok(())
+        })
+    }
+
+    /// Volumes resolved at plan time, in one transaction.
+    pub fn update_volumes(&self, id: &str, volumes: &[SetVolume]) -> Result<(), CatalogError> {
+        self.with(|conn| {
+            let tx = conn.transaction()?;
+            for volume in volumes {
+                write_volume(&tx, id, volume)?;
+            }
+            tx.commit()?;
+            Ok(())
+        })
+    }
+
+    /// The outcome of the snapshot phase in one transaction: its bounds (coordinator clock),
+    /// every member host, and every snapshot made: (agent, mount point, snapshot id, size).
+    pub fn record_snapshots(
+        &self,
+        id: &str,
+        first_started_at_ms: u64,
+        last_returned_at_ms: u64,
+        hosts: &[SetHost],
+        snapshots: &[(String, String, String, u64)],
+    ) -> Result<(), CatalogError> {
+        self.with(|conn| {
+            let tx = conn.transaction()?;
+            tx.execute(
+                "UPDATE sets SET first_snapshot_started_at_ms = ?2, last_snapshot_returned_at_ms = ?3
+                 WHERE id = ?1",
+                params![id, first_started_at_ms as i64, last_returned_at_ms as i64],
             )?;
+            for host in hosts {
+                write_host(&tx, id, host)?;
+            }
+            for (agent, mount_point, snapshot_id, size_bytes) in snapshots {
+                tx.execute(
+                    "UPDATE set_volumes SET snapshot_id = ?4, size_bytes = ?5
+                     WHERE set_id = ?1 AND agent = ?2 AND mount_point = ?3",
+                    params![id, agent, mount_point, snapshot_id, *size_bytes as i64],
+                )?;
+            }
+            tx.commit()?;
             Ok(())
         })
     }
 
     pub fn update_volume(&self, id: &str, volume: &SetVolume) -> Result<(), CatalogError> {
-        self.with(|conn| {
-            conn.execute(
-                "UPDATE set_volumes SET device = ?4, fs_type = ?5, backing_file = ?6,
-                    snapshot_id = ?7, size_bytes = ?8
-                 WHERE set_id = ?1 AND agent = ?2 AND mount_point = ?3",
-                params![
-                    id,
-                    volume.agent,
-                    volume.mount_point,
-                    volume.device,
-                    volume.fs_type,
-                    volume.backing_file,
-                    volume.snapshot_id,
-                    volume.size_bytes as i64
-                ],
-            )?;
-            Ok(())
-        })
+        self.update_volumes(id, std::slice::from_ref(volume))
     }
 
     /// Records the snapshot a provider made of one member volume.
@@ -326,23 +339,6 @@ impl Catalog {
                 "UPDATE set_volumes SET snapshot_id = ?4, size_bytes = ?5
                  WHERE set_id = ?1 AND agent = ?2 AND mount_point = ?3",
                 params![id, agent, mount_point, snapshot_id, size_bytes as i64],
-            )?;
-            Ok(())
-        })
-    }
-
-    /// Records the snapshot phase's bounds (coordinator clock).
-    pub fn set_snapshot_window(
-        &self,
-        id: &str,
-        first_started_at_ms: u64,
-        last_returned_at_ms: u64,
-    ) -> Result<(), CatalogError> {
-        self.with(|conn| {
-            conn.execute(
-                "UPDATE sets SET first_snapshot_started_at_ms = ?2, last_snapshot_returned_at_ms = ?3
-                 WHERE id = ?1",
-                params![id, first_started_at_ms as i64, last_returned_at_ms as i64],
             )?;
             Ok(())
         })
@@ -507,6 +503,54 @@ impl Catalog {
                 .optional()?)
         })
     }
+}
+
+fn write_host(conn: &Connection, id: &str, host: &SetHost) -> Result<(), CatalogError> {
+    conn.execute(
+        "UPDATE set_hosts SET state = ?3, error = ?4, freeze_started_at_ms = ?5,
+            frozen_at_ms = ?6, thawed_at_ms = ?7, held_continuously = ?8,
+            freeze_end = ?9, write_stall_ms = ?10, freeze_sent_at_ms = ?11,
+            freeze_acked_at_ms = ?12, snapshot_started_at_ms = ?13,
+            snapshot_returned_at_ms = ?14, thaw_sent_at_ms = ?15
+         WHERE set_id = ?1 AND agent = ?2",
+        params![
+            id,
+            host.agent,
+            host.state,
+            host.error,
+            host.freeze_started_at_ms as i64,
+            host.frozen_at_ms as i64,
+            host.thawed_at_ms as i64,
+            host.held_continuously,
+            host.freeze_end,
+            host.write_stall_ms as i64,
+            host.freeze_sent_at_ms as i64,
+            host.freeze_acked_at_ms as i64,
+            host.snapshot_started_at_ms as i64,
+            host.snapshot_returned_at_ms as i64,
+            host.thaw_sent_at_ms as i64
+        ],
+    )?;
+    Ok(())
+}
+
+fn write_volume(conn: &Connection, id: &str, volume: &SetVolume) -> Result<(), CatalogError> {
+    conn.execute(
+        "UPDATE set_volumes SET device = ?4, fs_type = ?5, backing_file = ?6,
+            snapshot_id = ?7, size_bytes = ?8
+         WHERE set_id = ?1 AND agent = ?2 AND mount_point = ?3",
+        params![
+            id,
+            volume.agent,
+            volume.mount_point,
+            volume.device,
+            volume.fs_type,
+            volume.backing_file,
+            volume.snapshot_id,
+            volume.size_bytes as i64
+        ],
+    )?;
+    Ok(())
 }
 
 const SELECT_SET: &str = "SELECT id, group_name, provider, state, phase, error, created_at_ms,

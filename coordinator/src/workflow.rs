@@ -333,10 +333,10 @@ impl Run<'_> {
         }
     }
 
-    fn save_host(&self, index: usize) -> Result<(), Error> {
-        Ok(self
-            .catalog
-            .update_host(&self.set_id, &self.members[index].host)?)
+    /// Every member's host record, in one catalog transaction.
+    fn save_hosts(&self) -> Result<(), Error> {
+        let hosts: Vec<SetHost> = self.members.iter().map(|m| m.host.clone()).collect();
+        Ok(self.catalog.update_hosts(&self.set_id, &hosts)?)
     }
 
     /// Runs the set to its end. `Err` only when the catalog cannot be written.
@@ -452,6 +452,7 @@ impl Run<'_> {
         })
         .await;
         let mut problems = Vec::new();
+        let mut resolved = Vec::new();
         for (member, reply) in self.members.iter().zip(replies) {
             let info = match reply {
                 Ok(info) => info,
@@ -492,19 +493,17 @@ impl Run<'_> {
                     problems.push(why);
                     continue;
                 }
-                self.catalog.update_volume(
-                    &self.set_id,
-                    &SetVolume {
-                        agent: member.agent.clone(),
-                        mount_point: mount.clone(),
-                        device: volume.device.clone(),
-                        fs_type: volume.fs_type.clone(),
-                        backing_file: volume.backing_file.clone(),
-                        ..Default::default()
-                    },
-                )?;
+                resolved.push(SetVolume {
+                    agent: member.agent.clone(),
+                    mount_point: mount.clone(),
+                    device: volume.device.clone(),
+                    fs_type: volume.fs_type.clone(),
+                    backing_file: volume.backing_file.clone(),
+                    ..Default::default()
+                });
             }
         }
+        self.catalog.update_volumes(&self.set_id, &resolved)?;
         Ok(if problems.is_empty() {
             Ok(())
         } else {
@@ -534,8 +533,8 @@ impl Run<'_> {
                     problems.push(format!("{}: prepare failed: {e}", member.agent));
                 }
             }
-            self.save_host(index)?;
         }
+        self.save_hosts()?;
         Ok(if problems.is_empty() {
             Ok(())
         } else {
@@ -581,8 +580,8 @@ impl Run<'_> {
                     problems.push(format!("{}: freeze failed: {e}", member.agent));
                 }
             }
-            self.save_host(index)?;
         }
+        self.save_hosts()?;
         Ok(if problems.is_empty() {
             Ok(())
         } else {
@@ -634,36 +633,39 @@ impl Run<'_> {
         renewer.abort();
         self.first_snapshot_started_at_ms = replies.iter().map(|r| r.1).min().unwrap_or_default();
         self.last_snapshot_returned_at_ms = replies.iter().map(|r| r.2).max().unwrap_or_default();
-        self.catalog.set_snapshot_window(
-            &self.set_id,
-            self.first_snapshot_started_at_ms,
-            self.last_snapshot_returned_at_ms,
-        )?;
         let mut problems = Vec::new();
+        let mut made = Vec::new();
         for (index, (reply, started, returned)) in replies.into_iter().enumerate() {
-            self.members[index].host.snapshot_started_at_ms = started;
-            self.members[index].host.snapshot_returned_at_ms = returned;
-            self.save_host(index)?;
+            let member = &mut self.members[index];
+            member.host.snapshot_started_at_ms = started;
+            member.host.snapshot_returned_at_ms = returned;
             match reply {
                 Ok(snapshots) => {
-                    let agent = self.members[index].agent.clone();
-                    for snapshot in &snapshots {
-                        self.catalog.update_volume_snapshot(
-                            &self.set_id,
-                            &agent,
-                            &snapshot.mount_point,
-                            &snapshot.snapshot_id,
-                            snapshot.size_bytes,
-                        )?;
-                    }
-                    self.members[index].snapshots = snapshots;
+                    made.extend(snapshots.iter().map(|s| {
+                        (
+                            member.agent.clone(),
+                            s.mount_point.clone(),
+                            s.snapshot_id.clone(),
+                            s.size_bytes,
+                        )
+                    }));
+                    member.snapshots = snapshots;
                 }
                 Err(reason) => {
-                    self.members[index].snapshot_unsure = true;
+                    member.snapshot_unsure = true;
                     problems.push(format!("snapshot failed: {reason}"));
                 }
             }
         }
+        // One transaction: the group is still frozen while this is written.
+        let hosts: Vec<SetHost> = self.members.iter().map(|m| m.host.clone()).collect();
+        self.catalog.record_snapshots(
+            &self.set_id,
+            self.first_snapshot_started_at_ms,
+            self.last_snapshot_returned_at_ms,
+            &hosts,
+            &made,
+        )?;
         Ok(if problems.is_empty() {
             Ok(())
         } else {
@@ -768,8 +770,8 @@ impl Run<'_> {
                     }
                 }
             }
-            self.save_host(index)?;
         }
+        self.save_hosts()?;
         Ok((!problems.is_empty()).then(|| problems.join("; ")))
     }
 
