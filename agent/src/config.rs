@@ -13,6 +13,10 @@ use serde::Deserialize;
 pub struct Config {
     /// Address the gRPC server listens on.
     pub listen: SocketAddr,
+    /// Plain-HTTP Prometheus endpoint (`GET /metrics`), unauthenticated: keep it on loopback
+    /// or a management network. A port that cannot be bound is logged, not fatal.
+    #[serde(default = "default_metrics_listen")]
+    pub metrics_listen: Option<SocketAddr>,
     /// mTLS files. Required unless the agent runs with `--insecure`.
     pub tls: Option<TlsFiles>,
     /// Names (the `quiesce://coordinator/<name>` identity) of the coordinators this agent obeys.
@@ -50,6 +54,10 @@ pub struct ReflinkConfig {
     /// Where snapshot clones go; must be on the filesystem holding the loop backing files.
     /// Default: `.quiesce-snapshots` next to each backing file.
     pub snapshot_dir: Option<PathBuf>,
+}
+
+fn default_metrics_listen() -> Option<SocketAddr> {
+    Some(SocketAddr::from(([127, 0, 0, 1], 9741)))
 }
 
 fn default_lease() -> Duration {

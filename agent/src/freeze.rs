@@ -340,6 +340,7 @@ impl FreezeManager {
         guard.hard_deadline = freeze_started + self.config.max_freeze;
         guard.lease_deadline = (frozen + lease).min(guard.hard_deadline);
         guard.phase = Phase::Frozen;
+        crate::metrics::METRICS.frozen(frozen.duration_since(freeze_started));
         let info = guard.info();
         drop(guard);
         info!(
@@ -477,6 +478,7 @@ impl FreezeManager {
 
     /// Thaws every volume of a frozen session in reverse order and ends it.
     async fn end(&self, session: &mut Session, end: FreezeEnd) -> ThawReport {
+        let thaw_started = Instant::now();
         let mut external = false;
         let mut failed = false;
         for volume in session.volumes.iter().rev() {
@@ -504,6 +506,11 @@ impl FreezeManager {
             write_stall_ms: session.freeze_started.elapsed().as_millis() as u64,
         };
         session.phase = Phase::Ended(report.clone());
+        crate::metrics::METRICS.freeze_ended(
+            end.as_str(),
+            thaw_started.elapsed(),
+            report.write_stall_ms,
+        );
         self.forget(&session.set_id.clone(), session);
         // Close the mount descriptors now: an ended set must not keep its filesystems busy
         // (umount would fail with EBUSY until the lease timer task wakes up).

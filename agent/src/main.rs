@@ -253,6 +253,18 @@ fn run(path: &Path, insecure: bool) -> anyhow::Result<ExitCode> {
             .await
             .with_context(|| format!("binding {}", config.listen))?;
         tracing::info!(listen = %listener.local_addr()?, volumes = config.volumes.len(), "agent ready");
+        if let Some(addr) = config.metrics_listen {
+            match tokio::net::TcpListener::bind(addr).await {
+                Ok(metrics) => {
+                    tracing::info!(listen = %addr, "metrics on http://{addr}/metrics");
+                    tokio::spawn(quiesce_agent::metrics::serve_http(
+                        metrics,
+                        std::future::pending(),
+                    ));
+                }
+                Err(e) => tracing::warn!(listen = %addr, error = %e, "metrics endpoint not served"),
+            }
+        }
         let files = AgentFiles::discover(&config.state_dir);
         let manager = FreezeManager::new(
             Arc::new(config),

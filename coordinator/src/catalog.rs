@@ -11,7 +11,8 @@ use quiesce_proto::coordinator::v1::{PhaseMark, SetHost, SetVolume, SnapshotSet}
 use rusqlite::{Connection, OptionalExtension, params};
 
 /// Schema migrations, applied in order; `PRAGMA user_version` counts how many have run.
-const MIGRATIONS: &[&str] = &[r#"
+const MIGRATIONS: &[&str] = &[
+    r#"
 CREATE TABLE sets (
     id                 TEXT PRIMARY KEY,
     group_name         TEXT NOT NULL,
@@ -58,7 +59,23 @@ CREATE TABLE set_volumes (
     size_bytes   INTEGER NOT NULL DEFAULT 0,
     PRIMARY KEY (set_id, agent, mount_point)
 );
-"#];
+"#,
+    // 2: the instants the consistency verdict is computed from, the verdict itself, and what
+    // started the set (schedules).
+    r#"
+ALTER TABLE sets ADD COLUMN verdict TEXT NOT NULL DEFAULT '';
+ALTER TABLE sets ADD COLUMN first_snapshot_started_at_ms INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE sets ADD COLUMN last_snapshot_returned_at_ms INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE sets ADD COLUMN freeze_budget_ms INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE sets ADD COLUMN trigger TEXT NOT NULL DEFAULT 'manual';
+ALTER TABLE set_hosts ADD COLUMN freeze_sent_at_ms INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE set_hosts ADD COLUMN freeze_acked_at_ms INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE set_hosts ADD COLUMN snapshot_started_at_ms INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE set_hosts ADD COLUMN snapshot_returned_at_ms INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE set_hosts ADD COLUMN thaw_sent_at_ms INTEGER NOT NULL DEFAULT 0;
+CREATE INDEX sets_by_group_state ON sets (group_name, state, finished_at_ms);
+"#,
+];
 
 #[derive(Debug, thiserror::Error)]
 pub enum CatalogError {
@@ -97,6 +114,9 @@ pub struct NewSet<'a> {
     pub created_at_ms: u64,
     /// (agent, mount point) for every member volume.
     pub volumes: Vec<(String, String)>,
+    /// `manual` or `schedule`.
+    pub trigger: &'a str,
+    pub freeze_budget_ms: u64,
 }
 
 impl Catalog {
@@ -174,9 +194,17 @@ impl Catalog {
         self.with(|conn| {
             let tx = conn.transaction()?;
             let inserted = tx.execute(
-                "INSERT INTO sets (id, group_name, provider, state, phase, created_at_ms)
-                 VALUES (?1, ?2, ?3, 'running', 'planned', ?4)",
-                params![set.id, set.group, set.provider, set.created_at_ms as i64],
+                "INSERT INTO sets (id, group_name, provider, state, phase, created_at_ms, trigger,
+                    freeze_budget_ms)
+                 VALUES (?1, ?2, ?3, 'running', 'planned', ?4, ?5, ?6)",
+                params![
+                    set.id,
+                    set.group,
+                    set.provider,
+                    set.created_at_ms as i64,
+                    set.trigger,
+                    set.freeze_budget_ms as i64
+                ],
             );
             if let Err(rusqlite::Error::SqliteFailure(e, _)) = &inserted
                 && e.code == rusqlite::ErrorCode::ConstraintViolation
@@ -232,66 +260,55 @@ impl Catalog {
         })
     }
 
-    /// Updates every host of a set in one transaction (one commit inside the freeze window,
-    /// not one per host).
+    pub fn update_host(&self, id: &str, host: &SetHost) -> Result<(), CatalogError> {
+        self.update_hosts(id, std::slice::from_ref(host))
+    }
+
+    /// Every member host of a phase in one transaction (one fsync, not one per member: the
+    /// snapshot and thaw phases write these while the group is frozen).
     pub fn update_hosts(&self, id: &str, hosts: &[SetHost]) -> Result<(), CatalogError> {
         self.with(|conn| {
             let tx = conn.transaction()?;
             for host in hosts {
-                tx.execute(
-                    "UPDATE set_hosts SET state = ?3, error = ?4, freeze_started_at_ms = ?5,
-                        frozen_at_ms = ?6, thawed_at_ms = ?7, held_continuously = ?8,
-                        freeze_end = ?9, write_stall_ms = ?10
-                     WHERE set_id = ?1 AND agent = ?2",
-                    params![
-                        id,
-                        host.agent,
-                        host.state,
-                        host.error,
-                        host.freeze_started_at_ms as i64,
-                        host.frozen_at_ms as i64,
-                        host.thawed_at_ms as i64,
-                        host.held_continuously,
-                        host.freeze_end,
-                        host.write_stall_ms as i64
-                    ],
-                )?;
+                write_host(&tx, id, host)?;
             }
             tx.commit()?;
             Ok(())
         })
     }
 
-    pub fn update_volume(&self, id: &str, volume: &SetVolume) -> Result<(), CatalogError> {
+    /// Volumes resolved at plan time, in one transaction.
+    pub fn update_volumes(&self, id: &str, volumes: &[SetVolume]) -> Result<(), CatalogError> {
         self.with(|conn| {
-            conn.execute(
-                "UPDATE set_volumes SET device = ?4, fs_type = ?5, backing_file = ?6,
-                    snapshot_id = ?7, size_bytes = ?8
-                 WHERE set_id = ?1 AND agent = ?2 AND mount_point = ?3",
-                params![
-                    id,
-                    volume.agent,
-                    volume.mount_point,
-                    volume.device,
-                    volume.fs_type,
-                    volume.backing_file,
-                    volume.snapshot_id,
-                    volume.size_bytes as i64
-                ],
-            )?;
+            let tx = conn.transaction()?;
+            for volume in volumes {
+                write_volume(&tx, id, volume)?;
+            }
+            tx.commit()?;
             Ok(())
         })
     }
 
-    /// Records the snapshots providers made: (agent, mount point, snapshot id, size), in one
-    /// transaction.
+    /// The outcome of the snapshot phase in one transaction: its bounds (coordinator clock),
+    /// every member host, and every snapshot made: (agent, mount point, snapshot id, size).
     pub fn record_snapshots(
         &self,
         id: &str,
+        first_started_at_ms: u64,
+        last_returned_at_ms: u64,
+        hosts: &[SetHost],
         snapshots: &[(String, String, String, u64)],
     ) -> Result<(), CatalogError> {
         self.with(|conn| {
             let tx = conn.transaction()?;
+            tx.execute(
+                "UPDATE sets SET first_snapshot_started_at_ms = ?2, last_snapshot_returned_at_ms = ?3
+                 WHERE id = ?1",
+                params![id, first_started_at_ms as i64, last_returned_at_ms as i64],
+            )?;
+            for host in hosts {
+                write_host(&tx, id, host)?;
+            }
             for (agent, mount_point, snapshot_id, size_bytes) in snapshots {
                 tx.execute(
                     "UPDATE set_volumes SET snapshot_id = ?4, size_bytes = ?5
@@ -301,6 +318,104 @@ impl Catalog {
             }
             tx.commit()?;
             Ok(())
+        })
+    }
+
+    pub fn update_volume(&self, id: &str, volume: &SetVolume) -> Result<(), CatalogError> {
+        self.update_volumes(id, std::slice::from_ref(volume))
+    }
+
+    /// Records the snapshot a provider made of one member volume.
+    pub fn update_volume_snapshot(
+        &self,
+        id: &str,
+        agent: &str,
+        mount_point: &str,
+        snapshot_id: &str,
+        size_bytes: u64,
+    ) -> Result<(), CatalogError> {
+        self.with(|conn| {
+            conn.execute(
+                "UPDATE set_volumes SET snapshot_id = ?4, size_bytes = ?5
+                 WHERE set_id = ?1 AND agent = ?2 AND mount_point = ?3",
+                params![id, agent, mount_point, snapshot_id, size_bytes as i64],
+            )?;
+            Ok(())
+        })
+    }
+
+    pub fn set_verdict(&self, id: &str, verdict: &str) -> Result<(), CatalogError> {
+        self.with(|conn| {
+            conn.execute(
+                "UPDATE sets SET verdict = ?2 WHERE id = ?1",
+                params![id, verdict],
+            )?;
+            Ok(())
+        })
+    }
+
+    /// Finished sets of a group, newest first: (id, state, created at, finished at).
+    pub fn finished(&self, group: &str) -> Result<Vec<FinishedSet>, CatalogError> {
+        self.with(|conn| {
+            let mut stmt = conn.prepare_cached(
+                "SELECT id, state, created_at_ms, finished_at_ms FROM sets
+                 WHERE group_name = ?1 AND state != 'running'
+                 ORDER BY created_at_ms DESC, id DESC",
+            )?;
+            let rows = stmt
+                .query_map([group], |row| {
+                    Ok(FinishedSet {
+                        id: row.get(0)?,
+                        consistent: row.get::<_, String>(1)? == "consistent",
+                        created_at_ms: row.get::<_, i64>(2)? as u64,
+                        finished_at_ms: row.get::<_, i64>(3)? as u64,
+                    })
+                })?
+                .collect::<Result<_, _>>()?;
+            Ok(rows)
+        })
+    }
+
+    /// When the newest consistent set of a group was created (its snapshot instant, within
+    /// seconds).
+    pub fn last_consistent_created(&self, group: &str) -> Result<Option<u64>, CatalogError> {
+        self.with(|conn| {
+            Ok(conn
+                .query_row(
+                    "SELECT MAX(created_at_ms) FROM sets WHERE group_name = ?1 AND state = 'consistent'",
+                    [group],
+                    |row| row.get::<_, Option<i64>>(0),
+                )?
+                .map(|v| v as u64))
+        })
+    }
+
+    /// The newest set the scheduler started: (id, created at).
+    pub fn last_scheduled(&self, group: &str) -> Result<Option<(String, u64)>, CatalogError> {
+        self.with(|conn| {
+            Ok(conn
+                .query_row(
+                    "SELECT id, created_at_ms FROM sets WHERE group_name = ?1 AND trigger = 'schedule'
+                     ORDER BY created_at_ms DESC LIMIT 1",
+                    [group],
+                    |row| Ok((row.get(0)?, row.get::<_, i64>(1)? as u64)),
+                )
+                .optional()?)
+        })
+    }
+
+    /// Count of sets per (group, state), for metrics.
+    pub fn counts(&self) -> Result<Vec<(String, String, u64)>, CatalogError> {
+        self.with(|conn| {
+            let mut stmt = conn.prepare_cached(
+                "SELECT group_name, state, COUNT(*) FROM sets GROUP BY group_name, state",
+            )?;
+            let rows = stmt
+                .query_map([], |row| {
+                    Ok((row.get(0)?, row.get(1)?, row.get::<_, i64>(2)? as u64))
+                })?
+                .collect::<Result<_, _>>()?;
+            Ok(rows)
         })
     }
 
@@ -390,8 +505,66 @@ impl Catalog {
     }
 }
 
+fn write_host(conn: &Connection, id: &str, host: &SetHost) -> Result<(), CatalogError> {
+    conn.execute(
+        "UPDATE set_hosts SET state = ?3, error = ?4, freeze_started_at_ms = ?5,
+            frozen_at_ms = ?6, thawed_at_ms = ?7, held_continuously = ?8,
+            freeze_end = ?9, write_stall_ms = ?10, freeze_sent_at_ms = ?11,
+            freeze_acked_at_ms = ?12, snapshot_started_at_ms = ?13,
+            snapshot_returned_at_ms = ?14, thaw_sent_at_ms = ?15
+         WHERE set_id = ?1 AND agent = ?2",
+        params![
+            id,
+            host.agent,
+            host.state,
+            host.error,
+            host.freeze_started_at_ms as i64,
+            host.frozen_at_ms as i64,
+            host.thawed_at_ms as i64,
+            host.held_continuously,
+            host.freeze_end,
+            host.write_stall_ms as i64,
+            host.freeze_sent_at_ms as i64,
+            host.freeze_acked_at_ms as i64,
+            host.snapshot_started_at_ms as i64,
+            host.snapshot_returned_at_ms as i64,
+            host.thaw_sent_at_ms as i64
+        ],
+    )?;
+    Ok(())
+}
+
+fn write_volume(conn: &Connection, id: &str, volume: &SetVolume) -> Result<(), CatalogError> {
+    conn.execute(
+        "UPDATE set_volumes SET device = ?4, fs_type = ?5, backing_file = ?6,
+            snapshot_id = ?7, size_bytes = ?8
+         WHERE set_id = ?1 AND agent = ?2 AND mount_point = ?3",
+        params![
+            id,
+            volume.agent,
+            volume.mount_point,
+            volume.device,
+            volume.fs_type,
+            volume.backing_file,
+            volume.snapshot_id,
+            volume.size_bytes as i64
+        ],
+    )?;
+    Ok(())
+}
+
 const SELECT_SET: &str = "SELECT id, group_name, provider, state, phase, error, created_at_ms,
-    finished_at_ms, freeze_window_ms, max_write_stall_ms FROM sets";
+    finished_at_ms, freeze_window_ms, max_write_stall_ms, verdict, first_snapshot_started_at_ms,
+    last_snapshot_returned_at_ms, freeze_budget_ms, trigger FROM sets";
+
+/// A finished set, as retention sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FinishedSet {
+    pub id: String,
+    pub consistent: bool,
+    pub created_at_ms: u64,
+    pub finished_at_ms: u64,
+}
 
 fn set_from_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<SnapshotSet> {
     Ok(SnapshotSet {
@@ -405,6 +578,11 @@ fn set_from_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<SnapshotSet> {
         finished_at_ms: row.get::<_, i64>(7)? as u64,
         freeze_window_ms: row.get::<_, i64>(8)? as u64,
         max_write_stall_ms: row.get::<_, i64>(9)? as u64,
+        verdict: row.get(10)?,
+        first_snapshot_started_at_ms: row.get::<_, i64>(11)? as u64,
+        last_snapshot_returned_at_ms: row.get::<_, i64>(12)? as u64,
+        freeze_budget_ms: row.get::<_, i64>(13)? as u64,
+        trigger: row.get(14)?,
         hosts: Vec::new(),
         volumes: Vec::new(),
         phases: Vec::new(),
@@ -414,7 +592,8 @@ fn set_from_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<SnapshotSet> {
 fn load_members(conn: &Connection, mut set: SnapshotSet) -> Result<SnapshotSet, CatalogError> {
     let mut stmt = conn.prepare_cached(
         "SELECT agent, state, error, freeze_started_at_ms, frozen_at_ms, thawed_at_ms,
-            held_continuously, freeze_end, write_stall_ms
+            held_continuously, freeze_end, write_stall_ms, freeze_sent_at_ms, freeze_acked_at_ms,
+            snapshot_started_at_ms, snapshot_returned_at_ms, thaw_sent_at_ms
          FROM set_hosts WHERE set_id = ?1 ORDER BY agent",
     )?;
     set.hosts = stmt
@@ -429,6 +608,11 @@ fn load_members(conn: &Connection, mut set: SnapshotSet) -> Result<SnapshotSet, 
                 held_continuously: row.get(6)?,
                 freeze_end: row.get(7)?,
                 write_stall_ms: row.get::<_, i64>(8)? as u64,
+                freeze_sent_at_ms: row.get::<_, i64>(9)? as u64,
+                freeze_acked_at_ms: row.get::<_, i64>(10)? as u64,
+                snapshot_started_at_ms: row.get::<_, i64>(11)? as u64,
+                snapshot_returned_at_ms: row.get::<_, i64>(12)? as u64,
+                thaw_sent_at_ms: row.get::<_, i64>(13)? as u64,
             })
         })?
         .collect::<Result<_, _>>()?;
@@ -476,6 +660,8 @@ mod tests {
                 ("db1".into(), "/mnt/data".into()),
                 ("db1".into(), "/mnt/wal".into()),
             ],
+            trigger: "manual",
+            freeze_budget_ms: 10_000,
         }
     }
 
@@ -500,16 +686,16 @@ mod tests {
         catalog.create_set(&new_set("s1", "pg", 10)).unwrap();
         catalog.set_phase("s1", "frozen", 20).unwrap();
         catalog
-            .update_hosts(
+            .update_host(
                 "s1",
-                &[SetHost {
+                &SetHost {
                     agent: "db1".into(),
                     state: "thawed".into(),
                     held_continuously: true,
                     freeze_end: "thawed".into(),
                     write_stall_ms: 42,
                     ..Default::default()
-                }],
+                },
             )
             .unwrap();
         catalog
@@ -540,6 +726,32 @@ mod tests {
         );
         assert!(catalog.delete("s1").unwrap());
         assert!(catalog.get("s1").unwrap().is_none());
+    }
+
+    #[test]
+    fn a_catalog_made_by_the_first_schema_is_migrated_in_place() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("catalog.sqlite");
+        {
+            let conn = Connection::open(&path).unwrap();
+            conn.execute_batch(MIGRATIONS[0]).unwrap();
+            conn.pragma_update(None, "user_version", 1).unwrap();
+            conn.execute(
+                "INSERT INTO sets (id, group_name, provider, state, phase, created_at_ms)
+                 VALUES ('old', 'pg', 'reflink', 'consistent', 'committed', 1)",
+                [],
+            )
+            .unwrap();
+        }
+        let catalog = Catalog::open(&path).unwrap();
+        let old = catalog.get("old").unwrap().unwrap();
+        assert_eq!(old.trigger, "manual");
+        assert_eq!(old.verdict, "");
+        catalog.set_verdict("old", "consistent: checked").unwrap();
+        assert_eq!(
+            catalog.get("old").unwrap().unwrap().verdict,
+            "consistent: checked"
+        );
     }
 
     #[test]

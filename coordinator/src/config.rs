@@ -17,6 +17,10 @@ pub struct Config {
     pub tls: Option<TlsFiles>,
     /// SQLite catalog of snapshot sets.
     pub catalog: PathBuf,
+    /// Plain-HTTP Prometheus endpoint (`GET /metrics`). Keep it on loopback or a management
+    /// network: it is not authenticated. A port that cannot be bound is logged, not fatal.
+    #[serde(default = "default_metrics_listen")]
+    pub metrics_listen: Option<SocketAddr>,
     #[serde(default, rename = "agent")]
     pub agents: Vec<AgentConfig>,
     #[serde(default, rename = "group")]
@@ -66,8 +70,43 @@ pub struct GroupConfig {
     /// Deadline of each phase on each agent (prepare, freeze, snapshot, thaw).
     #[serde(default = "default_phase_timeout", with = "humantime_serde")]
     pub phase_timeout: Duration,
+    /// Longest the group may stay frozen, first freeze sent → last thaw sent. The freeze and
+    /// snapshot phases get only what is left of it; running over fails the set.
+    #[serde(default = "default_freeze_budget", with = "humantime_serde")]
+    pub freeze_budget: Duration,
+    pub schedule: Option<ScheduleConfig>,
+    pub retention: Option<RetentionConfig>,
     #[serde(rename = "member")]
     pub members: Vec<MemberConfig>,
+}
+
+/// `[group.schedule]`: when the coordinator starts sets of the group by itself.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct ScheduleConfig {
+    /// Five-field cron expression (or `@hourly`, `@daily`…), evaluated in UTC.
+    pub cron: String,
+    /// The group is overdue when its last consistent set is older than this. Default: twice
+    /// the interval between the next two runs.
+    #[serde(default, with = "humantime_serde")]
+    pub overdue_after: Option<Duration>,
+}
+
+/// `[group.retention]`: which consistent sets to keep. A set is kept if any rule keeps it;
+/// failed sets are removed once older than `max-age` (or the newest 10 failed are kept).
+#[derive(Debug, Clone, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct RetentionConfig {
+    /// Keep the newest N consistent sets.
+    pub keep_last: Option<u32>,
+    /// Keep every consistent set younger than this.
+    #[serde(default, with = "humantime_serde")]
+    pub max_age: Option<Duration>,
+    /// Grandfather-father-son: the newest set of each of the last N hours/days/weeks/months.
+    pub keep_hourly: Option<u32>,
+    pub keep_daily: Option<u32>,
+    pub keep_weekly: Option<u32>,
+    pub keep_monthly: Option<u32>,
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
@@ -77,12 +116,20 @@ pub struct MemberConfig {
     pub mounts: Vec<PathBuf>,
 }
 
+fn default_metrics_listen() -> Option<SocketAddr> {
+    Some(SocketAddr::from(([127, 0, 0, 1], 9740)))
+}
+
 fn default_lease() -> Duration {
     Duration::from_secs(10)
 }
 
 fn default_phase_timeout() -> Duration {
     Duration::from_secs(30)
+}
+
+fn default_freeze_budget() -> Duration {
+    Duration::from_secs(10)
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -173,6 +220,28 @@ impl Config {
             if group.phase_timeout < Duration::from_millis(100) {
                 problems.push(format!(
                     "group {}: phase-timeout must be at least 100ms",
+                    group.name
+                ));
+            }
+            if group.freeze_budget.is_zero() {
+                problems.push(format!(
+                    "group {}: freeze-budget must be longer than 0s",
+                    group.name
+                ));
+            }
+            if let Some(schedule) = &group.schedule
+                && let Err(e) = crate::scheduler::parse_cron(&schedule.cron)
+            {
+                problems.push(format!(
+                    "group {}: schedule cron {:?}: {e}",
+                    group.name, schedule.cron
+                ));
+            }
+            if let Some(retention) = &group.retention
+                && retention == &RetentionConfig::default()
+            {
+                problems.push(format!(
+                    "group {}: [group.retention] keeps nothing: set keep-last, max-age or keep-hourly/daily/weekly/monthly",
                     group.name
                 ));
             }

@@ -30,6 +30,8 @@ struct State {
     lease_expired: bool,
     snapshots: Vec<String>,
     deleted: Vec<String>,
+    /// mount → set id holding it frozen (host info reports it).
+    held_by: HashMap<String, String>,
 }
 
 #[derive(Debug, Clone)]
@@ -50,6 +52,20 @@ impl FakeAgent {
 
     pub fn fail(&self, phase: Phase, status: Status) {
         self.state.lock().unwrap().failures.insert(phase, status);
+    }
+
+    /// Host info reports `mount` as held frozen by `set_id` (another coordinator's set).
+    pub fn hold(&self, mount: &str, set_id: &str) {
+        self.state
+            .lock()
+            .unwrap()
+            .held_by
+            .insert(mount.into(), set_id.into());
+    }
+
+    /// Stops injecting the failure of `phase`.
+    pub fn heal(&self, phase: Phase) {
+        self.state.lock().unwrap().failures.remove(&phase);
     }
 
     pub fn delay(&self, phase: Phase, delay: Duration) {
@@ -108,6 +124,7 @@ impl FakeAgent {
 impl AgentClient for FakeAgent {
     async fn get_host_info(&self) -> Result<pb::GetHostInfoResponse, Status> {
         self.enter(Phase::HostInfo, "").await?;
+        let held_by = self.state.lock().unwrap().held_by.clone();
         Ok(pb::GetHostInfoResponse {
             hostname: self.name.clone(),
             agent_version: "fake".into(),
@@ -119,6 +136,7 @@ impl AgentClient for FakeAgent {
                     fs_type: "ext4".into(),
                     device: "/dev/loop0".into(),
                     backing_file: format!("/pool{m}.img"),
+                    frozen_by: held_by.get(m).cloned().unwrap_or_default(),
                     ..Default::default()
                 })
                 .collect(),
@@ -138,13 +156,15 @@ impl AgentClient for FakeAgent {
         &self,
         req: pb::FreezeVolumesRequest,
     ) -> Result<pb::FreezeVolumesResponse, Status> {
+        let started = crate::workflow::unix_ms();
         self.enter(Phase::Freeze, &req.set_id).await?;
         self.state.lock().unwrap().frozen.insert(req.set_id, true);
+        let now = crate::workflow::unix_ms();
         Ok(pb::FreezeVolumesResponse {
-            freeze_started_at_ms: 1,
-            frozen_at_ms: 2,
-            lease_deadline_ms: 3,
-            hard_deadline_ms: 4,
+            freeze_started_at_ms: started,
+            frozen_at_ms: now,
+            lease_deadline_ms: now + req.lease_ms,
+            hard_deadline_ms: now + req.lease_ms,
         })
     }
 
@@ -171,6 +191,7 @@ impl AgentClient for FakeAgent {
             held_continuously: held,
             end: end.into(),
             write_stall_ms: 5,
+            thawed_at_ms: crate::workflow::unix_ms(),
             ..Default::default()
         })
     }

@@ -6,15 +6,20 @@
 
 pub mod agent_client;
 pub mod catalog;
+pub mod clock;
 pub mod config;
 pub mod error;
 pub mod fake_agent;
+pub mod metrics;
 pub mod operations;
 pub mod pki;
 pub mod provider;
 pub mod reload;
+pub mod retention;
+pub mod scheduler;
 pub mod server;
 pub mod service;
+pub mod test_hook;
 pub mod workflow;
 
 pub use error::Error;

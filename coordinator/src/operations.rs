@@ -153,6 +153,14 @@ impl Coordinator {
             .iter()
             .map(|group| {
                 let last = self.catalog().last_consistent(&group.name)?;
+                let status = self.schedule_status(group);
+                let consistent_sets = self
+                    .catalog()
+                    .finished(&group.name)?
+                    .iter()
+                    .filter(|s| s.consistent)
+                    .count() as u32;
+                let last_scheduled = self.catalog().last_scheduled(&group.name)?;
                 Ok(pb::GroupInfo {
                     name: group.name.clone(),
                     provider: group.provider.as_str().into(),
@@ -171,9 +179,59 @@ impl Coordinator {
                     running_set: running.get(&group.name).cloned().unwrap_or_default(),
                     last_consistent_set: last.as_ref().map(|l| l.0.clone()).unwrap_or_default(),
                     last_consistent_at_ms: last.map(|l| l.1).unwrap_or(0),
+                    schedule: group
+                        .schedule
+                        .as_ref()
+                        .map(|s| s.cron.clone())
+                        .unwrap_or_default(),
+                    next_run_at_ms: status.next_run_at_ms,
+                    overdue: status.overdue,
+                    retention: crate::retention::describe(group.retention.as_ref()),
+                    consistent_sets,
+                    last_scheduled_set: last_scheduled
+                        .as_ref()
+                        .map(|l| l.0.clone())
+                        .unwrap_or_default(),
+                    last_scheduled_at_ms: last_scheduled.map(|l| l.1).unwrap_or(0),
                 })
             })
             .collect()
+    }
+}
+
+impl Coordinator {
+    /// The Prometheus text: catalog-derived gauges refreshed, then everything encoded.
+    pub fn render_metrics(&self) -> String {
+        let metrics = self.metrics();
+        metrics.sets.clear();
+        if let Ok(counts) = self.catalog().counts() {
+            for (group, state, count) in counts {
+                let mut labels = crate::metrics::group(&group);
+                labels.push(("state".into(), state));
+                metrics.sets.get_or_create(&labels).set(count as i64);
+            }
+        }
+        for group in &self.config().groups {
+            let labels = crate::metrics::group(&group.name);
+            if let Ok(Some((_, at))) = self.catalog().last_consistent(&group.name) {
+                metrics
+                    .last_consistent
+                    .get_or_create(&labels)
+                    .set(at as f64 / 1000.0);
+            }
+            if group.schedule.is_some() {
+                let status = self.schedule_status(group);
+                metrics
+                    .overdue
+                    .get_or_create(&labels)
+                    .set(i64::from(status.overdue));
+                metrics
+                    .next_run
+                    .get_or_create(&labels)
+                    .set(status.next_run_at_ms as f64 / 1000.0);
+            }
+        }
+        metrics.encode()
     }
 }
 

@@ -3,8 +3,12 @@
 //! Every phase is written to the catalog before it is acted on. Whatever fails, every member
 //! that was sent a freeze is sent a thaw (idempotent by set id on the agent), partial snapshots
 //! are removed, and the set ends `failed` with the member and reason. A set is `consistent` only
-//! when every member froze, every snapshot returned, and every agent reports that its freeze
-//! held continuously until the thaw that followed the last snapshot.
+//! when the verdict (see [`verdict`]) computed from the recorded instants and every agent's thaw
+//! report says so: every member froze before the first snapshot call started, and every
+//! member's freeze held until after the last snapshot call returned.
+//!
+//! The freeze budget of the group bounds first freeze sent → last thaw sent: the freeze and
+//! snapshot phases get only what is left of it.
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -20,15 +24,23 @@ use tracing::{Instrument, error, info, info_span, warn};
 
 use crate::agent_client::{AgentClient, AgentDirectory};
 use crate::catalog::{Catalog, NewSet};
+use crate::clock::{Clock, SystemClock};
 use crate::config::{Config, GroupConfig};
 use crate::error::{Error, agent_error};
+use crate::metrics::Metrics;
 use crate::provider::{self, Snapshot, SnapshotProvider};
+use crate::test_hook::pause_after;
 
 pub struct Coordinator {
     config: Arc<Config>,
     catalog: Arc<Catalog>,
     agents: Arc<dyn AgentDirectory>,
     runs: Mutex<HashMap<String, JoinHandle<()>>>,
+    metrics: Arc<Metrics>,
+    /// Set ids, creation and phase times, schedules and retention (tests drive it). The
+    /// verdict's instants are always read from the system clock.
+    clock: Arc<dyn Clock>,
+    pub(crate) schedules: Mutex<HashMap<String, crate::scheduler::GroupSchedule>>,
 }
 
 /// One member host of a running set.
@@ -50,6 +62,13 @@ struct Run<'a> {
     catalog: &'a Catalog,
     members: Vec<Member>,
     first_freeze_sent: Option<Instant>,
+    /// Coordinator clock, ms: first snapshot call sent, last snapshot call returned.
+    first_snapshot_started_at_ms: u64,
+    last_snapshot_returned_at_ms: u64,
+    metrics: &'a Metrics,
+    clock: &'a dyn Clock,
+    phase_started: Instant,
+    current_phase: &'static str,
 }
 
 impl Coordinator {
@@ -58,12 +77,32 @@ impl Coordinator {
         catalog: Arc<Catalog>,
         agents: Arc<dyn AgentDirectory>,
     ) -> Arc<Self> {
+        Self::with_clock(config, catalog, agents, Arc::new(SystemClock))
+    }
+
+    pub fn with_clock(
+        config: Arc<Config>,
+        catalog: Arc<Catalog>,
+        agents: Arc<dyn AgentDirectory>,
+        clock: Arc<dyn Clock>,
+    ) -> Arc<Self> {
         Arc::new(Coordinator {
             config,
             catalog,
             agents,
             runs: Mutex::new(HashMap::new()),
+            metrics: Arc::new(Metrics::default()),
+            clock,
+            schedules: Mutex::new(HashMap::new()),
         })
+    }
+
+    pub fn clock(&self) -> &dyn Clock {
+        self.clock.as_ref()
+    }
+
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
     }
 
     pub fn config(&self) -> &Config {
@@ -101,8 +140,14 @@ impl Coordinator {
 
     /// Records a new set of `group` and starts running it in the background.
     pub fn start_set(self: &Arc<Self>, group: &str) -> Result<String, Error> {
+        self.start_set_with(group, "manual")
+    }
+
+    /// As [`start_set`](Self::start_set), saying what started it (`manual`, `schedule`).
+    pub fn start_set_with(self: &Arc<Self>, group: &str, trigger: &str) -> Result<String, Error> {
         let group_config = self.group(group)?;
-        let set_id = new_set_id(group);
+        let created_at_ms = self.clock.now_ms();
+        let set_id = new_set_id_at(group, created_at_ms);
         let volumes = group_config
             .members
             .iter()
@@ -116,8 +161,10 @@ impl Coordinator {
             id: &set_id,
             group,
             provider: group_config.provider.as_str(),
-            created_at_ms: unix_ms(),
+            created_at_ms,
             volumes,
+            trigger,
+            freeze_budget_ms: group_config.freeze_budget.as_millis() as u64,
         })?;
         let coordinator = self.clone();
         let id = set_id.clone();
@@ -192,6 +239,12 @@ impl Coordinator {
             catalog: &self.catalog,
             members,
             first_freeze_sent: None,
+            first_snapshot_started_at_ms: 0,
+            last_snapshot_returned_at_ms: 0,
+            metrics: &self.metrics,
+            clock: self.clock.as_ref(),
+            phase_started: Instant::now(),
+            current_phase: "planning",
         };
         if let Err(e) = run.execute().await {
             error!(error = %e, "catalog write failed; the set is left running for recovery");
@@ -246,7 +299,9 @@ impl Coordinator {
                     reason = format!("{reason}; but: {}", problems.join("; "));
                 }
                 warn!(%reason, "recovered an interrupted set");
-                let now = unix_ms();
+                let now = self.clock.now_ms();
+                self.catalog
+                    .set_verdict(&set.id, &format!("not consistent: {reason}"))?;
                 self.catalog.set_phase(&set.id, "aborted", now)?;
                 self.catalog.finish(&set.id, "failed", &reason, 0, 0, now)?;
                 recovered.push(set.id.clone());
@@ -264,13 +319,30 @@ impl Run<'_> {
         self.group.phase_timeout
     }
 
-    async fn phase(&self, phase: &str) -> Result<(), Error> {
+    /// Persists `phase` before anything of it is done, and times the phase that ended.
+    fn phase(&mut self, phase: &'static str) -> Result<(), Error> {
         info!(phase, "phase");
-        self.catalog.set_phase(&self.set_id, phase, unix_ms())?;
-        test_pause_after(phase).await;
+        self.catalog
+            .set_phase(&self.set_id, phase, self.clock.now_ms())?;
+        self.metrics.observe_phase(
+            &self.group.name,
+            self.current_phase,
+            self.phase_started.elapsed(),
+        );
+        self.current_phase = phase;
+        self.phase_started = Instant::now();
         Ok(())
     }
 
+    /// What is left of the freeze budget (all of it before the first freeze).
+    fn budget_left(&self) -> Duration {
+        match self.first_freeze_sent {
+            Some(sent) => self.group.freeze_budget.saturating_sub(sent.elapsed()),
+            None => self.group.freeze_budget,
+        }
+    }
+
+    /// Every member's host record, in one catalog transaction.
     fn save_hosts(&self) -> Result<(), Error> {
         let hosts: Vec<SetHost> = self.members.iter().map(|m| m.host.clone()).collect();
         Ok(self.catalog.update_hosts(&self.set_id, &hosts)?)
@@ -280,7 +352,7 @@ impl Run<'_> {
     async fn execute(&mut self) -> Result<(), Error> {
         let outcome = self.capture().await?;
         let thaw_failure = if self.first_freeze_sent.is_some() {
-            self.phase("thawing").await?;
+            self.phase("thawing")?;
             self.thaw().await?
         } else {
             None
@@ -295,39 +367,66 @@ impl Run<'_> {
             .map(|m| m.host.write_stall_ms)
             .max()
             .unwrap_or(0);
-        let failure = match (outcome.err(), thaw_failure) {
+        let mut failure = match (outcome.err(), thaw_failure) {
             (Some(first), Some(thaw)) => Some(format!("{first}; {thaw}")),
             (first, thaw) => first.or(thaw),
         };
+        let hosts: Vec<SetHost> = self.members.iter().map(|m| m.host.clone()).collect();
+        let verdict_text = match &failure {
+            Some(reason) => format!("not consistent: {reason}"),
+            None => match verdict(
+                &hosts,
+                self.first_snapshot_started_at_ms,
+                self.last_snapshot_returned_at_ms,
+            ) {
+                Ok(why) => format!("consistent: {why}"),
+                Err(why) => {
+                    failure = Some(format!("verdict: {why}"));
+                    format!("not consistent: {why}")
+                }
+            },
+        };
+        self.catalog.set_verdict(&self.set_id, &verdict_text)?;
+        pause_after("thawed").await;
         match failure {
             None => {
-                self.phase("committed").await?;
+                self.phase("committed")?;
                 self.catalog.finish(
                     &self.set_id,
                     "consistent",
                     "",
                     freeze_window_ms,
                     max_stall,
-                    unix_ms(),
+                    self.clock.now_ms(),
                 )?;
-                info!(freeze_window_ms, max_stall, "consistent");
+                self.metrics.finished(
+                    &self.group.name,
+                    true,
+                    self.first_freeze_sent.map(|s| s.elapsed()),
+                );
+                info!(freeze_window_ms, max_stall, verdict = %verdict_text, "consistent");
             }
             Some(reason) => {
-                self.phase("aborting").await?;
+                self.phase("aborting")?;
                 let cleanup = self.remove_snapshots().await;
                 let reason = match cleanup {
                     Ok(()) => reason,
                     Err(e) => format!("{reason}; partial snapshots not all removed: {e}"),
                 };
-                self.phase("aborted").await?;
+                self.phase("aborted")?;
                 self.catalog.finish(
                     &self.set_id,
                     "failed",
                     &reason,
                     freeze_window_ms,
                     max_stall,
-                    unix_ms(),
+                    self.clock.now_ms(),
                 )?;
+                self.metrics.finished(
+                    &self.group.name,
+                    false,
+                    self.first_freeze_sent.map(|s| s.elapsed()),
+                );
                 warn!(%reason, freeze_window_ms, "failed");
             }
         }
@@ -339,16 +438,21 @@ impl Run<'_> {
         if let Err(reason) = self.plan().await? {
             return Ok(Err(reason));
         }
-        self.phase("preparing").await?;
+        pause_after("planned").await;
+        self.phase("preparing")?;
         if let Err(reason) = self.prepare().await? {
             return Ok(Err(reason));
         }
-        self.phase("freezing").await?;
+        self.phase("freezing")?;
+        pause_after("freezing").await;
         if let Err(reason) = self.freeze().await? {
             return Ok(Err(reason));
         }
-        self.phase("snapshotting").await?;
-        self.snapshot().await
+        pause_after("frozen").await;
+        self.phase("snapshotting")?;
+        let snapshotted = self.snapshot().await?;
+        pause_after("snapshotted").await;
+        Ok(snapshotted)
     }
 
     /// Every member reachable, every mount allowed, resolved and fit for the provider.
@@ -360,6 +464,7 @@ impl Run<'_> {
         })
         .await;
         let mut problems = Vec::new();
+        let mut resolved = Vec::new();
         for (member, reply) in self.members.iter().zip(replies) {
             let info = match reply {
                 Ok(info) => info,
@@ -381,29 +486,36 @@ impl Run<'_> {
                     continue;
                 }
                 if !volume.frozen_by.is_empty() {
-                    problems.push(format!(
-                        "{}:{mount} is busy: set {} holds it frozen",
-                        member.agent, volume.frozen_by
-                    ));
+                    let other = group_of_set(&volume.frozen_by);
+                    if other != self.group.name {
+                        // Two groups (from two coordinators' configs) share this volume.
+                        problems.push(format!(
+                            "{}:{mount} is busy: set {} of group {other} holds it frozen; a volume belongs to one group, and groups {other} and {} both claim it",
+                            member.agent, volume.frozen_by, self.group.name
+                        ));
+                    } else {
+                        problems.push(format!(
+                            "{}:{mount} is busy: set {} holds it frozen",
+                            member.agent, volume.frozen_by
+                        ));
+                    }
                     continue;
                 }
                 if let Err(why) = self.provider.check_volume(&member.agent, volume) {
                     problems.push(why);
                     continue;
                 }
-                self.catalog.update_volume(
-                    &self.set_id,
-                    &SetVolume {
-                        agent: member.agent.clone(),
-                        mount_point: mount.clone(),
-                        device: volume.device.clone(),
-                        fs_type: volume.fs_type.clone(),
-                        backing_file: volume.backing_file.clone(),
-                        ..Default::default()
-                    },
-                )?;
+                resolved.push(SetVolume {
+                    agent: member.agent.clone(),
+                    mount_point: mount.clone(),
+                    device: volume.device.clone(),
+                    fs_type: volume.fs_type.clone(),
+                    backing_file: volume.backing_file.clone(),
+                    ..Default::default()
+                });
             }
         }
+        self.catalog.update_volumes(&self.set_id, &resolved)?;
         Ok(if problems.is_empty() {
             Ok(())
         } else {
@@ -449,21 +561,27 @@ impl Run<'_> {
             member.freeze_sent = true;
         }
         self.first_freeze_sent = Some(Instant::now());
-        let replies = fan_out(&self.members, self.timeout(), |m| {
+        let sent_at_ms = unix_ms();
+        let timeout = self.timeout().min(self.group.freeze_budget);
+        let replies = fan_out(&self.members, timeout, |m| {
             let client = m.client.clone();
             let req = agent_pb::FreezeVolumesRequest {
                 set_id: set_id.clone(),
                 mount_points: m.mounts.clone(),
                 lease_ms,
             };
-            async move { client.freeze_volumes(req).await }
+            // The reply's arrival, on the coordinator clock: every FIFREEZE of the member had
+            // returned before it.
+            async move { client.freeze_volumes(req).await.map(|r| (r, unix_ms())) }
         })
         .await;
         let mut problems = Vec::new();
         for (index, reply) in replies.into_iter().enumerate() {
             let member = &mut self.members[index];
+            member.host.freeze_sent_at_ms = sent_at_ms;
             match reply {
-                Ok(frozen) => {
+                Ok((frozen, acked_at_ms)) => {
+                    member.host.freeze_acked_at_ms = acked_at_ms;
                     member.host.state = "frozen".into();
                     member.host.freeze_started_at_ms = frozen.freeze_started_at_ms;
                     member.host.frozen_at_ms = frozen.frozen_at_ms;
@@ -485,53 +603,81 @@ impl Run<'_> {
 
     /// Snapshots every member while all are frozen, renewing their leases meanwhile.
     async fn snapshot(&mut self) -> Result<Result<(), String>, Error> {
+        let left = self.budget_left();
+        if left.is_zero() {
+            return Ok(Err(format!(
+                "the freeze budget of {} was used up by the freeze phase",
+                humantime::format_duration(self.group.freeze_budget)
+            )));
+        }
         let renewer = self.spawn_renewer();
         let set_id = self.set_id.clone();
-        let timeout = self.timeout();
+        let by_budget = left < self.timeout();
+        let timeout = self.timeout().min(left);
+        let why = if by_budget {
+            format!(
+                "the freeze budget of {} ({} left after freezing)",
+                humantime::format_duration(self.group.freeze_budget),
+                humantime::format_duration(Duration::from_millis(left.as_millis() as u64))
+            )
+        } else {
+            humantime::format_duration(timeout).to_string()
+        };
         let provider = &self.provider;
         let calls = self.members.iter().map(|m| {
             let set_id = set_id.clone();
+            let why = why.clone();
             async move {
-                match tokio::time::timeout(
+                let started = unix_ms();
+                let result = match tokio::time::timeout(
                     timeout,
                     provider.snapshot(&set_id, &m.agent, m.client.as_ref(), &m.mounts),
                 )
                 .await
                 {
                     Ok(result) => result,
-                    Err(_) => Err(format!(
-                        "{}: snapshot did not return within {}",
-                        m.agent,
-                        humantime::format_duration(timeout)
-                    )),
-                }
+                    Err(_) => Err(format!("{}: snapshot did not return within {why}", m.agent)),
+                };
+                (result, started, unix_ms())
             }
         });
         let replies = join_all(calls).await;
         renewer.abort();
+        self.first_snapshot_started_at_ms = replies.iter().map(|r| r.1).min().unwrap_or_default();
+        self.last_snapshot_returned_at_ms = replies.iter().map(|r| r.2).max().unwrap_or_default();
         let mut problems = Vec::new();
         let mut made = Vec::new();
-        for (index, reply) in replies.into_iter().enumerate() {
+        for (index, (reply, started, returned)) in replies.into_iter().enumerate() {
+            let member = &mut self.members[index];
+            member.host.snapshot_started_at_ms = started;
+            member.host.snapshot_returned_at_ms = returned;
             match reply {
                 Ok(snapshots) => {
-                    let agent = &self.members[index].agent;
                     made.extend(snapshots.iter().map(|s| {
                         (
-                            agent.clone(),
+                            member.agent.clone(),
                             s.mount_point.clone(),
                             s.snapshot_id.clone(),
                             s.size_bytes,
                         )
                     }));
-                    self.members[index].snapshots = snapshots;
+                    member.snapshots = snapshots;
                 }
                 Err(reason) => {
-                    self.members[index].snapshot_unsure = true;
+                    member.snapshot_unsure = true;
                     problems.push(format!("snapshot failed: {reason}"));
                 }
             }
         }
-        self.catalog.record_snapshots(&self.set_id, &made)?;
+        // One transaction: the group is still frozen while this is written.
+        let hosts: Vec<SetHost> = self.members.iter().map(|m| m.host.clone()).collect();
+        self.catalog.record_snapshots(
+            &self.set_id,
+            self.first_snapshot_started_at_ms,
+            self.last_snapshot_returned_at_ms,
+            &hosts,
+            &made,
+        )?;
         Ok(if problems.is_empty() {
             Ok(())
         } else {
@@ -574,6 +720,8 @@ impl Run<'_> {
     async fn thaw(&mut self) -> Result<Option<String>, Error> {
         let set_id = self.set_id.clone();
         let timeout = self.timeout();
+        pause_after("thawing").await;
+        let thaw_sent_at_ms = unix_ms();
         let calls = self.members.iter().filter(|m| m.freeze_sent).map(|m| {
             let client = m.client.clone();
             let set_id = set_id.clone();
@@ -604,6 +752,7 @@ impl Run<'_> {
             .collect();
         for (index, reply) in indices.into_iter().zip(replies) {
             let member = &mut self.members[index];
+            member.host.thaw_sent_at_ms = thaw_sent_at_ms;
             match reply {
                 Ok(thawed) => {
                     let end = freeze_end_name(thawed.end());
@@ -671,27 +820,107 @@ impl Run<'_> {
     }
 }
 
-/// Fault-injection hook for the integration tests: `QUIESCE_TEST_PAUSE_AFTER=<phase>:<ms>`
-/// makes the coordinator sleep that long right after persisting `<phase>`, so a test can
-/// SIGKILL or SIGSTOP it, or cut its network, at a known point (e.g. with every member frozen:
-/// `snapshotting:30000`). Unset in production; read on every phase so tests can set it per
-/// process.
-async fn test_pause_after(phase: &str) {
-    let Ok(spec) = std::env::var("QUIESCE_TEST_PAUSE_AFTER") else {
-        return;
-    };
-    let Some((at, ms)) = spec.split_once(':') else {
-        return;
-    };
-    if at == phase
-        && let Ok(ms) = ms.parse::<u64>()
-    {
-        warn!(
-            phase,
-            ms, "QUIESCE_TEST_PAUSE_AFTER: pausing (fault-injection test hook)"
-        );
-        tokio::time::sleep(Duration::from_millis(ms)).await;
+/// Decides whether a set whose every phase succeeded is a cut across its hosts.
+///
+/// Which clock each instant is on, and why the check is sound although hosts' clocks differ:
+///
+/// * Ordering is checked on the **coordinator's clock only**. `freeze_acked_at_ms` is when the
+///   member's freeze reply reached the coordinator; the agent answers only after every FIFREEZE
+///   of the member returned, so the member was frozen at that instant in real time.
+///   `first_snapshot_started_at_ms` and `last_snapshot_returned_at_ms` bound the snapshot calls;
+///   `thaw_sent_at_ms` is when the thaw was sent. Comparing these needs no agreement between
+///   hosts' clocks: one clock, read by one process, in the order things happened to it.
+/// * Continuity is the **agent's own statement**: `held_continuously` is true only when every
+///   volume stayed frozen from its FIFREEZE until the explicit thaw of this set (no lease end,
+///   no hard cap, no external thaw). A freeze that held until a thaw which was sent after the
+///   last snapshot returned held past that return, whatever the agent's clock says.
+/// * The agent-clock instants (`frozen_at_ms`, `thawed_at_ms`) are shown next to them and only
+///   used to report skew: an agent whose `frozen_at_ms` falls outside the coordinator's
+///   [freeze sent, freeze acked] window has a clock off by at least the difference.
+///
+/// `Ok` explains the cut; `Err` names every member that breaks it.
+pub fn verdict(
+    hosts: &[SetHost],
+    first_snapshot_started_at_ms: u64,
+    last_snapshot_returned_at_ms: u64,
+) -> Result<String, String> {
+    let mut problems = Vec::new();
+    if hosts.is_empty() {
+        problems.push("no members".to_owned());
     }
+    if first_snapshot_started_at_ms == 0 || last_snapshot_returned_at_ms == 0 {
+        problems.push("no snapshot call was recorded".to_owned());
+    }
+    let mut skews = Vec::new();
+    for host in hosts {
+        let agent = &host.agent;
+        if host.freeze_acked_at_ms == 0 {
+            problems.push(format!("{agent}: no freeze reply recorded"));
+        } else if host.freeze_acked_at_ms > first_snapshot_started_at_ms {
+            problems.push(format!(
+                "{agent}: frozen (reply at {}) only after the first snapshot call started ({})",
+                host.freeze_acked_at_ms, first_snapshot_started_at_ms
+            ));
+        }
+        if !host.held_continuously || host.freeze_end != "thawed" {
+            problems.push(format!(
+                "{agent}: freeze did not hold until the thaw (ended by {})",
+                if host.freeze_end.is_empty() {
+                    "unknown"
+                } else {
+                    &host.freeze_end
+                }
+            ));
+        }
+        if host.thaw_sent_at_ms < last_snapshot_returned_at_ms {
+            problems.push(format!(
+                "{agent}: thaw sent at {} before the last snapshot returned ({})",
+                host.thaw_sent_at_ms, last_snapshot_returned_at_ms
+            ));
+        }
+        if host.snapshot_returned_at_ms == 0 {
+            problems.push(format!("{agent}: its snapshot call never returned"));
+        }
+        if host.frozen_at_ms != 0 && host.freeze_acked_at_ms != 0 {
+            if host.frozen_at_ms > host.freeze_acked_at_ms {
+                skews.push(format!(
+                    "{agent} +{} ms",
+                    host.frozen_at_ms - host.freeze_acked_at_ms
+                ));
+            } else if host.frozen_at_ms < host.freeze_sent_at_ms {
+                skews.push(format!(
+                    "{agent} -{} ms",
+                    host.freeze_sent_at_ms - host.frozen_at_ms
+                ));
+            }
+        }
+    }
+    if !problems.is_empty() {
+        return Err(problems.join("; "));
+    }
+    let origin = hosts.iter().map(|h| h.freeze_sent_at_ms).min().unwrap_or(0);
+    let rel = |at: u64| at as i64 - origin as i64;
+    let last_freeze = hosts
+        .iter()
+        .map(|h| h.freeze_acked_at_ms)
+        .max()
+        .unwrap_or(0);
+    let first_thaw = hosts.iter().map(|h| h.thaw_sent_at_ms).min().unwrap_or(0);
+    let mut why = format!(
+        "all {} members frozen (last freeze reply +{} ms) before the first snapshot call (+{} ms); every freeze held until a thaw sent (+{} ms) after the last snapshot returned (+{} ms); coordinator clock, ms after the first freeze was sent",
+        hosts.len(),
+        rel(last_freeze),
+        rel(first_snapshot_started_at_ms),
+        rel(first_thaw),
+        rel(last_snapshot_returned_at_ms),
+    );
+    if !skews.is_empty() {
+        why.push_str(&format!(
+            "; agent clocks off by at least: {} (not used for the verdict)",
+            skews.join(", ")
+        ));
+    }
+    Ok(why)
 }
 
 /// Calls every member at once, each bounded by `timeout`; errors become one line.
@@ -740,6 +969,11 @@ pub fn freeze_end_name(end: agent_pb::FreezeEnd) -> &'static str {
     }
 }
 
+/// The group a set id belongs to: `<group>-<UTC stamp>-<hex>`.
+pub fn group_of_set(set_id: &str) -> &str {
+    set_id.rsplitn(3, '-').nth(2).unwrap_or(set_id)
+}
+
 pub fn unix_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -749,14 +983,21 @@ pub fn unix_ms() -> u64 {
 
 /// `pg-20261125T131200Z-3fa9`: group, UTC time, and 16 random bits. Sorts by time per group.
 pub fn new_set_id(group: &str) -> String {
-    let stamp = humantime::format_rfc3339_seconds(SystemTime::now())
+    new_set_id_at(group, unix_ms())
+}
+
+/// A set id for a set created at `at_ms`.
+pub fn new_set_id_at(group: &str, at_ms: u64) -> String {
+    let stamp = humantime::format_rfc3339_seconds(UNIX_EPOCH + Duration::from_millis(at_ms))
         .to_string()
         .replace(['-', ':'], "");
     let nanos = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.subsec_nanos())
         .unwrap_or(0);
-    let noise = (nanos ^ std::process::id().rotate_left(16)) & 0xffff;
+    static COUNTER: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let count = COUNTER.fetch_add(0x9e37, std::sync::atomic::Ordering::Relaxed);
+    let noise = (nanos ^ std::process::id().rotate_left(16) ^ count) & 0xffff;
     format!("{group}-{stamp}-{noise:04x}")
 }
 
@@ -780,6 +1021,7 @@ name = "g"
 provider = "reflink"
 lease = "3s"
 phase-timeout = "1s"
+freeze-budget = "800ms"
 [[group.member]]
 agent = "db1"
 mounts = ["/data", "/wal"]
@@ -949,6 +1191,8 @@ mounts = ["/data"]
                     ("db1".into(), "/data".into()),
                     ("db2".into(), "/data".into()),
                 ],
+                trigger: "manual",
+                freeze_budget_ms: 1000,
             })
             .unwrap();
         coordinator
@@ -966,12 +1210,173 @@ mounts = ["/data"]
         );
         assert!(db1.calls().contains(&Phase::Thaw) && db2.calls().contains(&Phase::Thaw));
         assert!(db1.calls().contains(&Phase::Delete));
+        assert!(
+            set.verdict
+                .starts_with("not consistent: the coordinator stopped")
+        );
+    }
+
+    #[tokio::test]
+    async fn a_clean_run_records_every_instant_and_a_consistent_verdict() {
+        let (coordinator, _db1, _db2) = setup();
+        let set = coordinator.backup("g").await.unwrap();
+        assert_eq!(set.state, "consistent", "{}", set.error);
+        assert!(
+            set.verdict
+                .starts_with("consistent: all 2 members frozen (last freeze reply +"),
+            "{}",
+            set.verdict
+        );
+        assert_eq!(set.freeze_budget_ms, 800);
+        assert_eq!(set.trigger, "manual");
+        assert!(set.first_snapshot_started_at_ms > 0);
+        for host in &set.hosts {
+            assert!(
+                host.freeze_sent_at_ms > 0 && host.frozen_at_ms > 0,
+                "{host:?}"
+            );
+            assert!(host.freeze_acked_at_ms <= set.first_snapshot_started_at_ms);
+            assert!(host.snapshot_returned_at_ms <= set.last_snapshot_returned_at_ms);
+            assert!(host.thaw_sent_at_ms >= set.last_snapshot_returned_at_ms);
+            assert!(host.thawed_at_ms > 0);
+        }
+    }
+
+    fn good_host(agent: &str) -> SetHost {
+        SetHost {
+            agent: agent.into(),
+            state: "thawed".into(),
+            freeze_sent_at_ms: 100,
+            freeze_acked_at_ms: 110,
+            frozen_at_ms: 105,
+            snapshot_started_at_ms: 120,
+            snapshot_returned_at_ms: 150,
+            thaw_sent_at_ms: 160,
+            thawed_at_ms: 170,
+            held_continuously: true,
+            freeze_end: "thawed".into(),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn the_verdict_needs_every_freeze_before_the_first_snapshot_and_held_past_the_last() {
+        let hosts = vec![good_host("db1"), good_host("db2")];
+        let ok = verdict(&hosts, 120, 150).unwrap();
+        assert!(
+            ok.contains("all 2 members frozen (last freeze reply +10 ms) before the first snapshot call (+20 ms); every freeze held until a thaw sent (+60 ms) after the last snapshot returned (+50 ms)"),
+            "{ok}"
+        );
+        assert!(!ok.contains("clocks off"), "{ok}");
+
+        let mut late = hosts.clone();
+        late[1].freeze_acked_at_ms = 121;
+        let err = verdict(&late, 120, 150).unwrap_err();
+        assert!(
+            err.contains(
+                "db2: frozen (reply at 121) only after the first snapshot call started (120)"
+            ),
+            "{err}"
+        );
+
+        let mut early_thaw = hosts.clone();
+        early_thaw[0].thaw_sent_at_ms = 149;
+        let err = verdict(&early_thaw, 120, 150).unwrap_err();
+        assert!(
+            err.contains("db1: thaw sent at 149 before the last snapshot returned (150)"),
+            "{err}"
+        );
+
+        let mut lease = hosts.clone();
+        lease[0].held_continuously = false;
+        lease[0].freeze_end = "lease-expired".into();
+        let err = verdict(&lease, 120, 150).unwrap_err();
+        assert!(
+            err.contains("db1: freeze did not hold until the thaw (ended by lease-expired)"),
+            "{err}"
+        );
+
+        let mut never = hosts.clone();
+        never[1].snapshot_returned_at_ms = 0;
+        assert!(
+            verdict(&never, 120, 150)
+                .unwrap_err()
+                .contains("db2: its snapshot call never returned")
+        );
+        assert!(verdict(&[], 120, 150).is_err());
+    }
+
+    #[test]
+    fn agent_clock_skew_is_reported_but_does_not_decide_the_verdict() {
+        let mut hosts = vec![good_host("db1"), good_host("db2")];
+        // db2's clock runs 5 s ahead: its frozen_at is after the coordinator got its reply.
+        hosts[1].frozen_at_ms = 5_105;
+        hosts[1].thawed_at_ms = 5_170;
+        // db1's runs 1 s behind.
+        hosts[0].frozen_at_ms = 90;
+        let ok = verdict(&hosts, 120, 150).unwrap();
+        assert!(
+            ok.contains("agent clocks off by at least: db1 -10 ms, db2 +4995 ms"),
+            "{ok}"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_snapshot_slower_than_the_freeze_budget_fails_the_set_and_thaws_everyone() {
+        let (coordinator, db1, db2) = setup();
+        db2.delay(Phase::Snapshot, Duration::from_secs(5));
+        let set = coordinator.backup("g").await.unwrap();
+        assert_eq!(set.state, "failed");
+        assert!(
+            set.error
+                .contains("db2: snapshot did not return within the freeze budget of 800ms"),
+            "{}",
+            set.error
+        );
+        assert!(
+            set.verdict.starts_with("not consistent:"),
+            "{}",
+            set.verdict
+        );
+        assert!(!db1.is_frozen() && !db2.is_frozen());
+        assert!(db1.live_snapshots().is_empty(), "db1's snapshot removed");
+        assert!(db2.calls().contains(&Phase::Delete));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_slow_freeze_eats_the_budget_left_for_snapshots() {
+        let (coordinator, db1, db2) = setup();
+        db1.delay(Phase::Freeze, Duration::from_millis(500));
+        db2.delay(Phase::Snapshot, Duration::from_millis(400));
+        let set = coordinator.backup("g").await.unwrap();
+        assert_eq!(set.state, "failed", "{}", set.verdict);
+        assert!(set.error.contains("left after freezing"), "{}", set.error);
+        assert!(!db1.is_frozen() && !db2.is_frozen());
+    }
+
+    #[tokio::test]
+    async fn a_volume_held_by_another_groups_set_is_refused_at_plan_time_naming_both_groups() {
+        let (coordinator, db1, _db2) = setup();
+        let other = new_set_id("billing-eu");
+        db1.hold("/wal", &other);
+        let set = coordinator.backup("g").await.unwrap();
+        assert_eq!(set.state, "failed");
+        assert!(
+            set.error.contains(&format!(
+                "db1:/wal is busy: set {other} of group billing-eu holds it frozen; a volume belongs to one group, and groups billing-eu and g both claim it"
+            )),
+            "{}",
+            set.error
+        );
+        assert!(!db1.calls().contains(&Phase::Freeze));
     }
 
     #[test]
     fn set_ids_start_with_the_group_and_are_safe_file_names() {
         let id = new_set_id("pg");
         assert!(id.starts_with("pg-20"), "{id}");
+        assert_eq!(group_of_set(&id), "pg");
+        assert_eq!(group_of_set(&new_set_id("a-b_c")), "a-b_c");
         assert!(
             id.chars().all(|c| c.is_ascii_alphanumeric() || c == '-'),
             "{id}"

@@ -225,17 +225,18 @@ mod direct {
         if !require_root() {
             return;
         }
-        // The coordinator pauses after persisting `preparing`; the test stops the agent there,
-        // so the prepare call hangs until the 2 s phase deadline.
+        // The coordinator pauses 2 s once its plan is done; the test stops the agent in that
+        // pause, so the prepare call that follows hangs until the 2 s phase deadline.
         let rig = Rig::start(
             "fault-prepare-hang",
             Duration::from_secs(2),
             "",
             false,
-            "preparing:800",
+            "planned:2s",
         );
         let id = rig.start_backup();
-        rig.wait_for_phase(&id, "preparing", Duration::from_secs(10));
+        // The plan (one host-info call) is done well within this.
+        std::thread::sleep(Duration::from_millis(700));
         rig.agent.signal(Signal::SIGSTOP);
         let (state, error) = rig.wait_for_end(&id, Duration::from_secs(20));
         rig.agent.signal(Signal::SIGCONT);

@@ -140,6 +140,21 @@ fn run(path: &Path, insecure: bool) -> anyhow::Result<ExitCode> {
                 "interrupted sets thawed, cleaned up and marked failed"
             );
         }
+        if let Some(addr) = coordinator.config().metrics_listen {
+            match tokio::net::TcpListener::bind(addr).await {
+                Ok(metrics) => {
+                    tracing::info!(listen = %addr, "metrics on http://{addr}/metrics");
+                    let c = coordinator.clone();
+                    tokio::spawn(quiesce_coordinator::metrics::serve_http(
+                        metrics,
+                        move || c.render_metrics(),
+                        std::future::pending(),
+                    ));
+                }
+                Err(e) => tracing::warn!(listen = %addr, error = %e, "metrics endpoint not served"),
+            }
+        }
+        tokio::spawn(coordinator.clone().run_schedules(std::future::pending()));
         let listener = tokio::net::TcpListener::bind(listen)
             .await
             .with_context(|| format!("binding {listen}"))?;

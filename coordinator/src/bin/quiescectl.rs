@@ -452,11 +452,33 @@ async fn run(
                                     ago(g.last_consistent_at_ms)
                                 )
                             },
+                            if g.schedule.is_empty() {
+                                "-".into()
+                            } else {
+                                format!("{} → {}", g.schedule, at(g.next_run_at_ms))
+                            },
+                            if g.schedule.is_empty() {
+                                "-".into()
+                            } else if g.overdue {
+                                "OVERDUE".into()
+                            } else {
+                                "ok".into()
+                            },
+                            format!("{}; {} consistent", g.retention, g.consistent_sets),
                         ]
                     })
                     .collect();
                 table(
-                    &["GROUP", "PROVIDER", "MEMBERS", "RUNNING", "LAST CONSISTENT"],
+                    &[
+                        "GROUP",
+                        "PROVIDER",
+                        "MEMBERS",
+                        "RUNNING",
+                        "LAST CONSISTENT",
+                        "SCHEDULE → NEXT RUN",
+                        "STATUS",
+                        "RETENTION",
+                    ],
                     rows,
                 );
             }
@@ -566,7 +588,28 @@ fn print_set(set: &pb::SnapshotSet) {
         "longest stall  {} (writes blocked on one host)",
         ms(set.max_write_stall_ms)
     );
+    println!(
+        "freeze budget  {}; started by {}",
+        ms(set.freeze_budget_ms),
+        dash(&set.trigger)
+    );
+    println!("verdict        {}", dash(&set.verdict));
     println!();
+    // Instants relative to the set's creation. FROZEN and THAWED are on each agent's clock,
+    // the others on the coordinator's: the verdict orders only the coordinator's.
+    let start = set.created_at_ms;
+    let rel = |at: u64| {
+        if at == 0 {
+            "-".to_string()
+        } else {
+            format!("+{}", at as i64 - start as i64)
+        }
+    };
+    println!(
+        "snapshots      first call sent {} ms, last returned {} ms (coordinator clock)",
+        rel(set.first_snapshot_started_at_ms),
+        rel(set.last_snapshot_returned_at_ms)
+    );
     let rows = set
         .hosts
         .iter()
@@ -574,6 +617,11 @@ fn print_set(set: &pb::SnapshotSet) {
             vec![
                 h.agent.clone(),
                 h.state.clone(),
+                rel(h.freeze_acked_at_ms),
+                rel(h.frozen_at_ms),
+                rel(h.snapshot_returned_at_ms),
+                rel(h.thaw_sent_at_ms),
+                rel(h.thawed_at_ms),
                 if h.held_continuously { "yes" } else { "no" }.into(),
                 dash(&h.freeze_end),
                 ms(h.write_stall_ms),
@@ -582,9 +630,22 @@ fn print_set(set: &pb::SnapshotSet) {
         })
         .collect();
     table(
-        &["HOST", "STATE", "HELD", "FREEZE END", "STALL", "ERROR"],
+        &[
+            "HOST",
+            "STATE",
+            "FROZEN(C)",
+            "FROZEN(A)",
+            "SNAP DONE(C)",
+            "THAW SENT(C)",
+            "THAWED(A)",
+            "HELD",
+            "FREEZE END",
+            "STALL",
+            "ERROR",
+        ],
         rows,
     );
+    println!("(C) coordinator clock, (A) the agent's clock; ms after the set was created");
     println!();
     let rows = set
         .volumes
@@ -601,7 +662,6 @@ fn print_set(set: &pb::SnapshotSet) {
         .collect();
     table(&["HOST", "MOUNT", "DEVICE", "FS", "SNAPSHOT"], rows);
     println!();
-    let start = set.created_at_ms;
     let rows = set
         .phases
         .iter()
@@ -637,6 +697,13 @@ fn ago(at_ms: u64) -> String {
         "{stamp} ({} ago)",
         humantime::format_duration(Duration::from_secs(secs))
     )
+}
+
+fn at(at_ms: u64) -> String {
+    if at_ms == 0 {
+        return "-".into();
+    }
+    humantime::format_rfc3339_seconds(UNIX_EPOCH + Duration::from_millis(at_ms)).to_string()
 }
 
 fn table(headers: &[&str], rows: Vec<Vec<String>>) {
