@@ -125,22 +125,17 @@ impl PostgresHook {
             .get(0);
         Ok(Connection {
             client,
-            task,
+            _task: task,
             version,
         })
     }
 }
 
+/// Dropping the client ends the connection task: it sends Terminate and closes the socket.
 struct Connection {
     client: Client,
-    task: JoinHandle<()>,
+    _task: JoinHandle<()>,
     version: i32,
-}
-
-impl Drop for Connection {
-    fn drop(&mut self) {
-        self.task.abort();
-    }
 }
 
 /// The server's own message (with SQLSTATE) when there is one.
