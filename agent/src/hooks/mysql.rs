@@ -77,6 +77,8 @@ impl MysqlConfig {
 
 /// ER_LOCK_WAIT_TIMEOUT.
 const LOCK_WAIT_TIMEOUT: u16 = 1205;
+/// ER_BACKUP_NOT_RUNNING: "You must start backup with BACKUP STAGE START".
+const NO_BACKUP_STAGE: u16 = 4146;
 /// ER_ACCESS_DENIED_ERROR (bad user or password).
 const ACCESS_DENIED: u16 = 1045;
 
@@ -219,11 +221,17 @@ impl Hook for MysqlHook {
             .query_drop(format!("SET SESSION lock_wait_timeout = {secs}"))
             .await
             .map_err(|e| my_error(&e))?;
-        session
-            .query_drop("FLUSH LOCAL TABLES")
-            .await
-            .map_err(|e| format!("FLUSH LOCAL TABLES: {}", my_error(&e)))?;
         let mut values = HookValues::default();
+        // Best effort: it only shortens the lock to come. A table held by a long statement
+        // makes it wait; that is the quiesce's business (with retries), not a failure here.
+        match session.query_drop("FLUSH LOCAL TABLES").await {
+            Ok(()) => values.set("flush", "done"),
+            Err(mysql_async::Error::Server(s)) if s.code == LOCK_WAIT_TIMEOUT => {
+                tracing::warn!(hook = %self.name, "FLUSH LOCAL TABLES timed out; going on");
+                values.set("flush", "skipped: lock wait timeout");
+            }
+            Err(e) => return Err(format!("FLUSH LOCAL TABLES: {}", my_error(&e))),
+        }
         values.set("server-version", version);
         let id = session.id();
         Ok(Box::new(MysqlSession {
@@ -285,7 +293,11 @@ impl MysqlSession {
         } else {
             "UNLOCK TABLES"
         };
-        self.exec(sql).await?;
+        match self.exec(sql).await {
+            // A failed BACKUP STAGE statement already ended the backup on the server.
+            Err(mysql_async::Error::Server(s)) if s.code == NO_BACKUP_STAGE => {}
+            other => other?,
+        }
         self.locked = false;
         Ok(())
     }
