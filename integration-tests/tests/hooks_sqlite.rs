@@ -139,7 +139,11 @@ async fn sqlite_sets_under_load_restore_consistent_and_outside_paths_are_refused
     let mut with_hook = Vec::new();
     let mut without = Vec::new();
     let mut hook_ms = Vec::new();
-    for round in 0..3 {
+    let runs: usize = std::env::var("QUIESCE_HOOKS_RUNS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(3);
+    for round in 0..runs {
         let before = commits.load(Ordering::Relaxed);
         let set = stack.backup("g").await;
         assert_eq!(set.state, "consistent", "{}", set.error);
