@@ -168,7 +168,7 @@ pub struct FreezeManager {
     watchdog: Arc<dyn Watchdog>,
     inner: Mutex<Inner>,
     hooks: HookRegistry,
-    prepared: PreparedSets,
+    prepared: Arc<PreparedSets>,
 }
 
 impl FreezeManager {
@@ -202,7 +202,7 @@ impl FreezeManager {
             watchdog,
             inner: Mutex::new(Inner::default()),
             hooks,
-            prepared: PreparedSets::default(),
+            prepared: Arc::default(),
         })
     }
 
@@ -253,9 +253,21 @@ impl FreezeManager {
             };
             self.resolve(mounts)?;
             let set = HookSet::prepare(&self.hooks, hooks, &ctx).await?;
-            for mut stale in self.prepared.insert(set, self.config.max_freeze) {
+            let ttl = self.config.max_freeze;
+            for mut stale in self.prepared.insert(set, ttl) {
                 stale.release().await;
             }
+            // Nobody came to freeze or thaw this set (its coordinator failed elsewhere or
+            // died): close its sessions after max-freeze, so no backup or lock stays open.
+            let prepared = self.prepared.clone();
+            let id = set_id.to_owned();
+            tokio::spawn(async move {
+                tokio::time::sleep(ttl).await;
+                if let Some(mut set) = prepared.take_expired(&id, ttl) {
+                    warn!(set_id = %id, "prepared hooks never frozen; closing them");
+                    set.release().await;
+                }
+            });
         }
         for volume in self.resolve(mounts)? {
             let freezer = self.freezer.clone();
@@ -1353,6 +1365,21 @@ mod tests {
             assert!(err.to_string().contains("prepared []"), "{err}");
             assert!(log.lines().is_empty());
             assert!(!f.freezer.is_frozen(&f.mounts[0]));
+        }
+
+        #[tokio::test]
+        async fn prepared_hooks_never_frozen_are_released_after_max_freeze() {
+            let (f, log) = hooked(
+                1,
+                |config| config.max_freeze = Duration::from_millis(200),
+                vec![("a", Script::default())],
+            );
+            f.manager
+                .prepare_with_hooks("s1", &f.mounts, &names(&["a"]))
+                .await
+                .unwrap();
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            assert_eq!(log.lines(), ["a prepare", "a release"]);
         }
 
         #[tokio::test]

@@ -402,6 +402,23 @@ impl Run<'_> {
         })
     }
 
+    /// No freeze follows a failed prepare: members whose hooks prepared are sent a thaw (which
+    /// closes their hook sessions at once; their agents would after max-freeze anyway).
+    async fn release_prepared_hooks<T>(&self, replies: &[Result<T, String>]) {
+        let calls = self
+            .members
+            .iter()
+            .zip(replies)
+            .filter(|(m, reply)| !m.hooks.is_empty() && reply.is_ok())
+            .map(|(m, _)| {
+                let req = agent_pb::ThawVolumesRequest {
+                    set_id: self.set_id.clone(),
+                };
+                tokio::time::timeout(self.timeout(), m.client.thaw_volumes(req))
+            });
+        join_all(calls).await;
+    }
+
     /// Completeness check: every path a member's databases write must lie on one of that
     /// member's volumes in this group — a WAL or binlog volume left out would make every set
     /// silently unusable.
@@ -473,6 +490,9 @@ impl Run<'_> {
                 }
             }
             self.save_host(index)?;
+        }
+        if !problems.is_empty() {
+            self.release_prepared_hooks(&replies).await;
         }
         Ok(if problems.is_empty() {
             Ok(())
@@ -1130,6 +1150,22 @@ mounts = ["/data"]
         }
         assert!(!db1.calls().contains(&Phase::Prepare));
         assert!(!db2.calls().contains(&Phase::Freeze));
+    }
+
+    #[tokio::test]
+    async fn a_failed_prepare_elsewhere_releases_the_hooks_that_prepared() {
+        let (coordinator, db1, db2) = setup_with_hooks();
+        db1.add_hook("pg", &[("data_directory", "/data/pg", "/data")]);
+        db1.add_hook("scripts", &[]);
+        db2.fail(Phase::Prepare, Status::internal("syncfs failed"));
+        let set = coordinator.backup("g").await.unwrap();
+        assert_eq!(set.state, "failed");
+        assert!(
+            db1.calls().contains(&Phase::Thaw),
+            "db1's hook sessions closed"
+        );
+        assert!(!db1.calls().contains(&Phase::Freeze));
+        assert!(!db2.calls().contains(&Phase::Thaw), "db2 has no hooks");
     }
 
     #[tokio::test]

@@ -680,6 +680,17 @@ impl PreparedSets {
     pub fn take(&self, set_id: &str) -> Option<HookSet> {
         self.sets.lock().unwrap().remove(set_id)
     }
+
+    /// Takes the set only if it was prepared at least `ttl` ago (not a newer prepare of the
+    /// same id).
+    pub fn take_expired(&self, set_id: &str, ttl: Duration) -> Option<HookSet> {
+        let mut sets = self.sets.lock().unwrap();
+        if sets.get(set_id).is_some_and(|s| s.age() >= ttl) {
+            sets.remove(set_id)
+        } else {
+            None
+        }
+    }
 }
 
 #[cfg(test)]

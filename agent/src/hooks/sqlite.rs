@@ -2,9 +2,10 @@
 //! `PRAGMA wal_checkpoint(TRUNCATE)` (so the snapshot's WAL is short); quiesce takes the write
 //! lock with `BEGIN IMMEDIATE` (writers wait, readers go on); resume `ROLLBACK`s it.
 //!
-//! rusqlite is blocking: every call runs on the blocking pool. The busy timeout of the
-//! connection is the quiesce timeout, so a `BEGIN IMMEDIATE` that cannot get the lock gives up
-//! on its own rather than outliving the phase.
+//! rusqlite is blocking: every call runs on the blocking pool. `BEGIN IMMEDIATE` is retried
+//! every millisecond (SQLite's own busy handler backs off to 100 ms and starves behind busy
+//! writers) until 90% of the quiesce timeout, so it gives up on its own rather than outliving
+//! the phase.
 
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
@@ -131,6 +132,7 @@ impl Hook for SqliteHook {
         Ok(Box::new(SqliteSession {
             conn,
             in_transaction: false,
+            lock_for: self.config.quiesce_timeout.mul_f64(0.9),
             values,
         }))
     }
@@ -139,6 +141,8 @@ impl Hook for SqliteHook {
 struct SqliteSession {
     conn: Arc<Mutex<Connection>>,
     in_transaction: bool,
+    /// How long `BEGIN IMMEDIATE` keeps trying.
+    lock_for: Duration,
     values: HookValues,
 }
 
@@ -146,8 +150,22 @@ struct SqliteSession {
 impl HookSession for SqliteSession {
     async fn quiesce(&mut self) -> HookResult<()> {
         self.in_transaction = true;
-        let version = blocking(&self.conn, |c| {
-            c.execute_batch("BEGIN IMMEDIATE")?;
+        let lock_for = self.lock_for;
+        let version = blocking(&self.conn, move |c| {
+            c.busy_timeout(Duration::ZERO)?;
+            let deadline = std::time::Instant::now() + lock_for;
+            loop {
+                match c.execute_batch("BEGIN IMMEDIATE") {
+                    Ok(()) => break,
+                    Err(rusqlite::Error::SqliteFailure(e, _))
+                        if e.code == rusqlite::ErrorCode::DatabaseBusy
+                            && std::time::Instant::now() < deadline =>
+                    {
+                        std::thread::sleep(Duration::from_millis(1));
+                    }
+                    Err(e) => return Err(e),
+                }
+            }
             c.query_row("PRAGMA data_version", [], |r| r.get::<_, i64>(0))
         })
         .await

@@ -748,3 +748,53 @@ fn table(headers: &[&str], rows: Vec<Vec<String>>) {
         line(row);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+
+    fn set_with_label(label: &str) -> pb::SnapshotSet {
+        pb::SnapshotSet {
+            id: "pg-1".into(),
+            state: "consistent".into(),
+            hook_outputs: vec![pb::SetHookOutput {
+                agent: "db1".into(),
+                hook: "pg-main".into(),
+                backup_label: label.into(),
+                tablespace_map: "16384 /mnt/ts/pg\n".into(),
+                ..Default::default()
+            }],
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn backup_label_is_written_byte_for_byte_private_and_never_over_a_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let label = "START WAL LOCATION: 0/2000028 (file 000000010000000000000002)\n";
+        let set = set_with_label(label);
+        let written = write_backup_label(&set, "pg-main", None, dir.path()).unwrap();
+        assert_eq!(written.len(), 2);
+        assert_eq!(
+            std::fs::read_to_string(dir.path().join("backup_label")).unwrap(),
+            label
+        );
+        let mode = std::fs::metadata(dir.path().join("tablespace_map"))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600);
+        let again = write_backup_label(&set, "pg-main", None, dir.path()).unwrap_err();
+        assert!(again.contains("cannot create"), "{again}");
+    }
+
+    #[test]
+    fn a_crash_mode_set_has_no_label_to_write() {
+        let dir = tempfile::tempdir().unwrap();
+        let err = write_backup_label(&set_with_label(""), "pg-main", None, dir.path()).unwrap_err();
+        assert!(err.contains("crash-consistent mode needs none"), "{err}");
+        let err = write_backup_label(&set_with_label("x"), "other", None, dir.path()).unwrap_err();
+        assert!(err.contains("no output of hook other"), "{err}");
+    }
+}
