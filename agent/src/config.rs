@@ -1,6 +1,6 @@
 //! The agent's TOML config (see `packaging/agent.toml` for the commented sample).
 
-use std::collections::HashSet;
+use std::collections::{BTreeMap, HashSet};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -39,6 +39,9 @@ pub struct Config {
     pub volumes: Vec<VolumeConfig>,
     #[serde(default)]
     pub reflink: ReflinkConfig,
+    /// Database and script hooks, by name (`[hook.NAME]`); coordinators name them per member.
+    #[serde(default, rename = "hook")]
+    pub hooks: BTreeMap<String, crate::hooks::HookConfig>,
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
@@ -163,6 +166,9 @@ impl Config {
                 "reflink.snapshot-dir {} must be an absolute path",
                 dir.display()
             ));
+        }
+        for (name, hook) in &self.hooks {
+            problems.extend(hook.problems(name));
         }
         problems
     }

@@ -76,6 +76,8 @@ pub enum Error {
     GuardianGone,
     #[error(transparent)]
     Reflink(#[from] crate::reflink::ReflinkError),
+    #[error(transparent)]
+    Hook(#[from] crate::hooks::HookError),
 }
 
 impl From<Error> for Status {
@@ -100,6 +102,7 @@ impl From<Error> for Status {
             Error::Record { .. } => Code::Internal,
             Error::GuardianGone => Code::Unavailable,
             Error::Reflink(e) => e.code(),
+            Error::Hook(e) => e.code(),
         };
         Status::new(code, error_chain(&err))
     }

@@ -21,6 +21,7 @@ use tracing::{error, info, warn};
 use crate::config::Config;
 use crate::error::Error;
 use crate::freezer::Freezer;
+use crate::hooks::{HookContext, HookError, HookOutput, HookRegistry, HookSet, PreparedSets};
 use crate::mounts::{DevId, MountTable};
 use crate::records::{FreezeRecord, RecordStore, RecordedVolume};
 use crate::volumes::{AgentFiles, Volume, resolve_all};
@@ -64,6 +65,8 @@ pub struct ThawReport {
     pub thawed_at_ms: u64,
     /// First FIFREEZE started → last FITHAW returned: how long writers were blocked.
     pub write_stall_ms: u64,
+    /// What each hook of the set recorded, in the order they were named.
+    pub hooks: Vec<HookOutput>,
 }
 
 impl ThawReport {
@@ -75,6 +78,7 @@ impl ThawReport {
             frozen_at_ms: 0,
             thawed_at_ms: 0,
             write_stall_ms: 0,
+            hooks: Vec::new(),
         }
     }
 }
@@ -123,6 +127,8 @@ struct Session {
     frozen_at_ms: u64,
     lease_deadline: Instant,
     hard_deadline: Instant,
+    /// Hooks quiesced for this freeze: resumed after the thaw, whatever ends it.
+    hooks: Option<HookSet>,
 }
 
 impl Session {
@@ -161,6 +167,8 @@ pub struct FreezeManager {
     records: RecordStore,
     watchdog: Arc<dyn Watchdog>,
     inner: Mutex<Inner>,
+    hooks: HookRegistry,
+    prepared: Arc<PreparedSets>,
 }
 
 impl FreezeManager {
@@ -170,6 +178,19 @@ impl FreezeManager {
         mounts: Arc<dyn MountTable>,
         agent_files: AgentFiles,
         watchdog: Arc<dyn Watchdog>,
+    ) -> Arc<Self> {
+        let hooks = HookRegistry::from_config(&config.hooks);
+        Self::with_hooks(config, freezer, mounts, agent_files, watchdog, hooks)
+    }
+
+    /// As `new`, with hooks other than the config's (tests use fakes).
+    pub fn with_hooks(
+        config: Arc<Config>,
+        freezer: Arc<dyn Freezer>,
+        mounts: Arc<dyn MountTable>,
+        agent_files: AgentFiles,
+        watchdog: Arc<dyn Watchdog>,
+        hooks: HookRegistry,
     ) -> Arc<Self> {
         let records = RecordStore::new(&config.state_dir);
         if let Err(e) = records.create_dir() {
@@ -184,7 +205,13 @@ impl FreezeManager {
             records,
             watchdog,
             inner: Mutex::new(Inner::default()),
+            hooks,
+            prepared: Arc::default(),
         })
+    }
+
+    pub fn hooks(&self) -> &HookRegistry {
+        &self.hooks
     }
 
     pub fn config(&self) -> &Config {
@@ -210,8 +237,42 @@ impl FreezeManager {
 
     /// Outside any freeze: syncfs each volume so that FIFREEZE has little left to flush.
     pub async fn prepare(&self, set_id: &str, mounts: &[PathBuf]) -> Result<Duration, Error> {
+        self.prepare_with_hooks(set_id, mounts, &[]).await
+    }
+
+    /// `prepare`, then the prepare phase of every named hook: their sessions wait, keyed by
+    /// set id, for the freeze (or are dropped after max-freeze if it never comes).
+    pub async fn prepare_with_hooks(
+        &self,
+        set_id: &str,
+        mounts: &[PathBuf],
+        hooks: &[String],
+    ) -> Result<Duration, Error> {
         validate_set_id(set_id)?;
         let started = Instant::now();
+        if !hooks.is_empty() {
+            let ctx = HookContext {
+                set_id: set_id.to_owned(),
+                mounts: mounts.to_vec(),
+            };
+            self.resolve(mounts)?;
+            let set = HookSet::prepare(&self.hooks, hooks, &ctx).await?;
+            let ttl = self.config.max_freeze;
+            for mut stale in self.prepared.insert(set, ttl) {
+                stale.release().await;
+            }
+            // Nobody came to freeze or thaw this set (its coordinator failed elsewhere or
+            // died): close its sessions after max-freeze, so no backup or lock stays open.
+            let prepared = self.prepared.clone();
+            let id = set_id.to_owned();
+            tokio::spawn(async move {
+                tokio::time::sleep(ttl).await;
+                if let Some(mut set) = prepared.take_expired(&id, ttl) {
+                    warn!(set_id = %id, "prepared hooks never frozen; closing them");
+                    set.release().await;
+                }
+            });
+        }
         for volume in self.resolve(mounts)? {
             let freezer = self.freezer.clone();
             let mount = volume.mount_point.clone();
@@ -235,6 +296,19 @@ impl FreezeManager {
         set_id: &str,
         mounts: &[PathBuf],
         lease: Option<Duration>,
+    ) -> Result<FreezeInfo, Error> {
+        self.freeze_with_hooks(set_id, mounts, lease, &[]).await
+    }
+
+    /// `freeze`, with the named hooks (prepared by `prepare_with_hooks`) quiesced just before
+    /// the first FIFREEZE. A quiesce failure resumes the hooks that quiesced and fails the
+    /// freeze before anything is frozen.
+    pub async fn freeze_with_hooks(
+        self: &Arc<Self>,
+        set_id: &str,
+        mounts: &[PathBuf],
+        lease: Option<Duration>,
+        hooks: &[String],
     ) -> Result<FreezeInfo, Error> {
         validate_set_id(set_id)?;
         let volumes = self.resolve(mounts)?;
@@ -271,6 +345,7 @@ impl FreezeManager {
             frozen_at_ms: 0,
             lease_deadline: now,
             hard_deadline: now,
+            hooks: None,
         }));
         let mut guard = session
             .clone()
@@ -278,6 +353,13 @@ impl FreezeManager {
             .expect("a session nobody else has seen is unlocked");
         if let Some(existing) = self.register(set_id, &guard, &session)? {
             return self.existing_freeze(set_id, &volumes, existing).await;
+        }
+        match self.take_prepared_hooks(set_id, hooks).await {
+            Ok(set) => guard.hooks = set,
+            Err(err) => {
+                self.forget(set_id, &guard);
+                return Err(err.into());
+            }
         }
 
         let record = FreezeRecord {
@@ -300,6 +382,14 @@ impl FreezeManager {
             return Err(Error::GuardianGone);
         }
 
+        if let Some(hooks) = guard.hooks.as_mut()
+            && let Err((err, _outputs)) = hooks.quiesce().await
+        {
+            guard.hooks = None;
+            self.forget(set_id, &guard);
+            return Err(err.into());
+        }
+
         let freeze_started = Instant::now();
         guard.freeze_started = freeze_started;
         guard.freeze_started_at_ms = unix_ms();
@@ -312,6 +402,7 @@ impl FreezeManager {
                     }
                 }
                 guard.phase = Phase::Ended(ThawReport::unknown());
+                let mut hooks = guard.hooks.take();
                 match stuck {
                     // The ioctl is still running: keep the filesystem reserved until it returns,
                     // then thaw it and let the set go.
@@ -327,10 +418,18 @@ impl FreezeManager {
                                         .await;
                                 warn!(set_id = %guard.set_id, ?thawed, "late FIFREEZE returned; thawed");
                             }
+                            if let Some(hooks) = hooks.as_mut() {
+                                hooks.resume(false).await;
+                            }
                             manager.forget(&guard.set_id.clone(), &guard);
                         });
                     }
-                    None => self.forget(set_id, &guard),
+                    None => {
+                        if let Some(hooks) = hooks.as_mut() {
+                            hooks.resume(false).await;
+                        }
+                        self.forget(set_id, &guard)
+                    }
                 }
                 return Err(err);
             }
@@ -492,6 +591,13 @@ impl FreezeManager {
             }
         }
         let thawed_at_ms = unix_ms();
+        let write_stall_ms = session.freeze_started.elapsed().as_millis() as u64;
+        // After the last FITHAW: resume every quiesced hook, in reverse order.
+        let hooks = match session.hooks.as_mut() {
+            Some(hooks) => hooks.resume(true).await,
+            None => Vec::new(),
+        };
+        session.hooks = None;
         let end = if external && end == FreezeEnd::Thawed {
             FreezeEnd::ExternalThaw
         } else {
@@ -503,7 +609,8 @@ impl FreezeManager {
             freeze_started_at_ms: session.freeze_started_at_ms,
             frozen_at_ms: session.frozen_at_ms,
             thawed_at_ms,
-            write_stall_ms: session.freeze_started.elapsed().as_millis() as u64,
+            write_stall_ms,
+            hooks,
         };
         session.phase = Phase::Ended(report.clone());
         crate::metrics::METRICS.freeze_ended(
@@ -577,6 +684,27 @@ impl FreezeManager {
         }
     }
 
+    /// The prepared hook sessions of a set, checked against the names the freeze asks for.
+    async fn take_prepared_hooks(
+        &self,
+        set_id: &str,
+        hooks: &[String],
+    ) -> Result<Option<HookSet>, HookError> {
+        let prepared = self.prepared.take(set_id);
+        let prepared_names = prepared.as_ref().map(HookSet::names).unwrap_or_default();
+        if prepared_names != hooks {
+            if let Some(mut set) = prepared {
+                set.release().await;
+            }
+            return Err(HookError::NotPrepared {
+                set_id: set_id.to_owned(),
+                wanted: hooks.join(", "),
+                prepared: prepared_names.join(", "),
+            });
+        }
+        Ok(prepared.filter(|set| !set.is_empty()))
+    }
+
     /// Pushes the lease out by `lease` from now, never past the hard deadline.
     pub async fn renew(&self, set_id: &str, lease: Option<Duration>) -> Result<FreezeInfo, Error> {
         let not_frozen = |state: String| Error::NotFrozen {
@@ -599,6 +727,10 @@ impl FreezeManager {
 
     /// Thaws a set. Idempotent: a set already ended (or never seen) reports how it ended.
     pub async fn thaw(&self, set_id: &str) -> ThawReport {
+        // A set prepared but never frozen here: close its hook sessions.
+        if let Some(mut prepared) = self.prepared.take(set_id) {
+            prepared.release().await;
+        }
         if let Some(session) = self.session(set_id) {
             let mut s = session.lock().await;
             return match &s.phase {
@@ -1038,6 +1170,248 @@ mod tests {
         assert_eq!(f.manager.thaw("a").await.end, FreezeEnd::Shutdown);
         let err = f.manager.freeze("c", &f.mounts, None).await.unwrap_err();
         assert!(matches!(err, Error::ShuttingDown));
+    }
+
+    mod with_hooks {
+        use super::*;
+        use crate::hooks::fake::{FakeHook, Log, Script};
+        use crate::hooks::{HookRegistry, Timeouts};
+
+        fn hooked(
+            count: u32,
+            tweak: impl FnOnce(&mut Config),
+            scripts: Vec<(&str, Script)>,
+        ) -> (Fixture, Log) {
+            let mut f = fixture(count, tweak);
+            let log = Log::default();
+            let mut registry = HookRegistry::default();
+            for (name, mut script) in scripts {
+                let freezer = f.freezer.clone();
+                let mount = f.mounts[0].clone();
+                script.probe = Some(Arc::new(move || {
+                    if freezer.is_frozen(&mount) {
+                        "(frozen)".into()
+                    } else {
+                        "(thawed)".into()
+                    }
+                }));
+                registry.insert(
+                    name,
+                    Arc::new(FakeHook::new(name, &log, script)),
+                    Timeouts {
+                        prepare: Duration::from_millis(300),
+                        quiesce: Duration::from_millis(300),
+                        resume: Duration::from_millis(300),
+                    },
+                );
+            }
+            f.manager = FreezeManager::with_hooks(
+                Arc::new(f.manager.config().clone()),
+                Arc::new(f.freezer.clone()),
+                Arc::new(Table(
+                    f.mounts
+                        .iter()
+                        .enumerate()
+                        .map(|(i, m)| {
+                            (
+                                m.clone(),
+                                DevId {
+                                    major: 7,
+                                    minor: i as u32,
+                                },
+                            )
+                        })
+                        .collect(),
+                )),
+                AgentFiles::default(),
+                Arc::new(NoWatchdog),
+                registry,
+            );
+            (f, log)
+        }
+
+        fn names(list: &[&str]) -> Vec<String> {
+            list.iter().map(|s| s.to_string()).collect()
+        }
+
+        #[tokio::test]
+        async fn hooks_quiesce_before_fifreeze_and_resume_in_reverse_after_fithaw() {
+            let (f, log) = hooked(
+                1,
+                |_| {},
+                vec![("a", Script::default()), ("b", Script::default())],
+            );
+            let hooks = names(&["a", "b"]);
+            f.manager
+                .prepare_with_hooks("s1", &f.mounts, &hooks)
+                .await
+                .unwrap();
+            f.manager
+                .freeze_with_hooks("s1", &f.mounts, None, &hooks)
+                .await
+                .unwrap();
+            let report = f.manager.thaw("s1").await;
+            assert!(report.held_continuously);
+            assert_eq!(
+                log.lines(),
+                [
+                    "a prepare",
+                    "b prepare",
+                    "a quiesce (thawed)",
+                    "b quiesce (thawed)",
+                    "b resume froze=true (thawed)",
+                    "a resume froze=true (thawed)"
+                ]
+            );
+            let outputs: Vec<_> = report.hooks.iter().map(|o| o.hook.as_str()).collect();
+            assert_eq!(outputs, ["a", "b"]);
+            assert_eq!(
+                report.hooks[0].values.values,
+                [("position".to_string(), "42".to_string())]
+            );
+            // A repeated thaw answers the same, outputs included, and resumes nothing again.
+            assert_eq!(f.manager.thaw("s1").await, report);
+            assert_eq!(log.lines().len(), 6);
+        }
+
+        #[tokio::test]
+        async fn a_quiesce_failure_fails_the_freeze_with_nothing_frozen_and_resumes() {
+            let (f, log) = hooked(
+                2,
+                |_| {},
+                vec![
+                    ("a", Script::default()),
+                    (
+                        "b",
+                        Script {
+                            fail_quiesce: Some("lock wait timeout".into()),
+                            ..Default::default()
+                        },
+                    ),
+                ],
+            );
+            let hooks = names(&["a", "b"]);
+            f.manager
+                .prepare_with_hooks("s1", &f.mounts, &hooks)
+                .await
+                .unwrap();
+            let err = f
+                .manager
+                .freeze_with_hooks("s1", &f.mounts, None, &hooks)
+                .await
+                .unwrap_err();
+            assert_eq!(err.to_string(), "hook b: quiesce failed: lock wait timeout");
+            assert!(
+                !f.freezer
+                    .calls()
+                    .iter()
+                    .any(|c| matches!(c, Call::Freeze(_))),
+                "no FIFREEZE after a failed quiesce"
+            );
+            assert_eq!(
+                log.lines()[4..],
+                [
+                    "b resume froze=false (thawed)",
+                    "a resume froze=false (thawed)"
+                ]
+            );
+            // Nothing stays reserved.
+            f.manager.freeze("s2", &f.mounts, None).await.unwrap();
+            f.manager.thaw("s2").await;
+        }
+
+        #[tokio::test]
+        async fn a_failed_fifreeze_thaws_then_resumes_the_hooks() {
+            let (f, log) = hooked(2, |_| {}, vec![("a", Script::default())]);
+            f.freezer.fail_freeze(&f.mounts[1], libc::EIO);
+            let hooks = names(&["a"]);
+            f.manager
+                .prepare_with_hooks("s1", &f.mounts, &hooks)
+                .await
+                .unwrap();
+            f.manager
+                .freeze_with_hooks("s1", &f.mounts, None, &hooks)
+                .await
+                .unwrap_err();
+            assert_eq!(log.lines()[2], "a resume froze=false (thawed)");
+        }
+
+        #[tokio::test]
+        async fn lease_expiry_resumes_the_hooks_after_the_thaw() {
+            let (f, log) = hooked(1, |_| {}, vec![("a", Script::default())]);
+            let hooks = names(&["a"]);
+            f.manager
+                .prepare_with_hooks("s1", &f.mounts, &hooks)
+                .await
+                .unwrap();
+            f.manager
+                .freeze_with_hooks("s1", &f.mounts, Some(Duration::from_millis(100)), &hooks)
+                .await
+                .unwrap();
+            tokio::time::sleep(Duration::from_millis(400)).await;
+            assert_eq!(
+                log.lines()[1..],
+                ["a quiesce (thawed)", "a resume froze=true (thawed)"]
+            );
+            let report = f.manager.thaw("s1").await;
+            assert_eq!(report.end, FreezeEnd::LeaseExpired);
+            assert_eq!(report.hooks.len(), 1, "the lease's resume outputs are kept");
+        }
+
+        #[tokio::test]
+        async fn shutdown_resumes_the_hooks_of_every_frozen_set() {
+            let (f, log) = hooked(1, |_| {}, vec![("a", Script::default())]);
+            let hooks = names(&["a"]);
+            f.manager
+                .prepare_with_hooks("s1", &f.mounts, &hooks)
+                .await
+                .unwrap();
+            f.manager
+                .freeze_with_hooks("s1", &f.mounts, None, &hooks)
+                .await
+                .unwrap();
+            assert_eq!(f.manager.shutdown().await, 1);
+            assert_eq!(log.lines().last().unwrap(), "a resume froze=true (thawed)");
+        }
+
+        #[tokio::test]
+        async fn a_freeze_naming_hooks_that_were_not_prepared_is_refused() {
+            let (f, log) = hooked(1, |_| {}, vec![("a", Script::default())]);
+            let err = f
+                .manager
+                .freeze_with_hooks("s1", &f.mounts, None, &names(&["a"]))
+                .await
+                .unwrap_err();
+            assert!(err.to_string().contains("prepared []"), "{err}");
+            assert!(log.lines().is_empty());
+            assert!(!f.freezer.is_frozen(&f.mounts[0]));
+        }
+
+        #[tokio::test]
+        async fn prepared_hooks_never_frozen_are_released_after_max_freeze() {
+            let (f, log) = hooked(
+                1,
+                |config| config.max_freeze = Duration::from_millis(200),
+                vec![("a", Script::default())],
+            );
+            f.manager
+                .prepare_with_hooks("s1", &f.mounts, &names(&["a"]))
+                .await
+                .unwrap();
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            assert_eq!(log.lines(), ["a prepare", "a release"]);
+        }
+
+        #[tokio::test]
+        async fn a_thaw_of_a_set_only_prepared_releases_its_hooks() {
+            let (f, log) = hooked(1, |_| {}, vec![("a", Script::default())]);
+            f.manager
+                .prepare_with_hooks("s1", &f.mounts, &names(&["a"]))
+                .await
+                .unwrap();
+            f.manager.thaw("s1").await;
+            assert_eq!(log.lines(), ["a prepare", "a release"]);
+        }
     }
 
     #[test]

@@ -10,6 +10,7 @@ pub mod error;
 pub mod freeze;
 pub mod freezer;
 pub mod guardian;
+pub mod hooks;
 pub mod metrics;
 pub mod mounts;
 pub mod records;

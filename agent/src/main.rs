@@ -132,7 +132,21 @@ fn all_problems(config: &Config, insecure: bool) -> Vec<String> {
             problems.push(error_chain(&e));
         }
     }
+    for (name, hook) in &config.hooks {
+        problems.extend(hook.file_problems(name));
+    }
     problems
+}
+
+/// A config that defines hooks names credentials files and scripts: it must be private too.
+fn config_file_problems(path: &Path, config: &Config) -> Vec<String> {
+    if config.hooks.is_empty() {
+        return Vec::new();
+    }
+    match quiesce_agent::hooks::check_private_file(path) {
+        Ok(()) => Vec::new(),
+        Err(e) => vec![format!("config file (it defines hooks): {e}")],
+    }
 }
 
 fn load(path: &Path) -> Result<Config, ExitCode> {
@@ -147,7 +161,8 @@ fn check_config(path: &Path, insecure: bool) -> ExitCode {
         Ok(config) => config,
         Err(code) => return code,
     };
-    let problems = all_problems(&config, insecure);
+    let mut problems = all_problems(&config, insecure);
+    problems.extend(config_file_problems(path, &config));
     if problems.is_empty() {
         println!("{}: ok ({} volumes)", path.display(), config.volumes.len());
         ExitCode::SUCCESS
@@ -203,7 +218,8 @@ fn run(path: &Path, insecure: bool) -> anyhow::Result<ExitCode> {
         Ok(config) => config,
         Err(code) => return Ok(code),
     };
-    let problems = config.problems(insecure);
+    let mut problems = config.problems(insecure);
+    problems.extend(config_file_problems(path, &config));
     let tmpfs = is_memory_fs(&config.state_dir).unwrap_or(false);
     if !problems.is_empty() || !tmpfs {
         for problem in &problems {

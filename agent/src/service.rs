@@ -12,6 +12,7 @@ use tracing::{Instrument, info_span};
 
 use crate::error::Error;
 use crate::freeze::{FreezeEnd, FreezeManager, validate_set_id};
+use crate::hooks::HookOutput;
 use crate::reflink::ReflinkProvider;
 
 pub struct AgentService {
@@ -102,8 +103,59 @@ fn freeze_end(end: FreezeEnd) -> pb::FreezeEnd {
     }
 }
 
+fn hook_output(output: HookOutput) -> pb::HookOutput {
+    pb::HookOutput {
+        hook: output.hook,
+        kind: output.kind,
+        values: output
+            .values
+            .values
+            .into_iter()
+            .map(|(key, value)| pb::HookValue { key, value })
+            .collect(),
+        backup_label: output.values.backup_label,
+        tablespace_map: output.values.tablespace_map,
+        error: output.error,
+        quiesce_ms: output.quiesce_ms,
+        resume_ms: output.resume_ms,
+    }
+}
+
 #[tonic::async_trait]
 impl Agent for AgentService {
+    async fn describe_hooks(
+        &self,
+        request: Request<pb::DescribeHooksRequest>,
+    ) -> Result<Response<pb::DescribeHooksResponse>, Status> {
+        let req = request.into_inner();
+        let described = self
+            .manager
+            .hooks()
+            .describe(&req.hooks, self.manager.mounts())
+            .await;
+        let hooks = described
+            .into_iter()
+            .map(|d| pb::HookDescription {
+                name: d.name,
+                kind: d.kind,
+                problem: d.problem,
+                paths: d
+                    .paths
+                    .into_iter()
+                    .map(|p| pb::HookPath {
+                        what: p.what,
+                        path: p.path.display().to_string(),
+                        mount_point: p
+                            .mount_point
+                            .map(|m| m.display().to_string())
+                            .unwrap_or_default(),
+                    })
+                    .collect(),
+            })
+            .collect();
+        Ok(Response::new(pb::DescribeHooksResponse { hooks }))
+    }
+
     async fn get_host_info(
         &self,
         _request: Request<pb::GetHostInfoRequest>,
@@ -166,7 +218,7 @@ impl Agent for AgentService {
         let span = info_span!("prepare", set_id = %req.set_id);
         let took = self
             .manager
-            .prepare(&req.set_id, &paths(req.mount_points))
+            .prepare_with_hooks(&req.set_id, &paths(req.mount_points), &req.hooks)
             .instrument(span)
             .await?;
         Ok(Response::new(pb::PrepareVolumesResponse {
@@ -182,7 +234,12 @@ impl Agent for AgentService {
         let span = info_span!("freeze", set_id = %req.set_id);
         let info = self
             .manager
-            .freeze(&req.set_id, &paths(req.mount_points), lease(req.lease_ms))
+            .freeze_with_hooks(
+                &req.set_id,
+                &paths(req.mount_points),
+                lease(req.lease_ms),
+                &req.hooks,
+            )
             .instrument(span)
             .await?;
         Ok(Response::new(pb::FreezeVolumesResponse {
@@ -220,6 +277,7 @@ impl Agent for AgentService {
             frozen_at_ms: report.frozen_at_ms,
             thawed_at_ms: report.thawed_at_ms,
             write_stall_ms: report.write_stall_ms,
+            hooks: report.hooks.into_iter().map(hook_output).collect(),
         }))
     }
 

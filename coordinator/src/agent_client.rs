@@ -45,6 +45,15 @@ pub trait AgentClient: Send + Sync {
         &self,
         req: pb::RestoreSnapshotsRequest,
     ) -> Result<pb::RestoreSnapshotsResponse, Status>;
+    /// The paths the databases of the named hooks write (completeness check at plan time).
+    async fn describe_hooks(
+        &self,
+        _req: pb::DescribeHooksRequest,
+    ) -> Result<pb::DescribeHooksResponse, Status> {
+        Err(Status::unimplemented(
+            "this agent client cannot describe hooks",
+        ))
+    }
 }
 
 /// Finds the client of an agent by its configured name.
@@ -181,5 +190,12 @@ impl AgentClient for GrpcAgent {
         req: pb::RestoreSnapshotsRequest,
     ) -> Result<pb::RestoreSnapshotsResponse, Status> {
         Ok(self.0.clone().restore_snapshots(req).await?.into_inner())
+    }
+
+    async fn describe_hooks(
+        &self,
+        req: pb::DescribeHooksRequest,
+    ) -> Result<pb::DescribeHooksResponse, Status> {
+        Ok(self.0.clone().describe_hooks(req).await?.into_inner())
     }
 }

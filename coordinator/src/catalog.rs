@@ -7,7 +7,9 @@
 use std::path::Path;
 use std::sync::Mutex;
 
-use quiesce_proto::coordinator::v1::{PhaseMark, SetHost, SetVolume, SnapshotSet};
+use quiesce_proto::coordinator::v1::{
+    HookValue, PhaseMark, SetHookOutput, SetHost, SetVolume, SnapshotSet,
+};
 use rusqlite::{Connection, OptionalExtension, params};
 
 /// Schema migrations, applied in order; `PRAGMA user_version` counts how many have run.
@@ -74,6 +76,24 @@ ALTER TABLE set_hosts ADD COLUMN snapshot_started_at_ms INTEGER NOT NULL DEFAULT
 ALTER TABLE set_hosts ADD COLUMN snapshot_returned_at_ms INTEGER NOT NULL DEFAULT 0;
 ALTER TABLE set_hosts ADD COLUMN thaw_sent_at_ms INTEGER NOT NULL DEFAULT 0;
 CREATE INDEX sets_by_group_state ON sets (group_name, state, finished_at_ms);
+"#,
+    // 3: what each member's hooks recorded (positions, PostgreSQL backup label), in hook order.
+    r#"
+CREATE TABLE set_hook_outputs (
+    set_id         TEXT NOT NULL REFERENCES sets (id) ON DELETE CASCADE,
+    agent          TEXT NOT NULL,
+    seq            INTEGER NOT NULL,
+    hook           TEXT NOT NULL,
+    kind           TEXT NOT NULL DEFAULT '',
+    -- JSON array of [key, value] pairs, in the order the hook recorded them.
+    hook_values    TEXT NOT NULL DEFAULT '[]',
+    backup_label   TEXT NOT NULL DEFAULT '',
+    tablespace_map TEXT NOT NULL DEFAULT '',
+    error          TEXT NOT NULL DEFAULT '',
+    quiesce_ms     INTEGER NOT NULL DEFAULT 0,
+    resume_ms      INTEGER NOT NULL DEFAULT 0,
+    PRIMARY KEY (set_id, agent, seq)
+);
 "#,
 ];
 
@@ -354,6 +374,51 @@ impl Catalog {
         })
     }
 
+    /// Replaces what the hooks of one member recorded.
+    pub fn set_hook_outputs(
+        &self,
+        id: &str,
+        agent: &str,
+        outputs: &[SetHookOutput],
+    ) -> Result<(), CatalogError> {
+        self.with(|conn| {
+            let tx = conn.transaction()?;
+            tx.execute(
+                "DELETE FROM set_hook_outputs WHERE set_id = ?1 AND agent = ?2",
+                params![id, agent],
+            )?;
+            for (seq, output) in outputs.iter().enumerate() {
+                let pairs: Vec<(&str, &str)> = output
+                    .values
+                    .iter()
+                    .map(|v| (v.key.as_str(), v.value.as_str()))
+                    .collect();
+                let values = serde_json::to_string(&pairs)
+                    .map_err(|e| rusqlite::Error::ToSqlConversionFailure(Box::new(e)))?;
+                tx.execute(
+                    "INSERT INTO set_hook_outputs (set_id, agent, seq, hook, kind, hook_values,
+                        backup_label, tablespace_map, error, quiesce_ms, resume_ms)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
+                    params![
+                        id,
+                        agent,
+                        seq as i64,
+                        output.hook,
+                        output.kind,
+                        values,
+                        output.backup_label,
+                        output.tablespace_map,
+                        output.error,
+                        output.quiesce_ms as i64,
+                        output.resume_ms as i64
+                    ],
+                )?;
+            }
+            tx.commit()?;
+            Ok(())
+        })
+    }
+
     /// Finished sets of a group, newest first: (id, state, created at, finished at).
     pub fn finished(&self, group: &str) -> Result<Vec<FinishedSet>, CatalogError> {
         self.with(|conn| {
@@ -586,6 +651,7 @@ fn set_from_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<SnapshotSet> {
         hosts: Vec::new(),
         volumes: Vec::new(),
         phases: Vec::new(),
+        hook_outputs: Vec::new(),
     })
 }
 
@@ -640,6 +706,37 @@ fn load_members(conn: &Connection, mut set: SnapshotSet) -> Result<SnapshotSet, 
             Ok(PhaseMark {
                 phase: row.get(0)?,
                 at_ms: row.get::<_, i64>(1)? as u64,
+            })
+        })?
+        .collect::<Result<_, _>>()?;
+    let mut stmt = conn.prepare_cached(
+        "SELECT agent, hook, kind, hook_values, backup_label, tablespace_map, error, quiesce_ms,
+            resume_ms
+         FROM set_hook_outputs WHERE set_id = ?1 ORDER BY agent, seq",
+    )?;
+    set.hook_outputs = stmt
+        .query_map([&set.id], |row| {
+            let values: String = row.get(3)?;
+            let pairs: Vec<(String, String)> = serde_json::from_str(&values).map_err(|e| {
+                rusqlite::Error::FromSqlConversionFailure(
+                    3,
+                    rusqlite::types::Type::Text,
+                    Box::new(e),
+                )
+            })?;
+            Ok(SetHookOutput {
+                agent: row.get(0)?,
+                hook: row.get(1)?,
+                kind: row.get(2)?,
+                values: pairs
+                    .into_iter()
+                    .map(|(key, value)| HookValue { key, value })
+                    .collect(),
+                backup_label: row.get(4)?,
+                tablespace_map: row.get(5)?,
+                error: row.get(6)?,
+                quiesce_ms: row.get::<_, i64>(7)? as u64,
+                resume_ms: row.get::<_, i64>(8)? as u64,
             })
         })?
         .collect::<Result<_, _>>()?;
@@ -729,7 +826,48 @@ mod tests {
     }
 
     #[test]
-    fn a_catalog_made_by_the_first_schema_is_migrated_in_place() {
+    fn hook_outputs_round_trip_byte_for_byte_in_hook_order() {
+        let catalog = Catalog::in_memory().unwrap();
+        catalog.create_set(&new_set("s1", "pg", 1)).unwrap();
+        let label =
+            "START WAL LOCATION: 0/2000028 (file 000000010000000000000002)\nLABEL: quiesce s1\n";
+        let outputs = [
+            SetHookOutput {
+                agent: "db1".into(),
+                hook: "pg-main".into(),
+                kind: "postgres".into(),
+                values: vec![
+                    HookValue {
+                        key: "lsn".into(),
+                        value: "0/3000060".into(),
+                    },
+                    HookValue {
+                        key: "a-key".into(),
+                        value: "with \"quotes\" and\ttabs".into(),
+                    },
+                ],
+                backup_label: label.into(),
+                tablespace_map: "16384 /mnt/ts/pg\n".into(),
+                quiesce_ms: 3,
+                resume_ms: 9,
+                ..Default::default()
+            },
+            SetHookOutput {
+                agent: "db1".into(),
+                hook: "scripts".into(),
+                kind: "exec".into(),
+                error: "hook scripts: resume failed: boom".into(),
+                ..Default::default()
+            },
+        ];
+        catalog.set_hook_outputs("s1", "db1", &outputs).unwrap();
+        let set = catalog.get("s1").unwrap().unwrap();
+        assert_eq!(set.hook_outputs, outputs);
+        assert_eq!(set.hook_outputs[0].backup_label, label);
+    }
+
+    #[test]
+    fn a_version_1_catalog_is_migrated_in_place() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("catalog.sqlite");
         {
@@ -752,6 +890,8 @@ mod tests {
             catalog.get("old").unwrap().unwrap().verdict,
             "consistent: checked"
         );
+        let set = catalog.get("old").unwrap().unwrap();
+        assert!(set.hook_outputs.is_empty());
     }
 
     #[test]

@@ -114,6 +114,10 @@ pub struct RetentionConfig {
 pub struct MemberConfig {
     pub agent: String,
     pub mounts: Vec<PathBuf>,
+    /// Hooks (names defined in that agent's own config) run around this member's freeze,
+    /// in this order; resumed in reverse.
+    #[serde(default)]
+    pub hooks: Vec<String>,
 }
 
 fn default_metrics_listen() -> Option<SocketAddr> {
@@ -251,6 +255,21 @@ impl Config {
                         "group {}: member agent {} is not defined in any [[agent]]",
                         group.name, member.agent
                     ));
+                }
+                let mut hook_names = HashSet::new();
+                for hook in &member.hooks {
+                    if !valid_name(hook) {
+                        problems.push(format!(
+                            "group {}: member {}: hook name {hook:?} must be 1-64 characters of [A-Za-z0-9_-]",
+                            group.name, member.agent
+                        ));
+                    }
+                    if !hook_names.insert(hook.as_str()) {
+                        problems.push(format!(
+                            "group {}: member {}: hook {hook} is listed twice",
+                            group.name, member.agent
+                        ));
+                    }
                 }
                 if member.mounts.is_empty() {
                     problems.push(format!(

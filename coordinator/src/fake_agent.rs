@@ -32,6 +32,10 @@ struct State {
     deleted: Vec<String>,
     /// mount → set id holding it frozen (host info reports it).
     held_by: HashMap<String, String>,
+    /// Hook name → the paths DescribeHooks reports for it.
+    hooks: HashMap<String, Vec<pb::HookPath>>,
+    /// Hooks named by the last freeze of each set: the thaw reports an output for each.
+    frozen_hooks: HashMap<String, Vec<String>>,
 }
 
 #[derive(Debug, Clone)]
@@ -70,6 +74,19 @@ impl FakeAgent {
 
     pub fn delay(&self, phase: Phase, delay: Duration) {
         self.state.lock().unwrap().delays.insert(phase, delay);
+    }
+
+    /// Configures a hook whose database writes `(what, path, mount point)`.
+    pub fn add_hook(&self, name: &str, paths: &[(&str, &str, &str)]) {
+        let paths = paths
+            .iter()
+            .map(|(what, path, mount)| pb::HookPath {
+                what: what.to_string(),
+                path: path.to_string(),
+                mount_point: mount.to_string(),
+            })
+            .collect();
+        self.state.lock().unwrap().hooks.insert(name.into(), paths);
     }
 
     pub fn expire_lease(&self) {
@@ -158,7 +175,10 @@ impl AgentClient for FakeAgent {
     ) -> Result<pb::FreezeVolumesResponse, Status> {
         let started = crate::workflow::unix_ms();
         self.enter(Phase::Freeze, &req.set_id).await?;
-        self.state.lock().unwrap().frozen.insert(req.set_id, true);
+        let mut state = self.state.lock().unwrap();
+        state.frozen_hooks.insert(req.set_id.clone(), req.hooks);
+        state.frozen.insert(req.set_id, true);
+        drop(state);
         let now = crate::workflow::unix_ms();
         Ok(pb::FreezeVolumesResponse {
             freeze_started_at_ms: started,
@@ -181,17 +201,37 @@ impl AgentClient for FakeAgent {
     ) -> Result<pb::ThawVolumesResponse, Status> {
         self.enter(Phase::Thaw, &req.set_id).await?;
         let mut state = self.state.lock().unwrap();
-        let was_frozen = state.frozen.insert(req.set_id, false).unwrap_or(false);
+        let was_frozen = state
+            .frozen
+            .insert(req.set_id.clone(), false)
+            .unwrap_or(false);
         let (held, end) = match (was_frozen, state.lease_expired) {
             (true, false) => (true, pb::FreezeEnd::Thawed),
             (true, true) => (false, pb::FreezeEnd::LeaseExpired),
             (false, _) => (false, pb::FreezeEnd::UnknownSet),
         };
+        let hooks = state
+            .frozen_hooks
+            .remove(&req.set_id)
+            .unwrap_or_default()
+            .into_iter()
+            .map(|hook| pb::HookOutput {
+                hook,
+                kind: "fake".into(),
+                values: vec![pb::HookValue {
+                    key: "lsn".into(),
+                    value: "0/1".into(),
+                }],
+                backup_label: "START WAL LOCATION: 0/1\n".into(),
+                ..Default::default()
+            })
+            .collect();
         Ok(pb::ThawVolumesResponse {
             held_continuously: held,
             end: end.into(),
             write_stall_ms: 5,
             thawed_at_ms: crate::workflow::unix_ms(),
+            hooks,
             ..Default::default()
         })
     }
@@ -244,5 +284,31 @@ impl AgentClient for FakeAgent {
         _req: pb::RestoreSnapshotsRequest,
     ) -> Result<pb::RestoreSnapshotsResponse, Status> {
         Err(Status::unimplemented("fake"))
+    }
+
+    async fn describe_hooks(
+        &self,
+        req: pb::DescribeHooksRequest,
+    ) -> Result<pb::DescribeHooksResponse, Status> {
+        self.enter(Phase::HostInfo, "").await?;
+        let state = self.state.lock().unwrap();
+        let hooks = req
+            .hooks
+            .iter()
+            .map(|name| match state.hooks.get(name) {
+                Some(paths) => pb::HookDescription {
+                    name: name.clone(),
+                    kind: "fake".into(),
+                    paths: paths.clone(),
+                    problem: String::new(),
+                },
+                None => pb::HookDescription {
+                    name: name.clone(),
+                    problem: format!("hook {name} is not configured on this agent"),
+                    ..Default::default()
+                },
+            })
+            .collect();
+        Ok(pb::DescribeHooksResponse { hooks })
     }
 }

@@ -17,7 +17,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use futures::future::join_all;
 use quiesce_proto::agent::v1 as agent_pb;
-use quiesce_proto::coordinator::v1::{SetHost, SetVolume, SnapshotSet};
+use quiesce_proto::coordinator::v1::{HookValue, SetHookOutput, SetHost, SetVolume, SnapshotSet};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tracing::{Instrument, error, info, info_span, warn};
@@ -48,6 +48,8 @@ struct Member {
     agent: String,
     client: Arc<dyn AgentClient>,
     mounts: Vec<String>,
+    /// Hook names from the group config; the agent holds their definitions.
+    hooks: Vec<String>,
     host: SetHost,
     freeze_sent: bool,
     snapshots: Vec<Snapshot>,
@@ -222,6 +224,7 @@ impl Coordinator {
                     .iter()
                     .map(|m| m.display().to_string())
                     .collect(),
+                hooks: member.hooks.clone(),
                 host: SetHost {
                     agent: member.agent.clone(),
                     state: "pending".into(),
@@ -516,11 +519,76 @@ impl Run<'_> {
             }
         }
         self.catalog.update_volumes(&self.set_id, &resolved)?;
+        problems.extend(self.check_hook_paths().await);
         Ok(if problems.is_empty() {
             Ok(())
         } else {
             Err(format!("plan: {}", problems.join("; ")))
         })
+    }
+
+    /// No freeze follows a failed prepare: members whose hooks prepared are sent a thaw (which
+    /// closes their hook sessions at once; their agents would after max-freeze anyway).
+    async fn release_prepared_hooks<T>(&self, replies: &[Result<T, String>]) {
+        let calls = self
+            .members
+            .iter()
+            .zip(replies)
+            .filter(|(m, reply)| !m.hooks.is_empty() && reply.is_ok())
+            .map(|(m, _)| {
+                let req = agent_pb::ThawVolumesRequest {
+                    set_id: self.set_id.clone(),
+                };
+                tokio::time::timeout(self.timeout(), m.client.thaw_volumes(req))
+            });
+        join_all(calls).await;
+    }
+
+    /// Completeness check: every path a member's databases write must lie on one of that
+    /// member's volumes in this group — a WAL or binlog volume left out would make every set
+    /// silently unusable.
+    async fn check_hook_paths(&self) -> Vec<String> {
+        let with_hooks: Vec<&Member> = self
+            .members
+            .iter()
+            .filter(|m| !m.hooks.is_empty())
+            .collect();
+        let calls = with_hooks.iter().map(|m| {
+            let req = agent_pb::DescribeHooksRequest {
+                hooks: m.hooks.clone(),
+            };
+            tokio::time::timeout(self.timeout(), m.client.describe_hooks(req))
+        });
+        let replies = join_all(calls).await;
+        let mut problems = Vec::new();
+        for (member, reply) in with_hooks.into_iter().zip(replies) {
+            let described = match reply {
+                Ok(Ok(described)) => described,
+                Ok(Err(status)) => {
+                    problems.push(format!(
+                        "{}: cannot describe hooks: {}",
+                        member.agent,
+                        status_line(&status)
+                    ));
+                    continue;
+                }
+                Err(_) => {
+                    problems.push(format!(
+                        "{}: describing hooks took longer than {}",
+                        member.agent,
+                        humantime::format_duration(self.timeout())
+                    ));
+                    continue;
+                }
+            };
+            problems.extend(hook_path_problems(
+                &self.group.name,
+                &member.agent,
+                &member.mounts,
+                &described.hooks,
+            ));
+        }
+        problems
     }
 
     async fn prepare(&mut self) -> Result<Result<(), String>, Error> {
@@ -530,6 +598,7 @@ impl Run<'_> {
             let req = agent_pb::PrepareVolumesRequest {
                 set_id: set_id.clone(),
                 mount_points: m.mounts.clone(),
+                hooks: m.hooks.clone(),
             };
             async move { client.prepare_volumes(req).await }
         })
@@ -547,6 +616,9 @@ impl Run<'_> {
             }
         }
         self.save_hosts()?;
+        if !problems.is_empty() {
+            self.release_prepared_hooks(&replies).await;
+        }
         Ok(if problems.is_empty() {
             Ok(())
         } else {
@@ -569,6 +641,7 @@ impl Run<'_> {
                 set_id: set_id.clone(),
                 mount_points: m.mounts.clone(),
                 lease_ms,
+                hooks: m.hooks.clone(),
             };
             // The reply's arrival, on the coordinator clock: every FIFREEZE of the member had
             // returned before it.
@@ -760,6 +833,11 @@ impl Run<'_> {
                     member.host.held_continuously = thawed.held_continuously;
                     member.host.freeze_end = end.into();
                     member.host.write_stall_ms = thawed.write_stall_ms;
+                    if let Some(problem) =
+                        store_hook_outputs(self.catalog, &set_id, &member.agent, &thawed.hooks)?
+                    {
+                        problems.push(problem);
+                    }
                     if member.host.state == "frozen" {
                         member.host.state = "thawed".into();
                         if !thawed.held_continuously {
@@ -921,6 +999,77 @@ pub fn verdict(
         ));
     }
     Ok(why)
+}
+
+/// Which described hook paths lie outside the member's volumes in this group (or could not be
+/// described at all); one line each, naming the path, the hook and the missing volume.
+pub fn hook_path_problems(
+    group: &str,
+    agent: &str,
+    mounts: &[String],
+    hooks: &[agent_pb::HookDescription],
+) -> Vec<String> {
+    let mut problems = Vec::new();
+    for hook in hooks {
+        if !hook.problem.is_empty() {
+            problems.push(format!("{agent}: {}", hook.problem));
+            continue;
+        }
+        for path in &hook.paths {
+            if path.mount_point.is_empty() {
+                problems.push(format!(
+                    "{agent}: hook {}: cannot tell which volume holds {} {}",
+                    hook.name, path.what, path.path
+                ));
+            } else if !mounts.contains(&path.mount_point) {
+                problems.push(format!(
+                    "{agent}: hook {}: {} {} lies on volume {}, which is not in group {group} for {agent}; add it to the member's mounts",
+                    hook.name, path.what, path.path, path.mount_point
+                ));
+            }
+        }
+    }
+    problems
+}
+
+/// Records a member's hook outputs; `Some(problem)` when a hook's resume failed.
+fn store_hook_outputs(
+    catalog: &Catalog,
+    set_id: &str,
+    agent: &str,
+    outputs: &[agent_pb::HookOutput],
+) -> Result<Option<String>, Error> {
+    if outputs.is_empty() {
+        return Ok(None);
+    }
+    let rows: Vec<SetHookOutput> = outputs
+        .iter()
+        .map(|o| SetHookOutput {
+            agent: agent.to_owned(),
+            hook: o.hook.clone(),
+            kind: o.kind.clone(),
+            values: o
+                .values
+                .iter()
+                .map(|v| HookValue {
+                    key: v.key.clone(),
+                    value: v.value.clone(),
+                })
+                .collect(),
+            backup_label: o.backup_label.clone(),
+            tablespace_map: o.tablespace_map.clone(),
+            error: o.error.clone(),
+            quiesce_ms: o.quiesce_ms,
+            resume_ms: o.resume_ms,
+        })
+        .collect();
+    catalog.set_hook_outputs(set_id, agent, &rows)?;
+    let errors: Vec<&str> = outputs
+        .iter()
+        .filter(|o| !o.error.is_empty())
+        .map(|o| o.error.as_str())
+        .collect();
+    Ok((!errors.is_empty()).then(|| format!("{agent}: {}", errors.join("; "))))
 }
 
 /// Calls every member at once, each bounded by `timeout`; errors become one line.
@@ -1369,6 +1518,108 @@ mounts = ["/data"]
             set.error
         );
         assert!(!db1.calls().contains(&Phase::Freeze));
+    }
+
+    fn setup_with_hooks() -> (Arc<Coordinator>, FakeAgent, FakeAgent) {
+        let db1 = FakeAgent::new("db1", &["/data", "/wal"]);
+        let db2 = FakeAgent::new("db2", &["/data"]);
+        let mut agents: HashMap<String, Arc<dyn AgentClient>> = HashMap::new();
+        agents.insert("db1".into(), Arc::new(db1.clone()));
+        agents.insert("db2".into(), Arc::new(db2.clone()));
+        let config = CONFIG.replace(
+            "mounts = [\"/data\", \"/wal\"]",
+            "mounts = [\"/data\", \"/wal\"]\nhooks = [\"pg\", \"scripts\"]",
+        );
+        let coordinator = Coordinator::new(
+            Arc::new(Config::parse(&config).unwrap()),
+            Arc::new(Catalog::in_memory().unwrap()),
+            Arc::new(agents),
+        );
+        (coordinator, db1, db2)
+    }
+
+    #[tokio::test]
+    async fn hook_outputs_are_stored_with_the_set_in_hook_order() {
+        let (coordinator, db1, _db2) = setup_with_hooks();
+        db1.add_hook(
+            "pg",
+            &[
+                ("data_directory", "/data/pg", "/data"),
+                ("pg_wal", "/wal/pg_wal", "/wal"),
+            ],
+        );
+        db1.add_hook("scripts", &[]);
+        let set = coordinator.backup("g").await.unwrap();
+        assert_eq!(set.state, "consistent", "{}", set.error);
+        let hooks: Vec<(&str, &str)> = set
+            .hook_outputs
+            .iter()
+            .map(|o| (o.agent.as_str(), o.hook.as_str()))
+            .collect();
+        assert_eq!(hooks, [("db1", "pg"), ("db1", "scripts")]);
+        assert_eq!(set.hook_outputs[0].values[0].value, "0/1");
+        assert_eq!(
+            set.hook_outputs[0].backup_label,
+            "START WAL LOCATION: 0/1\n"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_database_path_outside_the_group_refuses_the_set_before_any_freeze() {
+        let (coordinator, db1, db2) = setup_with_hooks();
+        db1.add_hook(
+            "pg",
+            &[
+                ("data_directory", "/data/pg", "/data"),
+                ("pg_wal", "/srv/wal/pg_wal", "/srv/wal"),
+                ("tablespace ts1", "/ts/pg", "/ts"),
+            ],
+        );
+        db1.add_hook("scripts", &[]);
+        let set = coordinator.backup("g").await.unwrap();
+        assert_eq!(set.state, "failed");
+        for needle in [
+            "db1: hook pg: pg_wal /srv/wal/pg_wal lies on volume /srv/wal, which is not in group g for db1",
+            "db1: hook pg: tablespace ts1 /ts/pg lies on volume /ts",
+        ] {
+            assert!(
+                set.error.contains(needle),
+                "{needle:?} not in {}",
+                set.error
+            );
+        }
+        assert!(!db1.calls().contains(&Phase::Prepare));
+        assert!(!db2.calls().contains(&Phase::Freeze));
+    }
+
+    #[tokio::test]
+    async fn a_failed_prepare_elsewhere_releases_the_hooks_that_prepared() {
+        let (coordinator, db1, db2) = setup_with_hooks();
+        db1.add_hook("pg", &[("data_directory", "/data/pg", "/data")]);
+        db1.add_hook("scripts", &[]);
+        db2.fail(Phase::Prepare, Status::internal("syncfs failed"));
+        let set = coordinator.backup("g").await.unwrap();
+        assert_eq!(set.state, "failed");
+        assert!(
+            db1.calls().contains(&Phase::Thaw),
+            "db1's hook sessions closed"
+        );
+        assert!(!db1.calls().contains(&Phase::Freeze));
+        assert!(!db2.calls().contains(&Phase::Thaw), "db2 has no hooks");
+    }
+
+    #[tokio::test]
+    async fn a_hook_the_agent_does_not_know_fails_the_plan() {
+        let (coordinator, db1, _db2) = setup_with_hooks();
+        db1.add_hook("pg", &[("data_directory", "/data/pg", "/data")]);
+        let set = coordinator.backup("g").await.unwrap();
+        assert_eq!(set.state, "failed");
+        assert!(
+            set.error
+                .contains("db1: hook scripts is not configured on this agent"),
+            "{}",
+            set.error
+        );
     }
 
     #[test]

@@ -87,6 +87,13 @@ impl Agent for WhoAmI {
     ) -> Result<Response<RestoreSnapshotsResponse>, Status> {
         Err(Status::unimplemented("test server"))
     }
+
+    async fn describe_hooks(
+        &self,
+        _: Request<quiesce_proto::agent::v1::DescribeHooksRequest>,
+    ) -> Result<Response<quiesce_proto::agent::v1::DescribeHooksResponse>, Status> {
+        Err(Status::unimplemented("test server"))
+    }
 }
 
 /// CA `good` with agent `db1` (the server), coordinator `central` and operator `alice`; CA

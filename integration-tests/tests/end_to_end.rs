@@ -332,6 +332,7 @@ async fn coordinator_not_named_by_the_agent_is_refused() {
                 set_id: "not-named-1".into(),
                 mount_points: vec![cluster.mount("a").display().to_string()],
                 lease_ms: 1000,
+                hooks: Vec::new(),
             })
             .await
             .expect_err("an unlisted peer must not freeze");
@@ -551,6 +552,7 @@ async fn lease_expiry_over_grpc_reports_the_freeze_as_not_held() {
             set_id: set_id.clone(),
             mount_points: mounts.clone(),
             lease_ms: 200,
+            hooks: Vec::new(),
         })
         .await
         .expect("freeze")
@@ -650,6 +652,7 @@ async fn agent_killed_while_frozen_is_thawed_by_its_guardian() {
                 cluster.mount("b").display().to_string(),
             ],
             lease_ms: 60_000,
+            hooks: Vec::new(),
         })
         .await
         .expect("freeze");

@@ -99,6 +99,7 @@ mod direct {
                 set_id: "cap-1".into(),
                 mount_points: mounts,
                 lease_ms: 1000,
+                hooks: Vec::new(),
             })
             .await
             .expect("freeze");
@@ -186,6 +187,7 @@ mod direct {
                 set_id: "hung-1".into(),
                 mount_points: vec![rig.mount().display().to_string()],
                 lease_ms: 2000,
+                hooks: Vec::new(),
             })
             .await
             .expect("freeze");
@@ -317,6 +319,7 @@ mod cycles {
                         set_id: set_id.clone(),
                         mount_points: mounts,
                         lease_ms: 5000,
+                        hooks: Vec::new(),
                     })
                     .await
                     .expect("freeze");
@@ -399,6 +402,7 @@ mod hatch {
                 set_id: "orphan-1".into(),
                 mount_points: vec![rig.mount().display().to_string()],
                 lease_ms: 60_000,
+                hooks: Vec::new(),
             })
             .await
             .expect("freeze");

@@ -5,7 +5,8 @@
 //! coordinator.
 
 use std::io::Write;
-use std::path::PathBuf;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -107,6 +108,20 @@ enum SetsCommand {
     Show { set: String },
     /// Delete a finished set and its snapshots.
     Delete { set: String },
+    /// PostgreSQL backup mode: write a set's backup_label (and tablespace_map) into a restored
+    /// data directory, as pg_backup_stop() returned them. Refuses to overwrite.
+    BackupLabel {
+        set: String,
+        /// The hook that recorded the label (a member's PostgreSQL hook).
+        #[arg(long)]
+        hook: String,
+        /// The member agent; needed only when several members have a hook of that name.
+        #[arg(long)]
+        agent: Option<String>,
+        /// The restored PostgreSQL data directory (on the host where this runs).
+        #[arg(long)]
+        data_dir: PathBuf,
+    },
 }
 
 fn main() -> ExitCode {
@@ -305,6 +320,26 @@ async fn run(
                 print_set(&set);
             }
             Ok(ExitCode::SUCCESS)
+        }
+        Command::Sets(SetsCommand::BackupLabel {
+            set,
+            hook,
+            agent,
+            data_dir,
+        }) => {
+            let set = get_set(&mut client, &set).await?;
+            match write_backup_label(&set, &hook, agent.as_deref(), &data_dir) {
+                Ok(written) => {
+                    for path in written {
+                        println!("wrote {}", path.display());
+                    }
+                    Ok(ExitCode::SUCCESS)
+                }
+                Err(message) => {
+                    eprintln!("quiescectl: {message}");
+                    Ok(ExitCode::from(EXIT_FAILED))
+                }
+            }
         }
         Command::Sets(SetsCommand::Delete { set }) => {
             let reply = client
@@ -662,6 +697,41 @@ fn print_set(set: &pb::SnapshotSet) {
         .collect();
     table(&["HOST", "MOUNT", "DEVICE", "FS", "SNAPSHOT"], rows);
     println!();
+    if !set.hook_outputs.is_empty() {
+        let rows = set
+            .hook_outputs
+            .iter()
+            .map(|o| {
+                let mut values: Vec<String> = o
+                    .values
+                    .iter()
+                    .map(|v| format!("{}={}", v.key, v.value))
+                    .collect();
+                if !o.backup_label.is_empty() {
+                    values.push(format!("backup_label={} bytes", o.backup_label.len()));
+                }
+                if !o.tablespace_map.is_empty() {
+                    values.push(format!("tablespace_map={} bytes", o.tablespace_map.len()));
+                }
+                vec![
+                    o.agent.clone(),
+                    o.hook.clone(),
+                    o.kind.clone(),
+                    ms(o.quiesce_ms),
+                    ms(o.resume_ms),
+                    dash(&values.join(" ")),
+                    dash(&o.error),
+                ]
+            })
+            .collect();
+        table(
+            &[
+                "HOST", "HOOK", "KIND", "QUIESCE", "RESUME", "OUTPUT", "ERROR",
+            ],
+            rows,
+        );
+        println!();
+    }
     let rows = set
         .phases
         .iter()
@@ -673,6 +743,57 @@ fn print_set(set: &pb::SnapshotSet) {
         })
         .collect();
     table(&["PHASE", "AT"], rows);
+}
+
+/// Writes `backup_label` and, when not empty, `tablespace_map` (mode 0600) into `data_dir`.
+fn write_backup_label(
+    set: &pb::SnapshotSet,
+    hook: &str,
+    agent: Option<&str>,
+    data_dir: &Path,
+) -> Result<Vec<PathBuf>, String> {
+    let matching: Vec<&pb::SetHookOutput> = set
+        .hook_outputs
+        .iter()
+        .filter(|o| o.hook == hook && agent.is_none_or(|a| o.agent == a))
+        .collect();
+    let output = match matching.as_slice() {
+        [one] => *one,
+        [] => return Err(format!("set {} has no output of hook {hook}", set.id)),
+        _ => {
+            return Err(format!(
+                "several members have a hook {hook}: name one with --agent"
+            ));
+        }
+    };
+    if output.backup_label.is_empty() {
+        return Err(format!(
+            "hook {hook} recorded no backup label in set {} (crash-consistent mode needs none: start the server and let it run crash recovery)",
+            set.id
+        ));
+    }
+    if set.state != "consistent" {
+        return Err(format!("set {} is {}, not consistent", set.id, set.state));
+    }
+    let mut files = vec![("backup_label", &output.backup_label)];
+    if !output.tablespace_map.is_empty() {
+        files.push(("tablespace_map", &output.tablespace_map));
+    }
+    let mut written = Vec::new();
+    for (name, content) in files {
+        let path = data_dir.join(name);
+        let mut file = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&path)
+            .map_err(|e| format!("cannot create {}: {e}", path.display()))?;
+        file.write_all(content.as_bytes())
+            .and_then(|()| file.sync_all())
+            .map_err(|e| format!("cannot write {}: {e}", path.display()))?;
+        written.push(path);
+    }
+    Ok(written)
 }
 
 fn ms(value: u64) -> String {
@@ -727,5 +848,55 @@ fn table(headers: &[&str], rows: Vec<Vec<String>>) {
     }
     for row in rows {
         line(row);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+
+    fn set_with_label(label: &str) -> pb::SnapshotSet {
+        pb::SnapshotSet {
+            id: "pg-1".into(),
+            state: "consistent".into(),
+            hook_outputs: vec![pb::SetHookOutput {
+                agent: "db1".into(),
+                hook: "pg-main".into(),
+                backup_label: label.into(),
+                tablespace_map: "16384 /mnt/ts/pg\n".into(),
+                ..Default::default()
+            }],
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn backup_label_is_written_byte_for_byte_private_and_never_over_a_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let label = "START WAL LOCATION: 0/2000028 (file 000000010000000000000002)\n";
+        let set = set_with_label(label);
+        let written = write_backup_label(&set, "pg-main", None, dir.path()).unwrap();
+        assert_eq!(written.len(), 2);
+        assert_eq!(
+            std::fs::read_to_string(dir.path().join("backup_label")).unwrap(),
+            label
+        );
+        let mode = std::fs::metadata(dir.path().join("tablespace_map"))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600);
+        let again = write_backup_label(&set, "pg-main", None, dir.path()).unwrap_err();
+        assert!(again.contains("cannot create"), "{again}");
+    }
+
+    #[test]
+    fn a_crash_mode_set_has_no_label_to_write() {
+        let dir = tempfile::tempdir().unwrap();
+        let err = write_backup_label(&set_with_label(""), "pg-main", None, dir.path()).unwrap_err();
+        assert!(err.contains("crash-consistent mode needs none"), "{err}");
+        let err = write_backup_label(&set_with_label("x"), "other", None, dir.path()).unwrap_err();
+        assert!(err.contains("no output of hook other"), "{err}");
     }
 }

@@ -131,6 +131,12 @@ impl Agent for SimAgent {
     ) -> Result<Response<pb::PrepareVolumesResponse>, Status> {
         self.inner.prepare_volumes(request).await
     }
+    async fn describe_hooks(
+        &self,
+        request: Request<pb::DescribeHooksRequest>,
+    ) -> Result<Response<pb::DescribeHooksResponse>, Status> {
+        self.inner.describe_hooks(request).await
+    }
     async fn freeze_volumes(
         &self,
         request: Request<pb::FreezeVolumesRequest>,
@@ -334,6 +340,7 @@ async fn naive(agents: &[(String, Arc<dyn AgentClient>, Vec<String>)], round: us
             .prepare_volumes(pb::PrepareVolumesRequest {
                 set_id: set_id.clone(),
                 mount_points: mounts.clone(),
+                hooks: Vec::new(),
             })
             .await
             .expect("prepare");
@@ -345,6 +352,7 @@ async fn naive(agents: &[(String, Arc<dyn AgentClient>, Vec<String>)], round: us
                 set_id: set_id.clone(),
                 mount_points: mounts.clone(),
                 lease_ms: 30_000,
+                hooks: Vec::new(),
             })
             .await
             .expect("freeze");

@@ -1,0 +1,465 @@
+//! Script hooks: a directory of root-owned executables, run in name order with the phase as
+//! `argv[1]` — `prepare`, `freeze`, `thaw`, `freeze-fail` — the `freeze`/`thaw` convention of
+//! qemu-guest-agent's fsfreeze-hook scripts, so existing scripts work unchanged.
+//!
+//! `freeze` runs in the quiesce phase (before FIFREEZE) and `thaw` in resume (after FITHAW):
+//! no script ever runs while this set's filesystems are frozen. Environment: `QUIESCE_SET_ID`,
+//! `QUIESCE_MOUNTS` (colon-separated), `QUIESCE_HOOK`, `PATH`. Working directory `/`. Each call
+//! has its phase's timeout; on timeout the whole process group is killed. A non-zero exit fails
+//! the set. Stdout lines `key=value` are kept as output (`SCRIPT.key`).
+
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use super::{
+    DbPath, Hook, HookContext, HookResult, HookSession, HookValues, Timeouts, effective_uid,
+};
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct ExecConfig {
+    /// Directory of executables (owned by root, not writable by group or others).
+    pub dir: PathBuf,
+    #[serde(default = "super::default_prepare_timeout", with = "humantime_serde")]
+    pub prepare_timeout: Duration,
+    #[serde(default = "super::default_quiesce_timeout", with = "humantime_serde")]
+    pub quiesce_timeout: Duration,
+    #[serde(default = "super::default_resume_timeout", with = "humantime_serde")]
+    pub resume_timeout: Duration,
+}
+
+impl ExecConfig {
+    pub fn timeouts(&self) -> Timeouts {
+        Timeouts {
+            prepare: self.prepare_timeout,
+            quiesce: self.quiesce_timeout,
+            resume: self.resume_timeout,
+        }
+    }
+}
+
+/// Refuses what someone other than the agent's user could have changed.
+fn check_owner(path: &Path, meta: &std::fs::Metadata) -> Result<(), String> {
+    let uid = effective_uid();
+    if meta.uid() != uid {
+        return Err(format!(
+            "{} is owned by uid {}, not by the agent's uid {uid}",
+            path.display(),
+            meta.uid()
+        ));
+    }
+    let mode = meta.permissions().mode();
+    if mode & 0o022 != 0 {
+        return Err(format!(
+            "{} has mode {:04o}: group- or world-writable hooks are refused",
+            path.display(),
+            mode & 0o7777
+        ));
+    }
+    Ok(())
+}
+
+/// The executables of a hook directory, in name order, after every ownership check.
+/// Hidden files, backups (`~`) and non-executable files are skipped.
+pub fn scripts(dir: &Path) -> Result<Vec<PathBuf>, String> {
+    let meta = std::fs::metadata(dir).map_err(|e| format!("cannot read {}: {e}", dir.display()))?;
+    if !meta.is_dir() {
+        return Err(format!("{} is not a directory", dir.display()));
+    }
+    check_owner(dir, &meta)?;
+    let mut scripts = Vec::new();
+    let entries =
+        std::fs::read_dir(dir).map_err(|e| format!("cannot list {}: {e}", dir.display()))?;
+    for entry in entries {
+        let entry = entry.map_err(|e| format!("cannot list {}: {e}", dir.display()))?;
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if name.starts_with('.') || name.ends_with('~') || name.contains(".dpkg-") {
+            continue;
+        }
+        let path = entry.path();
+        let meta =
+            std::fs::metadata(&path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+        if !meta.is_file() || meta.permissions().mode() & 0o111 == 0 {
+            continue;
+        }
+        check_owner(&path, &meta)?;
+        scripts.push(path);
+    }
+    scripts.sort();
+    Ok(scripts)
+}
+
+pub struct ExecHook {
+    name: String,
+    config: ExecConfig,
+}
+
+impl ExecHook {
+    pub fn new(name: &str, config: ExecConfig) -> Self {
+        ExecHook {
+            name: name.into(),
+            config,
+        }
+    }
+}
+
+#[tonic::async_trait]
+impl Hook for ExecHook {
+    fn kind(&self) -> &'static str {
+        "exec"
+    }
+
+    async fn paths(&self) -> HookResult<Vec<DbPath>> {
+        Ok(Vec::new())
+    }
+
+    async fn prepare(&self, ctx: &HookContext) -> HookResult<Box<dyn HookSession>> {
+        // The list is fixed at prepare: nothing is read from disk once the freeze nears.
+        let scripts = scripts(&self.config.dir)?;
+        let mut session = ExecSession {
+            hook: self.name.clone(),
+            ctx: ctx.clone(),
+            scripts,
+            timeouts: self.config.timeouts(),
+            frozen: 0,
+            values: HookValues::default(),
+        };
+        for index in 0..session.scripts.len() {
+            session.call(index, "prepare").await?;
+        }
+        Ok(Box::new(session))
+    }
+}
+
+struct ExecSession {
+    hook: String,
+    ctx: HookContext,
+    scripts: Vec<PathBuf>,
+    timeouts: Timeouts,
+    /// How many scripts' `freeze` call started (they get `thaw` or `freeze-fail`).
+    frozen: usize,
+    values: HookValues,
+}
+
+impl ExecSession {
+    async fn call(&mut self, index: usize, phase: &'static str) -> HookResult<()> {
+        let script = self.scripts[index].clone();
+        let timeout = match phase {
+            "prepare" => self.timeouts.prepare,
+            "freeze" => self.timeouts.quiesce,
+            _ => self.timeouts.resume,
+        };
+        let script_name = script
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let mounts = self
+            .ctx
+            .mounts
+            .iter()
+            .map(|m| m.display().to_string())
+            .collect::<Vec<_>>()
+            .join(":");
+        let stdout = run(
+            &script,
+            phase,
+            &self.hook,
+            &self.ctx.set_id,
+            &mounts,
+            timeout,
+        )
+        .await
+        .map_err(|e| format!("script {script_name} {phase}: {e}"))?;
+        for line in stdout.lines() {
+            if let Some((key, value)) = line.split_once('=') {
+                let key = key.trim();
+                if !key.is_empty() && !key.contains(char::is_whitespace) {
+                    self.values
+                        .set(&format!("{script_name}.{key}"), value.trim_end());
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Runs one script call in its own process group; stdout on success.
+pub async fn run(
+    script: &Path,
+    phase: &str,
+    hook: &str,
+    set_id: &str,
+    mounts: &str,
+    timeout: Duration,
+) -> Result<String, String> {
+    let mut command = tokio::process::Command::new(script);
+    command
+        .arg(phase)
+        .env_clear()
+        .env(
+            "PATH",
+            "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+        )
+        .env("QUIESCE_SET_ID", set_id)
+        .env("QUIESCE_MOUNTS", mounts)
+        .env("QUIESCE_HOOK", hook)
+        .current_dir("/")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .process_group(0)
+        .kill_on_drop(true);
+    let child = command.spawn().map_err(|e| format!("cannot start: {e}"))?;
+    // Whether this call times out or the caller's phase deadline drops it, the script's whole
+    // process group is killed (its group id is its pid: `process_group(0)`).
+    let mut group = GroupKiller(child.id());
+    let result = tokio::time::timeout(timeout, child.wait_with_output()).await;
+    match result {
+        Ok(Ok(output)) => {
+            group.0 = None;
+            let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
+            if output.status.success() {
+                Ok(stdout)
+            } else {
+                let stderr = String::from_utf8_lossy(&output.stderr);
+                let last = stderr.lines().rev().find(|l| !l.trim().is_empty());
+                Err(format!(
+                    "exited with {}{}",
+                    output.status,
+                    last.map(|l| format!(": {}", l.trim())).unwrap_or_default()
+                ))
+            }
+        }
+        Ok(Err(e)) => Err(format!("cannot wait for it: {e}")),
+        Err(_) => Err(format!(
+            "did not finish within {}; its process group was killed",
+            humantime::format_duration(timeout)
+        )),
+    }
+}
+
+/// Kills a script's process group when dropped while armed.
+struct GroupKiller(Option<u32>);
+
+impl Drop for GroupKiller {
+    fn drop(&mut self) {
+        if let Some(pid) = self.0.take() {
+            let _ = nix::sys::signal::killpg(
+                nix::unistd::Pid::from_raw(pid as i32),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+        }
+    }
+}
+
+#[tonic::async_trait]
+impl HookSession for ExecSession {
+    async fn quiesce(&mut self) -> HookResult<()> {
+        for index in 0..self.scripts.len() {
+            self.frozen = index + 1;
+            self.call(index, "freeze").await?;
+        }
+        Ok(())
+    }
+
+    async fn resume(&mut self, froze: bool) -> HookResult<()> {
+        let phase = if froze { "thaw" } else { "freeze-fail" };
+        let mut problems = Vec::new();
+        for index in (0..self.frozen).rev() {
+            if let Err(e) = self.call(index, phase).await {
+                problems.push(e);
+            }
+        }
+        self.frozen = 0;
+        if problems.is_empty() {
+            Ok(())
+        } else {
+            Err(problems.join("; "))
+        }
+    }
+
+    fn output(&self) -> HookValues {
+        self.values.clone()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::hooks::{HookRegistry, HookSet};
+    use std::sync::Arc;
+
+    fn write_script(dir: &Path, name: &str, body: &str) {
+        let path = dir.join(name);
+        std::fs::write(&path, format!("#!/bin/sh\n{body}\n")).unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
+    }
+
+    fn setup(quiesce: Duration) -> (tempfile::TempDir, HookRegistry, PathBuf) {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+        let log = dir.path().join("log");
+        let hooks = dir.path().join("hooks.d");
+        std::fs::create_dir(&hooks).unwrap();
+        std::fs::set_permissions(&hooks, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let config = ExecConfig {
+            dir: hooks.clone(),
+            prepare_timeout: Duration::from_secs(5),
+            quiesce_timeout: quiesce,
+            resume_timeout: Duration::from_secs(5),
+        };
+        let mut registry = HookRegistry::default();
+        registry.insert(
+            "scripts",
+            Arc::new(ExecHook::new("scripts", config.clone())),
+            config.timeouts(),
+        );
+        (dir, registry, log)
+    }
+
+    fn ctx() -> HookContext {
+        HookContext {
+            set_id: "s1".into(),
+            mounts: vec!["/mnt/a".into(), "/mnt/b".into()],
+        }
+    }
+
+    #[tokio::test]
+    async fn scripts_run_in_name_order_with_phases_env_and_outputs() {
+        let (dir, registry, log) = setup(Duration::from_secs(5));
+        let hooks = dir.path().join("hooks.d");
+        for name in ["20-b", "10-a"] {
+            write_script(
+                &hooks,
+                name,
+                &format!(
+                    "echo \"{name} $1 $QUIESCE_SET_ID $QUIESCE_MOUNTS\" >> {}\necho \"phase=$1\"",
+                    log.display()
+                ),
+            );
+        }
+        std::fs::write(hooks.join("README"), "not executable").unwrap();
+        let mut set = HookSet::prepare(&registry, &["scripts".into()], &ctx())
+            .await
+            .unwrap();
+        set.quiesce().await.unwrap();
+        let outputs = set.resume(true).await;
+        let lines = std::fs::read_to_string(&log).unwrap();
+        let lines: Vec<&str> = lines.lines().collect();
+        assert_eq!(
+            lines,
+            [
+                "10-a prepare s1 /mnt/a:/mnt/b",
+                "20-b prepare s1 /mnt/a:/mnt/b",
+                "10-a freeze s1 /mnt/a:/mnt/b",
+                "20-b freeze s1 /mnt/a:/mnt/b",
+                "20-b thaw s1 /mnt/a:/mnt/b",
+                "10-a thaw s1 /mnt/a:/mnt/b",
+            ]
+        );
+        assert!(outputs[0].error.is_empty(), "{}", outputs[0].error);
+        assert!(
+            outputs[0]
+                .values
+                .values
+                .contains(&("10-a.phase".into(), "thaw".into()))
+        );
+    }
+
+    #[tokio::test]
+    async fn a_failing_freeze_fails_the_set_and_gets_freeze_fail() {
+        let (dir, registry, log) = setup(Duration::from_secs(5));
+        let hooks = dir.path().join("hooks.d");
+        write_script(
+            &hooks,
+            "10-ok",
+            &format!("echo \"ok $1\" >> {}", log.display()),
+        );
+        write_script(
+            &hooks,
+            "20-bad",
+            &format!(
+                "echo \"bad $1\" >> {}\n[ \"$1\" = freeze ] && {{ echo 'database said no' >&2; exit 3; }}\nexit 0",
+                log.display()
+            ),
+        );
+        let mut set = HookSet::prepare(&registry, &["scripts".into()], &ctx())
+            .await
+            .unwrap();
+        let (err, _) = set.quiesce().await.unwrap_err();
+        let err = err.to_string();
+        assert!(
+            err.contains("script 20-bad freeze: exited with exit status: 3: database said no"),
+            "{err}"
+        );
+        let lines = std::fs::read_to_string(&log).unwrap();
+        assert!(
+            lines.ends_with("ok freeze\nbad freeze\nbad freeze-fail\nok freeze-fail\n"),
+            "{lines}"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_hanging_script_is_killed_with_its_whole_process_group() {
+        let (dir, registry, _log) = setup(Duration::from_millis(500));
+        let hooks = dir.path().join("hooks.d");
+        let pidfile = dir.path().join("child.pid");
+        write_script(
+            &hooks,
+            "10-hang",
+            &format!(
+                "if [ \"$1\" = freeze ]; then sleep 300 & echo $! > {}; wait; fi",
+                pidfile.display()
+            ),
+        );
+        let mut set = HookSet::prepare(&registry, &["scripts".into()], &ctx())
+            .await
+            .unwrap();
+        let (err, _) = set.quiesce().await.unwrap_err();
+        assert!(
+            err.to_string().contains("did not finish within 500ms"),
+            "{err}"
+        );
+        let child: i32 = std::fs::read_to_string(&pidfile)
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap();
+        // The grandchild (`sleep`) is gone too: killed with the group, then reaped by init.
+        let mut gone = false;
+        for _ in 0..50 {
+            let stat = std::fs::read_to_string(format!("/proc/{child}/stat")).unwrap_or_default();
+            if stat.is_empty() || stat.contains(") Z ") {
+                gone = true;
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let stat = std::fs::read_to_string(format!("/proc/{child}/stat")).unwrap_or_default();
+        assert!(gone, "the script child survived the timeout: {stat}");
+    }
+
+    #[test]
+    fn writable_scripts_are_refused() {
+        let (dir, _registry, _log) = setup(Duration::from_secs(1));
+        let hooks = dir.path().join("hooks.d");
+        write_script(&hooks, "10-a", "exit 0");
+        assert_eq!(scripts(&hooks).unwrap().len(), 1);
+        std::fs::set_permissions(hooks.join("10-a"), std::fs::Permissions::from_mode(0o775))
+            .unwrap();
+        let err = scripts(&hooks).unwrap_err();
+        assert!(err.contains("group- or world-writable"), "{err}");
+        std::fs::set_permissions(hooks.join("10-a"), std::fs::Permissions::from_mode(0o755))
+            .unwrap();
+        std::fs::set_permissions(&hooks, std::fs::Permissions::from_mode(0o777)).unwrap();
+        assert!(
+            scripts(&hooks)
+                .unwrap_err()
+                .contains("hooks.d has mode 0777")
+        );
+    }
+}
