@@ -436,4 +436,19 @@ async fn the_coordinator_runs_the_schedule_and_retention_deletes_expired_sets_wi
     assert!(g.next_run_at_ms > 0 && !g.overdue, "{g:?}");
     assert_eq!(g.retention, "keep last 2");
     assert!(g.last_scheduled_set.starts_with("g-"), "{g:?}");
+    let out = std::process::Command::new(bin("quiescectl"))
+        .args([
+            "--insecure",
+            "--endpoint",
+            &lab.coordinator().endpoint(),
+            "groups",
+        ])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    eprintln!("{text}");
+    assert!(text.contains("SCHEDULE → NEXT RUN"), "{text}");
+    assert!(text.contains("*/2 * * * * * → 20"), "{text}");
+    assert!(text.contains("keep last 2;"), "{text}");
+    assert!(!text.contains("OVERDUE"), "{text}");
 }
