@@ -15,7 +15,11 @@ pub struct Config {
     pub listen: SocketAddr,
     /// Plain-HTTP Prometheus endpoint (`GET /metrics`), unauthenticated: keep it on loopback
     /// or a management network. A port that cannot be bound is logged, not fatal.
-    #[serde(default = "default_metrics_listen")]
+    /// `"off"` serves none.
+    #[serde(
+        default = "default_metrics_listen",
+        deserialize_with = "metrics_listen"
+    )]
     pub metrics_listen: Option<SocketAddr>,
     /// mTLS files. Required unless the agent runs with `--insecure`.
     pub tls: Option<TlsFiles>,
@@ -57,6 +61,20 @@ pub struct ReflinkConfig {
     /// Where snapshot clones go; must be on the filesystem holding the loop backing files.
     /// Default: `.quiesce-snapshots` next to each backing file.
     pub snapshot_dir: Option<PathBuf>,
+}
+
+fn metrics_listen<'de, D: serde::Deserializer<'de>>(
+    deserializer: D,
+) -> Result<Option<SocketAddr>, D::Error> {
+    let text = String::deserialize(deserializer)?;
+    if text == "off" {
+        return Ok(None);
+    }
+    text.parse().map(Some).map_err(|e| {
+        serde::de::Error::custom(format!(
+            "metrics-listen {text:?}: {e} (an address like \"127.0.0.1:9740\", or \"off\")"
+        ))
+    })
 }
 
 fn default_metrics_listen() -> Option<SocketAddr> {

@@ -19,7 +19,11 @@ pub struct Config {
     pub catalog: PathBuf,
     /// Plain-HTTP Prometheus endpoint (`GET /metrics`). Keep it on loopback or a management
     /// network: it is not authenticated. A port that cannot be bound is logged, not fatal.
-    #[serde(default = "default_metrics_listen")]
+    /// `"off"` serves none.
+    #[serde(
+        default = "default_metrics_listen",
+        deserialize_with = "metrics_listen"
+    )]
     pub metrics_listen: Option<SocketAddr>,
     #[serde(default, rename = "agent")]
     pub agents: Vec<AgentConfig>,
@@ -118,6 +122,20 @@ pub struct MemberConfig {
     /// in this order; resumed in reverse.
     #[serde(default)]
     pub hooks: Vec<String>,
+}
+
+fn metrics_listen<'de, D: serde::Deserializer<'de>>(
+    deserializer: D,
+) -> Result<Option<SocketAddr>, D::Error> {
+    let text = String::deserialize(deserializer)?;
+    if text == "off" {
+        return Ok(None);
+    }
+    text.parse().map(Some).map_err(|e| {
+        serde::de::Error::custom(format!(
+            "metrics-listen {text:?}: {e} (an address like \"127.0.0.1:9740\", or \"off\")"
+        ))
+    })
 }
 
 fn default_metrics_listen() -> Option<SocketAddr> {
@@ -349,6 +367,53 @@ mounts = ["/mnt/data", "/mnt/wal"]
         assert!(
             problems.iter().all(|p| p.contains("/etc/quiesce/tls/")),
             "{problems:#?}"
+        );
+    }
+
+    #[test]
+    fn metrics_listen_defaults_to_loopback_and_can_be_turned_off() {
+        let config = Config::parse(SAMPLE).unwrap();
+        assert_eq!(
+            config.metrics_listen,
+            Some(SocketAddr::from(([127, 0, 0, 1], 9740)))
+        );
+        let off = Config::parse(&format!("metrics-listen = \"off\"\n{SAMPLE}")).unwrap();
+        assert_eq!(off.metrics_listen, None);
+        let bad = Config::parse(&format!("metrics-listen = \"nowhere\"\n{SAMPLE}")).unwrap_err();
+        assert!(
+            bad.to_string().contains("metrics-listen \"nowhere\""),
+            "{bad}"
+        );
+    }
+
+    #[test]
+    fn a_group_with_schedule_and_retention_parses_and_bad_cron_is_reported() {
+        let text = format!(
+            "{}[group.schedule]\ncron = \"0 * * * *\"\n[group.retention]\nkeep-last = 3\nkeep-daily = 7\n",
+            SAMPLE.replace(
+                "provider = \"reflink\"\n",
+                "provider = \"reflink\"\nfreeze-budget = \"5s\"\n"
+            )
+        );
+        let config = Config::parse(&text).unwrap();
+        let group = config.group("pg").unwrap();
+        assert_eq!(group.freeze_budget, Duration::from_secs(5));
+        assert_eq!(group.retention.as_ref().unwrap().keep_daily, Some(7));
+        assert_eq!(config.problems(true), Vec::<String>::new());
+        let bad = Config::parse(
+            &text
+                .replace("0 * * * *", "61 * * * *")
+                .replace("keep-last = 3\nkeep-daily = 7\n", ""),
+        )
+        .unwrap();
+        let problems = bad.problems(true).join("\n");
+        assert!(
+            problems.contains("group pg: schedule cron \"61 * * * *\""),
+            "{problems}"
+        );
+        assert!(
+            problems.contains("[group.retention] keeps nothing"),
+            "{problems}"
         );
     }
 

@@ -375,21 +375,20 @@ async fn the_coordinator_runs_the_schedule_and_retention_deletes_expired_sets_wi
     lab.start_coordinator(Some(&groups), &[]);
     let mut client = lab.coordinator().client().await;
     let deadline = Instant::now() + Duration::from_secs(40);
-    let mut expired = 0;
-    loop {
+    let expired = loop {
         assert!(Instant::now() < deadline, "schedule did not run and expire");
         let metrics = scrape(lab.coordinator().metrics);
-        expired = metrics
+        let expired = metrics
             .lines()
             .find(|l| l.starts_with("quiesce_sets_expired_total{group=\"g\"}"))
             .and_then(|l| l.split_whitespace().last())
             .and_then(|v| v.parse::<u64>().ok())
             .unwrap_or(0);
         if expired >= 2 {
-            break;
+            break expired;
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    };
     let sets = client
         .list_sets(pb::ListSetsRequest {
             group: "g".into(),
@@ -437,4 +436,19 @@ async fn the_coordinator_runs_the_schedule_and_retention_deletes_expired_sets_wi
     assert!(g.next_run_at_ms > 0 && !g.overdue, "{g:?}");
     assert_eq!(g.retention, "keep last 2");
     assert!(g.last_scheduled_set.starts_with("g-"), "{g:?}");
+    let out = std::process::Command::new(bin("quiescectl"))
+        .args([
+            "--insecure",
+            "--endpoint",
+            &lab.coordinator().endpoint(),
+            "groups",
+        ])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    eprintln!("{text}");
+    assert!(text.contains("SCHEDULE → NEXT RUN"), "{text}");
+    assert!(text.contains("*/2 * * * * * → 20"), "{text}");
+    assert!(text.contains("keep last 2;"), "{text}");
+    assert!(!text.contains("OVERDUE"), "{text}");
 }
