@@ -290,8 +290,10 @@ fn run(path: &Path, insecure: bool) -> anyhow::Result<ExitCode> {
             Arc::new(guardian),
         );
         // The listener is bound (connections queue from here on) and the freeze record replayed.
+        // SIGHUP's default action kills: take it over before systemd may send a reload.
+        let hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())?;
         notify_systemd("READY=1");
-        tokio::spawn(reload_on_sighup(tls.clone()));
+        tokio::spawn(reload_on_sighup(hup, tls.clone()));
         quiesce_agent::server::serve(manager, listener, tls, shutdown_signal()).await?;
         Ok(ExitCode::SUCCESS)
     })
@@ -306,9 +308,10 @@ fn notify_systemd(state: &str) {
 
 /// Certificate rotation: on SIGHUP re-read the TLS files. Files that fail any check leave the
 /// running certificate in place; connections already open keep theirs.
-async fn reload_on_sighup(tls: Option<Arc<ReloadableServerTls>>) {
-    use tokio::signal::unix::{SignalKind, signal};
-    let mut hup = signal(SignalKind::hangup()).expect("SIGHUP handler");
+async fn reload_on_sighup(
+    mut hup: tokio::signal::unix::Signal,
+    tls: Option<Arc<ReloadableServerTls>>,
+) {
     while hup.recv().await.is_some() {
         let Some(tls) = &tls else {
             tracing::info!("SIGHUP: --insecure, no TLS files to reload");

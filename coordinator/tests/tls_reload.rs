@@ -205,3 +205,17 @@ async fn reloadable_agents_rebuild_their_channels() {
     agents.reload().unwrap();
     assert!(agents.client("db1").is_some());
 }
+
+#[tokio::test]
+async fn a_silent_client_delays_no_other_handshake() {
+    let pki = Pki::new();
+    let tls = ReloadableServerTls::load(&pki.served).unwrap();
+    let addr = serve(tls).await;
+    // Connects and never says a word: its handshake waits in its own task.
+    let _silent = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let _silent_too = tokio::net::TcpStream::connect(addr).await.unwrap();
+    assert_eq!(
+        list_groups(addr, &pki.client(&pki.a, "alice")).await,
+        Ok(())
+    );
+}

@@ -159,8 +159,10 @@ fn run(path: &Path, insecure: bool) -> anyhow::Result<ExitCode> {
             .await
             .with_context(|| format!("binding {listen}"))?;
         tracing::info!(listen = %listener.local_addr()?, "coordinator ready");
+        // SIGHUP's default action kills: take it over before systemd may send a reload.
+        let hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())?;
         notify_systemd("READY=1");
-        tokio::spawn(reload_on_sighup(server_tls.clone(), agents));
+        tokio::spawn(reload_on_sighup(hup, server_tls.clone(), agents));
         quiesce_coordinator::server::serve(
             coordinator.clone(),
             listener,
@@ -185,9 +187,11 @@ fn notify_systemd(state: &str) {
 
 /// Certificate rotation: on SIGHUP re-read the TLS files, for the operator API and for the
 /// channels to agents. Files that fail any check leave the running certificates in place.
-async fn reload_on_sighup(server: Option<Arc<ReloadableServerTls>>, agents: Arc<ReloadableAgents>) {
-    use tokio::signal::unix::{SignalKind, signal};
-    let mut hup = signal(SignalKind::hangup()).expect("SIGHUP handler");
+async fn reload_on_sighup(
+    mut hup: tokio::signal::unix::Signal,
+    server: Option<Arc<ReloadableServerTls>>,
+    agents: Arc<ReloadableAgents>,
+) {
     while hup.recv().await.is_some() {
         let Some(server) = &server else {
             tracing::info!("SIGHUP: --insecure, no TLS files to reload");
