@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use hooks_support::*;
 use tokio_postgres::NoTls;
@@ -351,9 +351,17 @@ async fn postgres_sets_under_load_restore_consistent_and_every_failure_is_clean(
         .append(true)
         .open(pgdata.join("postgresql.conf"))
         .unwrap();
+    // A WAL archive off the group's volumes: restoring a backup-mode set needs it.
+    let archive = lab.dir.join("archive");
+    chown_postgres(&archive);
     std::io::Write::write_all(
         &mut conf,
-        b"max_wal_size = 96MB\nmin_wal_size = 32MB\nshared_buffers = 16MB\ncheckpoint_timeout = 30s\n",
+        format!(
+            "max_wal_size = 96MB\nmin_wal_size = 32MB\nshared_buffers = 16MB\ncheckpoint_timeout = 30s\n\
+             archive_mode = on\narchive_command = 'cp %p {0}/%f'\n",
+            archive.display()
+        )
+        .as_bytes(),
     )
     .unwrap();
     let sock = lab.dir.join("sock");
@@ -508,7 +516,110 @@ async fn postgres_sets_under_load_restore_consistent_and_every_failure_is_clean(
         "{:?}",
         output.tablespace_map
     );
-    assert!(hook_value(&set, "pg-backup", "backup-stop-lsn").is_some());
+    let stop_lsn = hook_value(&set, "pg-backup", "backup-stop-lsn").unwrap();
+
+    // Restore it the documented way: label and map written into the restored data directory
+    // (the map's path edited to where the tablespace is now), recovery from the WAL archive.
+    let stop_file: String = admin
+        .query_one("SELECT pg_walfile_name($1::text::pg_lsn)", &[&stop_lsn])
+        .await
+        .unwrap()
+        .get(0);
+    let archived = Instant::now();
+    // pg_backup_stop switched to a new segment; the archiver copies the finished one.
+    while !archive.join(&stop_file).exists() {
+        if archived.elapsed() > Duration::from_secs(20) {
+            let stats = admin
+                .query_one(
+                    "SELECT archived_count, COALESCE(last_archived_wal, ''), failed_count,
+                            COALESCE(last_failed_wal, ''), current_setting('archive_mode')
+                     FROM pg_stat_archiver",
+                    &[],
+                )
+                .await
+                .unwrap();
+            let log = std::fs::read_to_string(lab.dir.join("pg.log")).unwrap_or_default();
+            panic!(
+                "{stop_file} never archived: archived {} (last {}), failed {} (last {}), archive_mode {}\n{}",
+                stats.get::<_, i64>(0),
+                stats.get::<_, String>(1),
+                stats.get::<_, i64>(2),
+                stats.get::<_, String>(3),
+                stats.get::<_, String>(4),
+                log.lines()
+                    .filter(|l| !l.contains("checkpoint"))
+                    .take(30)
+                    .collect::<Vec<_>>()
+                    .join("\n")
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let images = stack.restore(&set, &lab.pool.join("restore-backup")).await;
+    let at = lab.dir.join("restored-backup");
+    let mounts = mount_restored(&mut lab, &images, &originals, &at);
+    let rdata = at.join("data/pg");
+    let map = output.tablespace_map.replace(
+        &ts.display().to_string(),
+        &at.join("ts").display().to_string(),
+    );
+    for (name, content) in [
+        ("backup_label", output.backup_label.as_str()),
+        ("tablespace_map", &map),
+    ] {
+        std::fs::write(rdata.join(name), content).unwrap();
+    }
+    std::fs::write(rdata.join("recovery.signal"), "").unwrap();
+    let mut conf = std::fs::OpenOptions::new()
+        .append(true)
+        .open(rdata.join("postgresql.conf"))
+        .unwrap();
+    std::io::Write::write_all(
+        &mut conf,
+        format!(
+            "restore_command = 'cp {}/%f %p'\narchive_mode = off\n",
+            archive.display()
+        )
+        .as_bytes(),
+    )
+    .unwrap();
+    run(
+        "chown",
+        &["-R", "postgres:postgres", rdata.to_str().unwrap()],
+    );
+    let mut restored = Server::start(
+        &rdata,
+        &lab.dir.join("sock-backup"),
+        &lab.dir.join("restored-backup.log"),
+        &[],
+    )
+    .unwrap_or_else(|e| panic!("backup mode: {e}"));
+    let recovered = Instant::now();
+    loop {
+        let client = restored.connect("postgres", None).await;
+        let in_recovery: bool = client
+            .query_one("SELECT pg_is_in_recovery()", &[])
+            .await
+            .unwrap()
+            .get(0);
+        if !in_recovery {
+            break;
+        }
+        assert!(
+            recovered.elapsed() < Duration::from_secs(60),
+            "backup mode: still in recovery"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    check(&restored, Some(&stop_lsn))
+        .await
+        .unwrap_or_else(|e| panic!("backup mode: {e}"));
+    let log = std::fs::read_to_string(lab.dir.join("restored-backup.log")).unwrap();
+    assert!(log.contains("starting backup recovery"), "{log}");
+    restored.stop();
+    for mount in mounts.iter().rev() {
+        lab.unmount(mount);
+    }
 
     // The negative control: WAL snapshotted, then (after more transfers and a checkpoint)
     // data and tablespace, each by a group freeze of its own: not one cut.

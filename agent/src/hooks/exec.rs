@@ -213,32 +213,81 @@ pub async fn run(
         .stderr(Stdio::piped())
         .process_group(0)
         .kill_on_drop(true);
-    let child = command.spawn().map_err(|e| format!("cannot start: {e}"))?;
+    let mut child = command.spawn().map_err(|e| format!("cannot start: {e}"))?;
     // Whether this call times out or the caller's phase deadline drops it, the script's whole
     // process group is killed (its group id is its pid: `process_group(0)`).
     let mut group = GroupKiller(child.id());
-    let result = tokio::time::timeout(timeout, child.wait_with_output()).await;
-    match result {
-        Ok(Ok(output)) => {
-            group.0 = None;
-            let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
-            if output.status.success() {
-                Ok(stdout)
-            } else {
-                let stderr = String::from_utf8_lossy(&output.stderr);
-                let last = stderr.lines().rev().find(|l| !l.trim().is_empty());
-                Err(format!(
-                    "exited with {}{}",
-                    output.status,
-                    last.map(|l| format!(": {}", l.trim())).unwrap_or_default()
-                ))
+    // Output is collected on the side: a script may leave a background process holding its
+    // stdout or stderr (qemu's mysql-flush.sh keeps its lock that way), so the call ends when
+    // the script exits, not when its pipes close.
+    let stdout = collect(child.stdout.take());
+    let stderr = collect(child.stderr.take());
+    let status = match tokio::time::timeout(timeout, child.wait()).await {
+        Ok(Ok(status)) => status,
+        Ok(Err(e)) => return Err(format!("cannot wait for it: {e}")),
+        Err(_) => {
+            return Err(format!(
+                "did not finish within {}; its process group was killed",
+                humantime::format_duration(timeout)
+            ));
+        }
+    };
+    // It exited: what it leaves running is its business (and gets `thaw` later).
+    group.0 = None;
+    let stdout = stdout.finish().await;
+    let stderr = stderr.finish().await;
+    if status.success() {
+        Ok(stdout)
+    } else {
+        let last = stderr.lines().rev().find(|l| !l.trim().is_empty());
+        Err(format!(
+            "exited with {status}{}",
+            last.map(|l| format!(": {}", l.trim())).unwrap_or_default()
+        ))
+    }
+}
+
+/// A pipe read to its end (bounded to 64 KiB) by a task of its own.
+struct Collected {
+    buffer: std::sync::Arc<std::sync::Mutex<Vec<u8>>>,
+    task: Option<tokio::task::JoinHandle<()>>,
+}
+
+fn collect(pipe: Option<impl tokio::io::AsyncRead + Unpin + Send + 'static>) -> Collected {
+    let buffer = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let task = pipe.map(|mut pipe| {
+        let buffer = buffer.clone();
+        tokio::spawn(async move {
+            let mut chunk = [0u8; 4096];
+            loop {
+                match tokio::io::AsyncReadExt::read(&mut pipe, &mut chunk).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => {
+                        let mut buffer = buffer.lock().unwrap();
+                        let room = (64 * 1024usize).saturating_sub(buffer.len());
+                        buffer.extend_from_slice(&chunk[..n.min(room)]);
+                    }
+                }
+            }
+        })
+    });
+    Collected { buffer, task }
+}
+
+impl Collected {
+    /// What was read by the time the pipe closed, or 100 ms after the script exited.
+    async fn finish(mut self) -> String {
+        if let Some(task) = self.task.take() {
+            let mut task = task;
+            if tokio::time::timeout(Duration::from_millis(100), &mut task)
+                .await
+                .is_err()
+            {
+                task.abort();
             }
         }
-        Ok(Err(e)) => Err(format!("cannot wait for it: {e}")),
-        Err(_) => Err(format!(
-            "did not finish within {}; its process group was killed",
-            humantime::format_duration(timeout)
-        )),
+        let buffer = self.buffer.lock().unwrap();
+        String::from_utf8_lossy(&buffer).into_owned()
     }
 }
 
@@ -441,6 +490,52 @@ mod tests {
         }
         let stat = std::fs::read_to_string(format!("/proc/{child}/stat")).unwrap_or_default();
         assert!(gone, "the script child survived the timeout: {stat}");
+    }
+
+    #[tokio::test]
+    async fn a_script_leaving_a_background_process_on_its_pipes_returns_when_it_exits() {
+        let (dir, registry, _log) = setup(Duration::from_secs(5));
+        let hooks = dir.path().join("hooks.d");
+        let pidfile = dir.path().join("bg.pid");
+        // Like qemu's mysql-flush.sh: the lock holder runs on in the background at `freeze`.
+        write_script(
+            &hooks,
+            "10-bg",
+            &format!(
+                "if [ \"$1\" = freeze ]; then sleep 30 & echo $! > {}; fi\necho held=yes",
+                pidfile.display()
+            ),
+        );
+        let mut set = HookSet::prepare(&registry, &["scripts".into()], &ctx())
+            .await
+            .unwrap();
+        let started = std::time::Instant::now();
+        set.quiesce().await.unwrap();
+        assert!(
+            started.elapsed() < Duration::from_secs(2),
+            "{:?}",
+            started.elapsed()
+        );
+        let pid: i32 = std::fs::read_to_string(&pidfile)
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap();
+        assert!(
+            Path::new(&format!("/proc/{pid}")).exists(),
+            "a script that exited cleanly keeps its background process"
+        );
+        let outputs = set.resume(true).await;
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid),
+            nix::sys::signal::Signal::SIGKILL,
+        );
+        assert!(
+            outputs[0]
+                .values
+                .values
+                .contains(&("10-bg.held".into(), "yes".into()))
+        );
     }
 
     #[test]

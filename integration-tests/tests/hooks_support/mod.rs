@@ -10,7 +10,6 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::Arc;
-use std::time::Duration;
 
 use quiesce_agent::config::Config as AgentConfig;
 use quiesce_agent::freeze::FreezeManager;
@@ -30,6 +29,7 @@ use tonic::{Request, Status};
 
 /// `true` when the test can run; prints why not otherwise (panics under CI).
 pub fn can_run(what: &str, tools: &[&str]) -> bool {
+    // SAFETY: geteuid has no preconditions and cannot fail.
     let root = unsafe { libc::geteuid() } == 0;
     let missing: Vec<&str> = tools
         .iter()
@@ -383,8 +383,4 @@ pub fn secret(path: &Path, content: &str) {
     use std::os::unix::fs::PermissionsExt;
     std::fs::write(path, content).unwrap();
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).unwrap();
-}
-
-pub fn sleep(ms: u64) -> std::thread::JoinHandle<()> {
-    std::thread::spawn(move || std::thread::sleep(Duration::from_millis(ms)))
 }
