@@ -45,12 +45,15 @@ impl AgentConfig {
 pub enum ProviderKind {
     /// Host-local FICLONE of loop backing files, done by each agent while frozen.
     Reflink,
+    /// AWS EBS snapshots, made by the coordinator through the EC2 API (`[group.ebs]`).
+    Ebs,
 }
 
 impl ProviderKind {
     pub fn as_str(self) -> &'static str {
         match self {
             ProviderKind::Reflink => "reflink",
+            ProviderKind::Ebs => "ebs",
         }
     }
 }
@@ -68,6 +71,8 @@ pub struct GroupConfig {
     pub phase_timeout: Duration,
     #[serde(rename = "member")]
     pub members: Vec<MemberConfig>,
+    /// Settings of the EBS provider; required when `provider = "ebs"`.
+    pub ebs: Option<crate::ebs::EbsConfig>,
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
@@ -169,6 +174,20 @@ impl Config {
                     "group {}: lease must be longer than 0s",
                     group.name
                 ));
+            }
+            match (group.provider, &group.ebs) {
+                (ProviderKind::Ebs, None) => problems.push(format!(
+                    "group {}: provider ebs needs a [group.ebs] section (region at least)",
+                    group.name
+                )),
+                (ProviderKind::Ebs, Some(ebs)) => {
+                    problems.extend(ebs.problems(&group.name, group.phase_timeout))
+                }
+                (ProviderKind::Reflink, Some(_)) => problems.push(format!(
+                    "group {}: [group.ebs] is set but the provider is reflink",
+                    group.name
+                )),
+                (ProviderKind::Reflink, None) => {}
             }
             for member in &group.members {
                 if !names.contains(member.agent.as_str()) {

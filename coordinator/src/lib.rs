@@ -6,7 +6,9 @@
 
 pub mod agent_client;
 pub mod catalog;
+pub mod completion;
 pub mod config;
+pub mod ebs;
 pub mod error;
 pub mod fake_agent;
 pub mod operations;

@@ -22,13 +22,15 @@ use crate::agent_client::{AgentClient, AgentDirectory};
 use crate::catalog::{Catalog, NewSet};
 use crate::config::{Config, GroupConfig};
 use crate::error::{Error, agent_error};
-use crate::provider::{self, Snapshot, SnapshotProvider};
+use crate::provider::{self, PlannedVolume, Snapshot, SnapshotCall, SnapshotProvider};
 
 pub struct Coordinator {
     config: Arc<Config>,
     catalog: Arc<Catalog>,
     agents: Arc<dyn AgentDirectory>,
     runs: Mutex<HashMap<String, JoinHandle<()>>>,
+    /// Per group; built from the config, replaceable in tests.
+    providers: Mutex<HashMap<String, Arc<dyn SnapshotProvider>>>,
 }
 
 /// One member host of a running set.
@@ -36,6 +38,8 @@ struct Member {
     agent: String,
     client: Arc<dyn AgentClient>,
     mounts: Vec<String>,
+    /// Filled at plan time from the agent's host info, in `mounts` order.
+    planned: Vec<PlannedVolume>,
     host: SetHost,
     freeze_sent: bool,
     snapshots: Vec<Snapshot>,
@@ -46,7 +50,7 @@ struct Member {
 struct Run<'a> {
     set_id: String,
     group: &'a GroupConfig,
-    provider: Box<dyn SnapshotProvider>,
+    provider: Arc<dyn SnapshotProvider>,
     catalog: &'a Catalog,
     members: Vec<Member>,
     first_freeze_sent: Option<Instant>,
@@ -58,12 +62,36 @@ impl Coordinator {
         catalog: Arc<Catalog>,
         agents: Arc<dyn AgentDirectory>,
     ) -> Arc<Self> {
+        let providers = config
+            .groups
+            .iter()
+            .map(|g| (g.name.clone(), provider::for_group(g)))
+            .collect();
         Arc::new(Coordinator {
             config,
             catalog,
             agents,
             runs: Mutex::new(HashMap::new()),
+            providers: Mutex::new(providers),
         })
+    }
+
+    /// The provider of a group.
+    pub fn provider(&self, group: &GroupConfig) -> Arc<dyn SnapshotProvider> {
+        self.providers
+            .lock()
+            .unwrap()
+            .entry(group.name.clone())
+            .or_insert_with(|| provider::for_group(group))
+            .clone()
+    }
+
+    /// Replaces a group's provider (tests: an EBS provider over a fake or an emulator).
+    pub fn set_provider(&self, group: &str, provider: Arc<dyn SnapshotProvider>) {
+        self.providers
+            .lock()
+            .unwrap()
+            .insert(group.to_owned(), provider);
     }
 
     pub fn config(&self) -> &Config {
@@ -127,6 +155,7 @@ impl Coordinator {
             async move {
                 coordinator.run(&id, &group).await;
                 coordinator.runs.lock().unwrap().remove(&id);
+                coordinator.spawn_completion_tracking(&id);
             }
             .instrument(span),
         );
@@ -166,6 +195,7 @@ impl Coordinator {
                     .iter()
                     .map(|m| m.display().to_string())
                     .collect(),
+                planned: Vec::new(),
                 host: SetHost {
                     agent: member.agent.clone(),
                     state: "pending".into(),
@@ -179,7 +209,7 @@ impl Coordinator {
         let mut run = Run {
             set_id: set_id.to_owned(),
             group,
-            provider: provider::for_kind(group.provider),
+            provider: self.provider(group),
             catalog: &self.catalog,
             members,
             first_freeze_sent: None,
@@ -213,10 +243,7 @@ impl Coordinator {
                         problems.push(format!("thaw {}", agent_error(agent, &status)));
                     }
                 }
-                let provider = self
-                    .config
-                    .group(&set.group)
-                    .map(|g| provider::for_kind(g.provider));
+                let provider = self.config.group(&set.group).map(|g| self.provider(g));
                 if let Some(provider) = provider {
                     for agent in &agents {
                         if let Some(client) = self.agents.client(agent) {
@@ -289,6 +316,9 @@ impl Run<'_> {
         match failure {
             None => {
                 self.phase("committed")?;
+                if self.provider.completion_poll().is_some() {
+                    self.catalog.set_completion(&self.set_id, "pending")?;
+                }
                 self.catalog.finish(
                     &self.set_id,
                     "consistent",
@@ -347,7 +377,8 @@ impl Run<'_> {
         })
         .await;
         let mut problems = Vec::new();
-        for (member, reply) in self.members.iter().zip(replies) {
+        let mut planned_all = Vec::new();
+        for (member, reply) in self.members.iter_mut().zip(replies) {
             let info = match reply {
                 Ok(info) => info,
                 Err(e) => {
@@ -378,6 +409,14 @@ impl Run<'_> {
                     problems.push(why);
                     continue;
                 }
+                let planned = PlannedVolume {
+                    mount_point: mount.clone(),
+                    device: volume.device.clone(),
+                    ebs_volume_id: volume.ebs_volume_id.clone(),
+                    instance_id: info.instance_id.clone(),
+                };
+                member.planned.push(planned.clone());
+                planned_all.push((member.agent.clone(), planned));
                 self.catalog.update_volume(
                     &self.set_id,
                     &SetVolume {
@@ -386,10 +425,17 @@ impl Run<'_> {
                         device: volume.device.clone(),
                         fs_type: volume.fs_type.clone(),
                         backing_file: volume.backing_file.clone(),
+                        ebs_volume_id: volume.ebs_volume_id.clone(),
+                        instance_id: info.instance_id.clone(),
                         ..Default::default()
                     },
                 )?;
             }
+        }
+        if problems.is_empty()
+            && let Err(why) = self.provider.preflight(&self.set_id, &planned_all).await
+        {
+            problems.push(why);
         }
         Ok(if problems.is_empty() {
             Ok(())
@@ -476,15 +522,19 @@ impl Run<'_> {
         let set_id = self.set_id.clone();
         let timeout = self.timeout();
         let provider = &self.provider;
+        let group = self.group.name.as_str();
         let calls = self.members.iter().map(|m| {
             let set_id = set_id.clone();
             async move {
-                match tokio::time::timeout(
-                    timeout,
-                    provider.snapshot(&set_id, &m.agent, m.client.as_ref(), &m.mounts),
-                )
-                .await
-                {
+                let call = SnapshotCall {
+                    set_id: &set_id,
+                    group,
+                    attempt: 1,
+                    agent: &m.agent,
+                    client: m.client.as_ref(),
+                    volumes: &m.planned,
+                };
+                match tokio::time::timeout(timeout, provider.snapshot(&call)).await {
                     Ok(result) => result,
                     Err(_) => Err(format!(
                         "{}: snapshot did not return within {}",
@@ -494,7 +544,10 @@ impl Run<'_> {
                 }
             }
         });
+        let started = Instant::now();
         let replies = join_all(calls).await;
+        self.catalog
+            .set_snapshot_calls_ms(&self.set_id, started.elapsed().as_millis() as u64)?;
         renewer.abort();
         let mut problems = Vec::new();
         for (index, reply) in replies.into_iter().enumerate() {
@@ -509,6 +562,15 @@ impl Run<'_> {
                             &snapshot.snapshot_id,
                             snapshot.size_bytes,
                         )?;
+                        if !snapshot.state.is_empty() {
+                            self.catalog.update_volume_progress(
+                                &self.set_id,
+                                &agent,
+                                &snapshot.mount_point,
+                                &snapshot.state,
+                                0,
+                            )?;
+                        }
                     }
                     self.members[index].snapshots = snapshots;
                 }

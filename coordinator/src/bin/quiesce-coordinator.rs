@@ -134,6 +134,10 @@ fn run(path: &Path, insecure: bool) -> anyhow::Result<ExitCode> {
                 "interrupted sets thawed, cleaned up and marked failed"
             );
         }
+        let tracking = coordinator.resume_completion_tracking()?;
+        if tracking > 0 {
+            tracing::info!(sets = tracking, "tracking completion of committed sets");
+        }
         let listener = tokio::net::TcpListener::bind(listen)
             .await
             .with_context(|| format!("binding {listen}"))?;
