@@ -284,6 +284,40 @@ mounts = ["/mnt/data", "/mnt/wal"]
     }
 
     #[test]
+    fn ebs_groups_are_checked() {
+        let ebs = SAMPLE.replace("\"reflink\"", "\"ebs\"");
+        let problems = Config::parse(&ebs).unwrap().problems(true).join("\n");
+        assert!(
+            problems.contains("group pg: provider ebs needs a [group.ebs] section"),
+            "{problems}"
+        );
+        let text = format!(
+            "{ebs}[group.ebs]\nregion = \"\"\nrequest-timeout = \"1m\"\nendpoint-url = \"ftp://x\"\ntags = {{ \"aws:x\" = \"1\", \"quiesce:set-id\" = \"2\" }}\n"
+        );
+        let problems = Config::parse(&text).unwrap().problems(true).join("\n");
+        for needle in [
+            "ebs.region is empty",
+            "ebs.request-timeout (1m) is longer than phase-timeout (30s)",
+            "must start with https:// or http://",
+            "key \"aws:x\": the aws: and quiesce: prefixes are reserved",
+            "key \"quiesce:set-id\": the aws: and quiesce: prefixes are reserved",
+        ] {
+            assert!(
+                problems.contains(needle),
+                "missing {needle:?} in:\n{problems}"
+            );
+        }
+        let good = format!("{ebs}[group.ebs]\nregion = \"eu-west-1\"\n");
+        let config = Config::parse(&good).unwrap();
+        assert_eq!(config.problems(true), Vec::<String>::new());
+        let group = config.group("pg").unwrap();
+        assert_eq!(group.provider.as_str(), "ebs");
+        let ebs = group.ebs.as_ref().unwrap();
+        assert_eq!(ebs.request_timeout, Duration::from_secs(10));
+        assert_eq!(ebs.max_attempts, 3);
+    }
+
+    #[test]
     fn every_problem_at_once() {
         let text = format!(
             "{SAMPLE}
