@@ -159,6 +159,8 @@ impl Coordinator {
                     status.hostname = info.hostname;
                     status.agent_version = info.agent_version;
                     status.frozen_sets = info.freezes.into_iter().map(|f| f.set_id).collect();
+                    status.instance_id = info.instance_id;
+                    status.instance_problem = info.instance_problem;
                     status.volumes = info
                         .volumes
                         .into_iter()
@@ -169,6 +171,8 @@ impl Coordinator {
                             backing_file: v.backing_file,
                             frozen_by: v.frozen_by,
                             problem: v.problem,
+                            ebs_volume_id: v.ebs_volume_id,
+                            ebs_problem: v.ebs_problem,
                         })
                         .collect();
                 }

@@ -336,6 +336,25 @@ mounts = ["{m3}", "{m4}"]
         cmd
     };
 
+    // The agents report their static EBS ids.
+    let out = run(&mut ctl(&["--json", "agents"]));
+    let agents: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    for (agent, (instance, volumes)) in agents["agents"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .zip([(&i1, &v1), (&i2, &v2)])
+    {
+        assert_eq!(agent["instance_id"], instance.as_str(), "{agent:#}");
+        let ids: Vec<&str> = agent["volumes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v["ebs_volume_id"].as_str().unwrap())
+            .collect();
+        assert_eq!(ids, [volumes[0].as_str(), volumes[1].as_str()]);
+    }
+
     // Backup, waiting for completion.
     let out = run(&mut ctl(&["--json", "backup", "pg", "--wait-complete"]));
     let set: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();

@@ -432,6 +432,23 @@ async fn run(
                         })
                         .collect();
                     println!("{}:", a.name);
+                    if !a.instance_id.is_empty() {
+                        println!("  EC2 instance {}", a.instance_id);
+                    }
+                    if a.volumes.iter().any(|v| !v.ebs_volume_id.is_empty()) {
+                        let ebs_rows = a
+                            .volumes
+                            .iter()
+                            .map(|v| {
+                                vec![
+                                    v.mount_point.clone(),
+                                    dash(&v.ebs_volume_id),
+                                    dash(&v.ebs_problem),
+                                ]
+                            })
+                            .collect();
+                        table(&["MOUNT", "EBS VOLUME", "EBS PROBLEM"], ebs_rows);
+                    }
                     table(
                         &[
                             "MOUNT",
