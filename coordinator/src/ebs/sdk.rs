@@ -349,3 +349,139 @@ impl Ec2Api for SdkEc2 {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::TcpListener;
+
+    /// An "EC2" on 127.0.0.1 that answers every request with one EC2 error; counts requests
+    /// per action.
+    async fn failing_ec2(status: u16, code: &'static str) -> (String, Arc<AtomicUsize>) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let count = Arc::new(AtomicUsize::new(0));
+        let counter = count.clone();
+        tokio::spawn(async move {
+            loop {
+                let Ok((mut stream, _)) = listener.accept().await else {
+                    return;
+                };
+                let counter = counter.clone();
+                tokio::spawn(async move {
+                    let mut buf = Vec::new();
+                    let mut chunk = [0u8; 4096];
+                    // Headers, then the body by Content-Length.
+                    let body_start = loop {
+                        let n = stream.read(&mut chunk).await.unwrap_or(0);
+                        if n == 0 {
+                            return;
+                        }
+                        buf.extend_from_slice(&chunk[..n]);
+                        if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                            break i + 4;
+                        }
+                    };
+                    let head = String::from_utf8_lossy(&buf[..body_start]).to_ascii_lowercase();
+                    let length: usize = head
+                        .lines()
+                        .find_map(|l| l.strip_prefix("content-length:"))
+                        .and_then(|v| v.trim().parse().ok())
+                        .unwrap_or(0);
+                    while buf.len() < body_start + length {
+                        let n = stream.read(&mut chunk).await.unwrap_or(0);
+                        if n == 0 {
+                            break;
+                        }
+                        buf.extend_from_slice(&chunk[..n]);
+                    }
+                    counter.fetch_add(1, Ordering::SeqCst);
+                    let body = format!(
+                        "<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n<Response><Errors><Error><Code>{code}</Code><Message>injected</Message></Error></Errors><RequestID>r-1</RequestID></Response>"
+                    );
+                    let reply = format!(
+                        "HTTP/1.1 {status} Error\r\nContent-Type: text/xml\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                        body.len()
+                    );
+                    let _ = stream.write_all(reply.as_bytes()).await;
+                });
+            }
+        });
+        (format!("http://{addr}"), count)
+    }
+
+    fn config(endpoint: &str) -> EbsConfig {
+        EbsConfig {
+            region: "us-east-1".into(),
+            endpoint_url: Some(endpoint.into()),
+            request_timeout: Duration::from_secs(20),
+            max_attempts: 2,
+            tags: Default::default(),
+            description: None,
+            poll_interval: Duration::from_secs(1),
+            reconcile_delay: Duration::from_millis(10),
+        }
+    }
+
+    #[tokio::test]
+    async fn the_sdk_never_retries_create_snapshots_but_retries_describes() {
+        let (endpoint, count) = failing_ec2(503, "RequestLimitExceeded").await;
+        let ec2 = SdkEc2::with_static_credentials(&config(&endpoint), "k", "s").await;
+        let err = ec2
+            .create_snapshots(&CreateSnapshotsReq {
+                instance_id: "i-1".into(),
+                exclude_boot_volume: true,
+                ..Default::default()
+            })
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(&err, Ec2Error::Throttled { code, .. } if code == "RequestLimitExceeded"),
+            "{err:?}"
+        );
+        assert_eq!(count.load(Ordering::SeqCst), 1, "CreateSnapshots sent once");
+        let err = ec2
+            .create_snapshot(&CreateSnapshotReq {
+                volume_id: "vol-1".into(),
+                ..Default::default()
+            })
+            .await
+            .unwrap_err();
+        assert!(matches!(err, Ec2Error::Throttled { .. }), "{err:?}");
+        assert_eq!(count.load(Ordering::SeqCst), 2, "CreateSnapshot sent once");
+        // The same throttling on a describe is retried by the SDK's standard retry.
+        let err = ec2.describe_volumes(&["vol-1".into()]).await.unwrap_err();
+        assert!(matches!(err, Ec2Error::Throttled { .. }), "{err:?}");
+        assert_eq!(
+            count.load(Ordering::SeqCst),
+            4,
+            "DescribeVolumes tried twice"
+        );
+    }
+
+    #[tokio::test]
+    async fn snapshot_limit_errors_are_classified_and_not_retried() {
+        let (endpoint, count) = failing_ec2(400, "SnapshotCreationPerVolumeRateExceeded").await;
+        let ec2 = SdkEc2::with_static_credentials(&config(&endpoint), "k", "s").await;
+        let err = ec2
+            .create_snapshots(&CreateSnapshotsReq {
+                instance_id: "i-1".into(),
+                ..Default::default()
+            })
+            .await
+            .unwrap_err();
+        assert!(matches!(err, Ec2Error::SnapshotLimit { .. }), "{err:?}");
+        assert_eq!(count.load(Ordering::SeqCst), 1);
+        let (endpoint, _) = failing_ec2(400, "InvalidSnapshot.NotFound").await;
+        let ec2 = SdkEc2::with_static_credentials(&config(&endpoint), "k", "s").await;
+        assert!(
+            ec2.delete_snapshot("snap-1")
+                .await
+                .unwrap_err()
+                .is_not_found()
+        );
+    }
+}
