@@ -46,6 +46,30 @@ pub struct Config {
     /// Database and script hooks, by name (`[hook.NAME]`); coordinators name them per member.
     #[serde(default, rename = "hook")]
     pub hooks: BTreeMap<String, crate::hooks::HookConfig>,
+    /// EBS discovery for the coordinator's EBS provider: volume ids from NVMe serials and the
+    /// instance id from IMDSv2. Off (nothing reported, IMDS never called) without this section.
+    pub ebs: Option<EbsConfig>,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct EbsConfig {
+    /// This host's EC2 instance id; when set, IMDS is never asked.
+    pub instance_id: Option<String>,
+    /// IMDSv2 endpoint (`http://host:port`).
+    #[serde(default = "default_imds_endpoint")]
+    pub imds_endpoint: String,
+    /// Deadline of the IMDSv2 exchange (token PUT, then GET).
+    #[serde(default = "default_imds_timeout", with = "humantime_serde")]
+    pub imds_timeout: Duration,
+}
+
+fn default_imds_endpoint() -> String {
+    "http://169.254.169.254".into()
+}
+
+fn default_imds_timeout() -> Duration {
+    Duration::from_secs(1)
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
@@ -53,6 +77,9 @@ pub struct Config {
 pub struct VolumeConfig {
     /// Mount point, exactly as it appears in /proc/self/mountinfo.
     pub mount: PathBuf,
+    /// EBS volume id (`vol-…`) of this mount's device, for hosts where it cannot be read from
+    /// the NVMe serial. Reported to the coordinator as is.
+    pub ebs_volume_id: Option<String>,
 }
 
 #[derive(Debug, Clone, Default, Deserialize, PartialEq, Eq)]
@@ -177,6 +204,32 @@ impl Config {
                 problems.push(format!("volume {} is listed twice", mount.display()));
             }
         }
+        for volume in &self.volumes {
+            if let Some(id) = &volume.ebs_volume_id
+                && !id.starts_with("vol-")
+            {
+                problems.push(format!(
+                    "volume {}: ebs-volume-id {id:?} must start with vol-",
+                    volume.mount.display()
+                ));
+            }
+        }
+        if let Some(ebs) = &self.ebs {
+            if let Some(id) = &ebs.instance_id
+                && !id.starts_with("i-")
+            {
+                problems.push(format!("ebs.instance-id {id:?} must start with i-"));
+            }
+            if !ebs.imds_endpoint.starts_with("http://") {
+                problems.push(format!(
+                    "ebs.imds-endpoint {} must start with http://",
+                    ebs.imds_endpoint
+                ));
+            }
+            if ebs.imds_timeout.is_zero() {
+                problems.push("ebs.imds-timeout must be longer than 0s".into());
+            }
+        }
         if let Some(dir) = &self.reflink.snapshot_dir
             && !dir.is_absolute()
         {
@@ -277,6 +330,31 @@ mount = "/mnt/a"
         assert!(
             problems.iter().all(|p| p.contains("/etc/quiesce/tls/")),
             "{problems:#?}"
+        );
+    }
+
+    #[test]
+    fn ebs_ids_are_checked() {
+        let text = format!(
+            "{MINIMAL}[ebs]\ninstance-id = \"x-1\"\nimds-endpoint = \"https://x\"\n[[volume]]\nmount = \"/mnt/a\"\nebs-volume-id = \"v-1\"\n"
+        );
+        let all = Config::parse(&text).unwrap().problems(true).join("\n");
+        for needle in [
+            "must start with vol-",
+            "must start with i-",
+            "imds-endpoint https://x must start with http://",
+        ] {
+            assert!(all.contains(needle), "missing {needle:?} in {all}");
+        }
+        let ok = format!(
+            "{MINIMAL}[ebs]\ninstance-id = \"i-0abc\"\n[[volume]]\nmount = \"/mnt/a\"\nebs-volume-id = \"vol-0abc\"\n"
+        );
+        let config = Config::parse(&ok).unwrap();
+        assert!(config.problems(true).is_empty());
+        assert_eq!(
+            config.ebs.unwrap().imds_timeout,
+            Duration::from_secs(1),
+            "short IMDS timeout by default"
         );
     }
 

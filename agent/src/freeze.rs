@@ -949,7 +949,10 @@ mod tests {
         .unwrap();
         config.volumes = mounts
             .iter()
-            .map(|m| VolumeConfig { mount: m.clone() })
+            .map(|m| VolumeConfig {
+                mount: m.clone(),
+                ebs_volume_id: None,
+            })
             .collect();
         tweak(&mut config);
         let freezer = FakeFreezer::new();

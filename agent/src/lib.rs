@@ -5,6 +5,7 @@
 //! privileged world: `freezer::Freezer` (ioctls), `mounts::MountTable` (mountinfo),
 //! `watchdog::Watchdog` (who thaws if the agent dies), and the `reflink` provider.
 
+pub mod cloud;
 pub mod config;
 pub mod error;
 pub mod freeze;

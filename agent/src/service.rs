@@ -10,6 +10,7 @@ use quiesce_proto::identity::{Identity, Role};
 use tonic::{Request, Response, Status};
 use tracing::{Instrument, info_span};
 
+use crate::cloud::{DeviceRoots, imds_instance_id};
 use crate::error::Error;
 use crate::freeze::{FreezeEnd, FreezeManager, validate_set_id};
 use crate::hooks::HookOutput;
@@ -19,6 +20,9 @@ pub struct AgentService {
     manager: Arc<FreezeManager>,
     reflink: ReflinkProvider,
     hostname: String,
+    devices: DeviceRoots,
+    /// The instance id once IMDS answered (failures are not cached: asked again next time).
+    instance_id: tokio::sync::Mutex<Option<String>>,
 }
 
 impl AgentService {
@@ -31,7 +35,50 @@ impl AgentService {
             manager,
             reflink,
             hostname,
+            devices: DeviceRoots::default(),
+            instance_id: tokio::sync::Mutex::new(None),
         }
+    }
+
+    /// Reads device information under other roots than `/sys` and `/dev` (tests).
+    pub fn with_device_roots(mut self, devices: DeviceRoots) -> Self {
+        self.devices = devices;
+        self
+    }
+
+    /// This host's EC2 instance id: from the config, else IMDSv2. `Err` says why not.
+    async fn instance_id(&self) -> Result<String, String> {
+        let Some(ebs) = &self.manager.config().ebs else {
+            return Err("EBS discovery is off: no [ebs] section in the agent config".into());
+        };
+        if let Some(id) = &ebs.instance_id {
+            return Ok(id.clone());
+        }
+        let mut cached = self.instance_id.lock().await;
+        if let Some(id) = cached.as_ref() {
+            return Ok(id.clone());
+        }
+        let id = imds_instance_id(&ebs.imds_endpoint, ebs.imds_timeout).await?;
+        *cached = Some(id.clone());
+        Ok(id)
+    }
+
+    /// The EBS volume id of an allowed volume: from the config, else the device's NVMe serial.
+    fn ebs_volume_id(
+        &self,
+        volume: &crate::config::VolumeConfig,
+        device: &str,
+    ) -> Result<String, String> {
+        if let Some(id) = &volume.ebs_volume_id {
+            return Ok(id.clone());
+        }
+        if self.manager.config().ebs.is_none() {
+            return Err("EBS discovery is off: no [ebs] section in the agent config".into());
+        }
+        if device.is_empty() {
+            return Err("the mount is not resolved, so its device is unknown".into());
+        }
+        self.devices.volume_id(device)
     }
 
     fn backing_files(&self) -> Vec<PathBuf> {
@@ -181,6 +228,10 @@ impl Agent for AgentService {
                 }
                 Err(e) => info.problem = crate::error::error_chain(&e),
             }
+            match self.ebs_volume_id(volume, &info.device) {
+                Ok(id) => info.ebs_volume_id = id,
+                Err(why) => info.ebs_problem = why,
+            }
             volumes.push(info);
         }
         let freezes = self
@@ -200,7 +251,13 @@ impl Agent for AgentService {
                 hard_deadline_ms: held.hard_deadline_ms,
             })
             .collect();
+        let (instance_id, instance_problem) = match self.instance_id().await {
+            Ok(id) => (id, String::new()),
+            Err(why) => (String::new(), why),
+        };
         Ok(Response::new(pb::GetHostInfoResponse {
+            instance_id,
+            instance_problem,
             hostname: self.hostname.clone(),
             agent_version: env!("CARGO_PKG_VERSION").into(),
             volumes,

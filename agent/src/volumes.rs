@@ -168,7 +168,10 @@ mod tests {
         let mut config = Config::parse("listen = \"127.0.0.1:1\"\nstate-dir = \"/run/q\"").unwrap();
         config.volumes = mounts
             .iter()
-            .map(|m| crate::config::VolumeConfig { mount: m.into() })
+            .map(|m| crate::config::VolumeConfig {
+                mount: m.into(),
+                ebs_volume_id: None,
+            })
             .collect();
         config
     }

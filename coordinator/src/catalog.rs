@@ -95,6 +95,17 @@ CREATE TABLE set_hook_outputs (
     PRIMARY KEY (set_id, agent, seq)
 );
 "#,
+    // 4: providers whose snapshots complete in the background (EBS), and the
+    // freeze-window breakdown.
+    r#"
+-- Providers with background completion (EBS) and the freeze-window breakdown.
+ALTER TABLE sets ADD COLUMN completion TEXT NOT NULL DEFAULT '';
+ALTER TABLE sets ADD COLUMN snapshot_calls_ms INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE set_volumes ADD COLUMN ebs_volume_id TEXT NOT NULL DEFAULT '';
+ALTER TABLE set_volumes ADD COLUMN instance_id TEXT NOT NULL DEFAULT '';
+ALTER TABLE set_volumes ADD COLUMN snapshot_state TEXT NOT NULL DEFAULT '';
+ALTER TABLE set_volumes ADD COLUMN snapshot_progress INTEGER NOT NULL DEFAULT 0;
+"#,
 ];
 
 #[derive(Debug, thiserror::Error)]
@@ -419,6 +430,25 @@ impl Catalog {
         })
     }
 
+    /// The background state of one volume's snapshot (EBS: pending, completed, error).
+    pub fn update_volume_progress(
+        &self,
+        id: &str,
+        agent: &str,
+        mount_point: &str,
+        state: &str,
+        progress: u32,
+    ) -> Result<(), CatalogError> {
+        self.with(|conn| {
+            conn.execute(
+                "UPDATE set_volumes SET snapshot_state = ?4, snapshot_progress = ?5
+                 WHERE set_id = ?1 AND agent = ?2 AND mount_point = ?3",
+                params![id, agent, mount_point, state, i64::from(progress)],
+            )?;
+            Ok(())
+        })
+    }
+
     /// Finished sets of a group, newest first: (id, state, created at, finished at).
     pub fn finished(&self, group: &str) -> Result<Vec<FinishedSet>, CatalogError> {
         self.with(|conn| {
@@ -481,6 +511,53 @@ impl Catalog {
                 })?
                 .collect::<Result<_, _>>()?;
             Ok(rows)
+        })
+    }
+
+    /// Time spent in the provider's snapshot calls (part of the freeze window).
+    pub fn set_snapshot_calls_ms(&self, id: &str, ms: u64) -> Result<(), CatalogError> {
+        self.with(|conn| {
+            conn.execute(
+                "UPDATE sets SET snapshot_calls_ms = ?2 WHERE id = ?1",
+                params![id, ms as i64],
+            )?;
+            Ok(())
+        })
+    }
+
+    /// Background completion of a committed set: pending, completed or error.
+    pub fn set_completion(&self, id: &str, completion: &str) -> Result<(), CatalogError> {
+        self.with(|conn| {
+            conn.execute(
+                "UPDATE sets SET completion = ?2 WHERE id = ?1",
+                params![id, completion],
+            )?;
+            Ok(())
+        })
+    }
+
+    /// A committed set whose snapshot ended in error: failed, completion `error`.
+    pub fn fail_completion(&self, id: &str, reason: &str) -> Result<(), CatalogError> {
+        self.with(|conn| {
+            conn.execute(
+                "UPDATE sets SET state = 'failed', completion = 'error', error = ?2 WHERE id = ?1",
+                params![id, reason],
+            )?;
+            Ok(())
+        })
+    }
+
+    /// Ids of committed sets whose snapshots are still completing.
+    pub fn completion_pending(&self) -> Result<Vec<String>, CatalogError> {
+        self.with(|conn| {
+            let mut stmt = conn.prepare(
+                "SELECT id FROM sets WHERE state = 'consistent' AND completion = 'pending'
+                 ORDER BY created_at_ms",
+            )?;
+            let ids = stmt
+                .query_map([], |row| row.get(0))?
+                .collect::<Result<Vec<String>, _>>()?;
+            Ok(ids)
         })
     }
 
@@ -602,7 +679,7 @@ fn write_host(conn: &Connection, id: &str, host: &SetHost) -> Result<(), Catalog
 fn write_volume(conn: &Connection, id: &str, volume: &SetVolume) -> Result<(), CatalogError> {
     conn.execute(
         "UPDATE set_volumes SET device = ?4, fs_type = ?5, backing_file = ?6,
-            snapshot_id = ?7, size_bytes = ?8
+            snapshot_id = ?7, size_bytes = ?8, ebs_volume_id = ?9, instance_id = ?10
          WHERE set_id = ?1 AND agent = ?2 AND mount_point = ?3",
         params![
             id,
@@ -612,7 +689,9 @@ fn write_volume(conn: &Connection, id: &str, volume: &SetVolume) -> Result<(), C
             volume.fs_type,
             volume.backing_file,
             volume.snapshot_id,
-            volume.size_bytes as i64
+            volume.size_bytes as i64,
+            volume.ebs_volume_id,
+            volume.instance_id
         ],
     )?;
     Ok(())
@@ -620,7 +699,7 @@ fn write_volume(conn: &Connection, id: &str, volume: &SetVolume) -> Result<(), C
 
 const SELECT_SET: &str = "SELECT id, group_name, provider, state, phase, error, created_at_ms,
     finished_at_ms, freeze_window_ms, max_write_stall_ms, verdict, first_snapshot_started_at_ms,
-    last_snapshot_returned_at_ms, freeze_budget_ms, trigger FROM sets";
+    last_snapshot_returned_at_ms, freeze_budget_ms, trigger, completion, snapshot_calls_ms FROM sets";
 
 /// A finished set, as retention sees it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -648,6 +727,8 @@ fn set_from_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<SnapshotSet> {
         last_snapshot_returned_at_ms: row.get::<_, i64>(12)? as u64,
         freeze_budget_ms: row.get::<_, i64>(13)? as u64,
         trigger: row.get(14)?,
+        completion: row.get(15)?,
+        snapshot_calls_ms: row.get::<_, i64>(16)? as u64,
         hosts: Vec::new(),
         volumes: Vec::new(),
         phases: Vec::new(),
@@ -683,7 +764,8 @@ fn load_members(conn: &Connection, mut set: SnapshotSet) -> Result<SnapshotSet, 
         })?
         .collect::<Result<_, _>>()?;
     let mut stmt = conn.prepare_cached(
-        "SELECT agent, mount_point, device, fs_type, backing_file, snapshot_id, size_bytes
+        "SELECT agent, mount_point, device, fs_type, backing_file, snapshot_id, size_bytes,
+            ebs_volume_id, instance_id, snapshot_state, snapshot_progress
          FROM set_volumes WHERE set_id = ?1 ORDER BY agent, mount_point",
     )?;
     set.volumes = stmt
@@ -696,6 +778,10 @@ fn load_members(conn: &Connection, mut set: SnapshotSet) -> Result<SnapshotSet, 
                 backing_file: row.get(4)?,
                 snapshot_id: row.get(5)?,
                 size_bytes: row.get::<_, i64>(6)? as u64,
+                ebs_volume_id: row.get(7)?,
+                instance_id: row.get(8)?,
+                snapshot_state: row.get(9)?,
+                snapshot_progress: row.get::<_, i64>(10)? as u32,
             })
         })?
         .collect::<Result<_, _>>()?;

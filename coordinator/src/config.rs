@@ -53,12 +53,15 @@ impl AgentConfig {
 pub enum ProviderKind {
     /// Host-local FICLONE of loop backing files, done by each agent while frozen.
     Reflink,
+    /// AWS EBS snapshots, made by the coordinator through the EC2 API (`[group.ebs]`).
+    Ebs,
 }
 
 impl ProviderKind {
     pub fn as_str(self) -> &'static str {
         match self {
             ProviderKind::Reflink => "reflink",
+            ProviderKind::Ebs => "ebs",
         }
     }
 }
@@ -82,6 +85,8 @@ pub struct GroupConfig {
     pub retention: Option<RetentionConfig>,
     #[serde(rename = "member")]
     pub members: Vec<MemberConfig>,
+    /// Settings of the EBS provider; required when `provider = "ebs"`.
+    pub ebs: Option<crate::ebs::EbsConfig>,
 }
 
 /// `[group.schedule]`: when the coordinator starts sets of the group by itself.
@@ -267,6 +272,20 @@ impl Config {
                     group.name
                 ));
             }
+            match (group.provider, &group.ebs) {
+                (ProviderKind::Ebs, None) => problems.push(format!(
+                    "group {}: provider ebs needs a [group.ebs] section (region at least)",
+                    group.name
+                )),
+                (ProviderKind::Ebs, Some(ebs)) => {
+                    problems.extend(ebs.problems(&group.name, group.phase_timeout))
+                }
+                (ProviderKind::Reflink, Some(_)) => problems.push(format!(
+                    "group {}: [group.ebs] is set but the provider is reflink",
+                    group.name
+                )),
+                (ProviderKind::Reflink, None) => {}
+            }
             for member in &group.members {
                 if !names.contains(member.agent.as_str()) {
                     problems.push(format!(
@@ -421,6 +440,40 @@ mounts = ["/mnt/data", "/mnt/wal"]
     fn unknown_provider_is_named() {
         let err = Config::parse(&SAMPLE.replace("\"reflink\"", "\"lvm\"")).unwrap_err();
         assert!(err.to_string().contains("lvm"), "{err}");
+    }
+
+    #[test]
+    fn ebs_groups_are_checked() {
+        let ebs = SAMPLE.replace("\"reflink\"", "\"ebs\"");
+        let problems = Config::parse(&ebs).unwrap().problems(true).join("\n");
+        assert!(
+            problems.contains("group pg: provider ebs needs a [group.ebs] section"),
+            "{problems}"
+        );
+        let text = format!(
+            "{ebs}[group.ebs]\nregion = \"\"\nrequest-timeout = \"1m\"\nendpoint-url = \"ftp://x\"\ntags = {{ \"aws:x\" = \"1\", \"quiesce:set-id\" = \"2\" }}\n"
+        );
+        let problems = Config::parse(&text).unwrap().problems(true).join("\n");
+        for needle in [
+            "ebs.region is empty",
+            "ebs.request-timeout (1m) is longer than phase-timeout (30s)",
+            "must start with https:// or http://",
+            "key \"aws:x\": the aws: and quiesce: prefixes are reserved",
+            "key \"quiesce:set-id\": the aws: and quiesce: prefixes are reserved",
+        ] {
+            assert!(
+                problems.contains(needle),
+                "missing {needle:?} in:\n{problems}"
+            );
+        }
+        let good = format!("{ebs}[group.ebs]\nregion = \"eu-west-1\"\n");
+        let config = Config::parse(&good).unwrap();
+        assert_eq!(config.problems(true), Vec::<String>::new());
+        let group = config.group("pg").unwrap();
+        assert_eq!(group.provider.as_str(), "ebs");
+        let ebs = group.ebs.as_ref().unwrap();
+        assert_eq!(ebs.request_timeout, Duration::from_secs(10));
+        assert_eq!(ebs.max_attempts, 3);
     }
 
     #[test]

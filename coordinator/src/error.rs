@@ -22,6 +22,8 @@ pub enum Error {
     UnknownAgent { agent: String },
     #[error("agent {agent}: {message}")]
     Agent { agent: String, message: String },
+    #[error("snapshot provider: {message}")]
+    Provider { message: String },
     #[error("the coordinator is shutting down")]
     ShuttingDown,
     #[error(transparent)]
@@ -48,6 +50,7 @@ impl From<Error> for Status {
             Error::NotRestorable { .. } => Code::FailedPrecondition,
             Error::UnknownAgent { .. } => Code::NotFound,
             Error::Agent { .. } => Code::Unavailable,
+            Error::Provider { .. } => Code::Unavailable,
             Error::ShuttingDown => Code::Unavailable,
             Error::Catalog(_) => Code::Internal,
         };

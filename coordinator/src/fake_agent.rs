@@ -36,6 +36,9 @@ struct State {
     hooks: HashMap<String, Vec<pb::HookPath>>,
     /// Hooks named by the last freeze of each set: the thaw reports an output for each.
     frozen_hooks: HashMap<String, Vec<String>>,
+    /// EBS identity reported in host info: instance id, and volume id per mount.
+    instance_id: String,
+    ebs_volumes: HashMap<String, String>,
 }
 
 #[derive(Debug, Clone)]
@@ -89,8 +92,24 @@ impl FakeAgent {
         self.state.lock().unwrap().hooks.insert(name.into(), paths);
     }
 
+    /// Reports an EC2 instance id (may be empty) and EBS volume ids per mount in host info.
+    pub fn set_ebs(&self, instance_id: &str, volumes: &[(&str, &str)]) {
+        let mut state = self.state.lock().unwrap();
+        state.instance_id = instance_id.into();
+        state.ebs_volumes = volumes
+            .iter()
+            .map(|(m, v)| (m.to_string(), v.to_string()))
+            .collect();
+    }
+
     pub fn expire_lease(&self) {
         self.state.lock().unwrap().lease_expired = true;
+    }
+
+    /// Frozen under any set right now (for fakes that check what happens while frozen).
+    pub fn frozen_probe(&self) -> impl Fn() -> bool + Send + Sync + 'static {
+        let state = self.state.clone();
+        move || state.lock().unwrap().frozen.values().any(|f| *f)
     }
 
     pub fn calls(&self) -> Vec<Phase> {
@@ -141,22 +160,42 @@ impl FakeAgent {
 impl AgentClient for FakeAgent {
     async fn get_host_info(&self) -> Result<pb::GetHostInfoResponse, Status> {
         self.enter(Phase::HostInfo, "").await?;
-        let held_by = self.state.lock().unwrap().held_by.clone();
+        let state = self.state.lock().unwrap();
+        let held_by = state.held_by.clone();
         Ok(pb::GetHostInfoResponse {
             hostname: self.name.clone(),
             agent_version: "fake".into(),
             volumes: self
                 .mounts
                 .iter()
-                .map(|m| pb::VolumeInfo {
-                    mount_point: m.clone(),
-                    fs_type: "ext4".into(),
-                    device: "/dev/loop0".into(),
-                    backing_file: format!("/pool{m}.img"),
-                    frozen_by: held_by.get(m).cloned().unwrap_or_default(),
-                    ..Default::default()
+                .enumerate()
+                .map(|(i, m)| {
+                    let ebs = state.ebs_volumes.get(m).cloned().unwrap_or_default();
+                    pb::VolumeInfo {
+                        mount_point: m.clone(),
+                        fs_type: "ext4".into(),
+                        device: if ebs.is_empty() {
+                            "/dev/loop0".into()
+                        } else {
+                            format!("/dev/nvme{}n1", i + 1)
+                        },
+                        backing_file: if ebs.is_empty() {
+                            format!("/pool{m}.img")
+                        } else {
+                            String::new()
+                        },
+                        ebs_problem: if ebs.is_empty() {
+                            "/dev/loop0 is not an NVMe device".into()
+                        } else {
+                            String::new()
+                        },
+                        ebs_volume_id: ebs,
+                        frozen_by: held_by.get(m).cloned().unwrap_or_default(),
+                        ..Default::default()
+                    }
                 })
                 .collect(),
+            instance_id: state.instance_id.clone(),
             ..Default::default()
         })
     }

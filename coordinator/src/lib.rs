@@ -7,7 +7,9 @@
 pub mod agent_client;
 pub mod catalog;
 pub mod clock;
+pub mod completion;
 pub mod config;
+pub mod ebs;
 pub mod error;
 pub mod fake_agent;
 pub mod metrics;

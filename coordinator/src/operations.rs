@@ -7,7 +7,6 @@ use quiesce_proto::agent::v1 as agent_pb;
 use quiesce_proto::coordinator::v1 as pb;
 
 use crate::error::{Error, agent_error};
-use crate::provider;
 use crate::workflow::Coordinator;
 
 impl Coordinator {
@@ -27,7 +26,7 @@ impl Coordinator {
     pub async fn delete_set(&self, id: &str) -> Result<u32, Error> {
         let set = self.finished_set(id)?;
         let group = self.group(&set.group)?;
-        let provider = provider::for_kind(group.provider);
+        let provider = self.provider(group);
         let mut deleted = 0;
         for (agent, ids) in snapshots_by_agent(&set) {
             let client = self.client(&agent)?;
@@ -41,6 +40,45 @@ impl Coordinator {
         }
         self.catalog().delete(id)?;
         Ok(deleted)
+    }
+
+    /// Restores a consistent set the way its provider does: new EBS volumes (optionally
+    /// attached), or new images on each member host.
+    pub async fn restore(
+        &self,
+        req: &pb::RestoreSetRequest,
+    ) -> Result<Vec<pb::RestoredVolume>, Error> {
+        let set = self.finished_set(&req.set_id)?;
+        let group = self.group(&set.group)?;
+        let provider = self.provider(group);
+        let Some(ebs) = provider.as_ebs() else {
+            if req.target_dir.is_empty() {
+                return Err(Error::InvalidArgument(
+                    "target dir is required for this provider".into(),
+                ));
+            }
+            return self.restore_set(&req.set_id, &req.target_dir).await;
+        };
+        if set.state != "consistent" {
+            return Err(Error::NotRestorable {
+                id: set.id,
+                state: set.state,
+            });
+        }
+        if set.completion == "pending" {
+            // EC2 can create a volume from a pending snapshot; it is lazily filled. Say so.
+            tracing::info!(set_id = %set.id, "restoring from snapshots still pending");
+        }
+        let attach = (!req.attach_instance.is_empty()).then_some(req.attach_instance.as_str());
+        ebs.restore(&set, &req.availability_zone, &req.volume_type, attach)
+            .await
+            .map_err(|message| {
+                if req.availability_zone.is_empty() {
+                    Error::InvalidArgument(message)
+                } else {
+                    Error::Provider { message }
+                }
+            })
     }
 
     /// Materialises a consistent set's snapshots as new images on each member host.
@@ -96,6 +134,7 @@ impl Coordinator {
                     mount_point: image.mount_point,
                     image_path: image.image_path,
                     cloned: image.cloned,
+                    ..Default::default()
                 });
             }
         }
@@ -120,6 +159,8 @@ impl Coordinator {
                     status.hostname = info.hostname;
                     status.agent_version = info.agent_version;
                     status.frozen_sets = info.freezes.into_iter().map(|f| f.set_id).collect();
+                    status.instance_id = info.instance_id;
+                    status.instance_problem = info.instance_problem;
                     status.volumes = info
                         .volumes
                         .into_iter()
@@ -130,6 +171,8 @@ impl Coordinator {
                             backing_file: v.backing_file,
                             frozen_by: v.frozen_by,
                             problem: v.problem,
+                            ebs_volume_id: v.ebs_volume_id,
+                            ebs_problem: v.ebs_problem,
                         })
                         .collect();
                 }

@@ -2,19 +2,66 @@
 //! clones its loop backing files while frozen; cloud providers (EBS) implement the same trait
 //! from the coordinator.
 
+use std::sync::Arc;
+
 use quiesce_proto::agent::v1 as agent_pb;
 use quiesce_proto::agent::v1::VolumeInfo;
+use quiesce_proto::coordinator::v1::SnapshotSet;
 
 use crate::agent_client::AgentClient;
-use crate::config::ProviderKind;
+use crate::config::{GroupConfig, ProviderKind};
 use crate::error::agent_error;
 
 /// One snapshot a provider made.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Snapshot {
     pub mount_point: String,
     pub snapshot_id: String,
     pub size_bytes: u64,
+    /// Providers with background completion (EBS): `pending`, `completed`, ... Empty otherwise.
+    pub state: String,
+}
+
+/// One member volume as planned: what the agent reported for it.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PlannedVolume {
+    pub mount_point: String,
+    pub device: String,
+    /// EBS volume id; empty for other providers.
+    pub ebs_volume_id: String,
+    /// EC2 instance id of the member host; empty when unknown.
+    pub instance_id: String,
+}
+
+/// What a provider is asked to snapshot: one member's planned volumes, while frozen.
+pub struct SnapshotCall<'a> {
+    pub set_id: &'a str,
+    pub group: &'a str,
+    /// 1 for the first try of a set.
+    pub attempt: u32,
+    pub agent: &'a str,
+    pub client: &'a dyn AgentClient,
+    pub volumes: &'a [PlannedVolume],
+}
+
+impl SnapshotCall<'_> {
+    pub fn mounts(&self) -> Vec<String> {
+        self.volumes.iter().map(|v| v.mount_point.clone()).collect()
+    }
+}
+
+/// Where one snapshot is after the set was committed (providers with background completion).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SnapshotProgress {
+    pub agent: String,
+    pub mount_point: String,
+    pub snapshot_id: String,
+    /// pending | completed | error
+    pub state: String,
+    /// 0-100.
+    pub progress: u32,
+    /// Why it is in error.
+    pub message: String,
 }
 
 #[tonic::async_trait]
@@ -22,16 +69,20 @@ pub trait SnapshotProvider: Send + Sync {
     fn name(&self) -> &'static str;
     /// At plan time: can this volume be snapshotted by this provider? `Err` says why not.
     fn check_volume(&self, agent: &str, volume: &VolumeInfo) -> Result<(), String>;
+    /// At plan time, before anything is frozen, with every member volume resolved: checks
+    /// against the provider's own limits. `(agent, volume)` pairs.
+    async fn preflight(
+        &self,
+        _set_id: &str,
+        _volumes: &[(String, PlannedVolume)],
+    ) -> Result<(), String> {
+        Ok(())
+    }
     /// While every member is frozen: snapshot one member's volumes. The point in time is fixed
     /// when this returns.
-    async fn snapshot(
-        &self,
-        set_id: &str,
-        agent: &str,
-        client: &dyn AgentClient,
-        mounts: &[String],
-    ) -> Result<Vec<Snapshot>, String>;
-    /// Removes snapshots; missing ones count as removed.
+    async fn snapshot(&self, call: &SnapshotCall<'_>) -> Result<Vec<Snapshot>, String>;
+    /// Removes snapshots; missing ones count as removed. No ids: everything this provider made
+    /// for the set on that agent (after an ambiguous failure).
     async fn delete(
         &self,
         set_id: &str,
@@ -39,11 +90,60 @@ pub trait SnapshotProvider: Send + Sync {
         client: &dyn AgentClient,
         snapshot_ids: &[String],
     ) -> Result<u32, String>;
+    /// How often background completion is polled; `None`: snapshots are complete when made.
+    fn completion_poll(&self) -> Option<std::time::Duration> {
+        None
+    }
+    /// The state of every snapshot of a committed set.
+    async fn progress(&self, _set: &SnapshotSet) -> Result<Vec<SnapshotProgress>, String> {
+        Ok(Vec::new())
+    }
+    /// The EBS provider, for its own operations (restore to new volumes).
+    fn as_ebs(&self) -> Option<&crate::ebs::EbsProvider> {
+        None
+    }
 }
 
-pub fn for_kind(kind: ProviderKind) -> Box<dyn SnapshotProvider> {
-    match kind {
-        ProviderKind::Reflink => Box::new(Reflink),
+/// The provider a group's config asks for.
+pub fn for_group(group: &GroupConfig) -> Arc<dyn SnapshotProvider> {
+    match group.provider {
+        ProviderKind::Reflink => Arc::new(Reflink),
+        ProviderKind::Ebs => match &group.ebs {
+            Some(ebs) => Arc::new(crate::ebs::EbsProvider::new(&group.name, ebs.clone())),
+            // Config::problems refuses this; a provider that says so is the safe fallback.
+            None => Arc::new(Misconfigured(format!(
+                "group {} has provider ebs but no [group.ebs] section",
+                group.name
+            ))),
+        },
+    }
+}
+
+/// Stands in for a provider whose config is missing: refuses every volume at plan time.
+struct Misconfigured(String);
+
+#[tonic::async_trait]
+impl SnapshotProvider for Misconfigured {
+    fn name(&self) -> &'static str {
+        "misconfigured"
+    }
+
+    fn check_volume(&self, _agent: &str, _volume: &VolumeInfo) -> Result<(), String> {
+        Err(self.0.clone())
+    }
+
+    async fn snapshot(&self, _call: &SnapshotCall<'_>) -> Result<Vec<Snapshot>, String> {
+        Err(self.0.clone())
+    }
+
+    async fn delete(
+        &self,
+        _set_id: &str,
+        _agent: &str,
+        _client: &dyn AgentClient,
+        _snapshot_ids: &[String],
+    ) -> Result<u32, String> {
+        Err(self.0.clone())
     }
 }
 
@@ -72,20 +172,15 @@ impl SnapshotProvider for Reflink {
         Ok(())
     }
 
-    async fn snapshot(
-        &self,
-        set_id: &str,
-        agent: &str,
-        client: &dyn AgentClient,
-        mounts: &[String],
-    ) -> Result<Vec<Snapshot>, String> {
-        let reply = client
+    async fn snapshot(&self, call: &SnapshotCall<'_>) -> Result<Vec<Snapshot>, String> {
+        let reply = call
+            .client
             .create_snapshots(agent_pb::CreateSnapshotsRequest {
-                set_id: set_id.into(),
-                mount_points: mounts.to_vec(),
+                set_id: call.set_id.into(),
+                mount_points: call.mounts(),
             })
             .await
-            .map_err(|status| agent_error(agent, &status))?;
+            .map_err(|status| agent_error(call.agent, &status))?;
         Ok(reply
             .snapshots
             .into_iter()
@@ -93,6 +188,7 @@ impl SnapshotProvider for Reflink {
                 mount_point: s.mount_point,
                 snapshot_id: s.snapshot_id,
                 size_bytes: s.size_bytes,
+                state: String::new(),
             })
             .collect())
     }

@@ -89,13 +89,8 @@ impl CoordinatorApi for OperatorService {
         request: Request<pb::RestoreSetRequest>,
     ) -> Result<Response<pb::RestoreSetResponse>, Status> {
         let req = request.into_inner();
-        let volumes = self
-            .coordinator
-            .restore_set(
-                required(&req.set_id, "set id")?,
-                required(&req.target_dir, "target dir")?,
-            )
-            .await?;
+        required(&req.set_id, "set id")?;
+        let volumes = self.coordinator.restore(&req).await?;
         Ok(Response::new(pb::RestoreSetResponse { volumes }))
     }
 

@@ -28,7 +28,7 @@ use crate::clock::{Clock, SystemClock};
 use crate::config::{Config, GroupConfig};
 use crate::error::{Error, agent_error};
 use crate::metrics::Metrics;
-use crate::provider::{self, Snapshot, SnapshotProvider};
+use crate::provider::{self, PlannedVolume, Snapshot, SnapshotCall, SnapshotProvider};
 use crate::test_hook::pause_after;
 
 pub struct Coordinator {
@@ -41,6 +41,8 @@ pub struct Coordinator {
     /// verdict's instants are always read from the system clock.
     clock: Arc<dyn Clock>,
     pub(crate) schedules: Mutex<HashMap<String, crate::scheduler::GroupSchedule>>,
+    /// Per group; built from the config, replaceable in tests.
+    providers: Mutex<HashMap<String, Arc<dyn SnapshotProvider>>>,
 }
 
 /// One member host of a running set.
@@ -50,6 +52,8 @@ struct Member {
     mounts: Vec<String>,
     /// Hook names from the group config; the agent holds their definitions.
     hooks: Vec<String>,
+    /// Filled at plan time from the agent's host info, in `mounts` order.
+    planned: Vec<PlannedVolume>,
     host: SetHost,
     freeze_sent: bool,
     snapshots: Vec<Snapshot>,
@@ -60,7 +64,7 @@ struct Member {
 struct Run<'a> {
     set_id: String,
     group: &'a GroupConfig,
-    provider: Box<dyn SnapshotProvider>,
+    provider: Arc<dyn SnapshotProvider>,
     catalog: &'a Catalog,
     members: Vec<Member>,
     first_freeze_sent: Option<Instant>,
@@ -88,11 +92,17 @@ impl Coordinator {
         agents: Arc<dyn AgentDirectory>,
         clock: Arc<dyn Clock>,
     ) -> Arc<Self> {
+        let providers = config
+            .groups
+            .iter()
+            .map(|g| (g.name.clone(), provider::for_group(g)))
+            .collect();
         Arc::new(Coordinator {
             config,
             catalog,
             agents,
             runs: Mutex::new(HashMap::new()),
+            providers: Mutex::new(providers),
             metrics: Arc::new(Metrics::default()),
             clock,
             schedules: Mutex::new(HashMap::new()),
@@ -105,6 +115,24 @@ impl Coordinator {
 
     pub fn metrics(&self) -> &Arc<Metrics> {
         &self.metrics
+    }
+
+    /// The provider of a group.
+    pub fn provider(&self, group: &GroupConfig) -> Arc<dyn SnapshotProvider> {
+        self.providers
+            .lock()
+            .unwrap()
+            .entry(group.name.clone())
+            .or_insert_with(|| provider::for_group(group))
+            .clone()
+    }
+
+    /// Replaces a group's provider (tests: an EBS provider over a fake or an emulator).
+    pub fn set_provider(&self, group: &str, provider: Arc<dyn SnapshotProvider>) {
+        self.providers
+            .lock()
+            .unwrap()
+            .insert(group.to_owned(), provider);
     }
 
     pub fn config(&self) -> &Config {
@@ -176,6 +204,7 @@ impl Coordinator {
             async move {
                 coordinator.run(&id, &group).await;
                 coordinator.runs.lock().unwrap().remove(&id);
+                coordinator.spawn_completion_tracking(&id);
             }
             .instrument(span),
         );
@@ -225,6 +254,7 @@ impl Coordinator {
                     .map(|m| m.display().to_string())
                     .collect(),
                 hooks: member.hooks.clone(),
+                planned: Vec::new(),
                 host: SetHost {
                     agent: member.agent.clone(),
                     state: "pending".into(),
@@ -238,7 +268,7 @@ impl Coordinator {
         let mut run = Run {
             set_id: set_id.to_owned(),
             group,
-            provider: provider::for_kind(group.provider),
+            provider: self.provider(group),
             catalog: &self.catalog,
             members,
             first_freeze_sent: None,
@@ -278,10 +308,7 @@ impl Coordinator {
                         problems.push(format!("thaw {}", agent_error(agent, &status)));
                     }
                 }
-                let provider = self
-                    .config
-                    .group(&set.group)
-                    .map(|g| provider::for_kind(g.provider));
+                let provider = self.config.group(&set.group).map(|g| self.provider(g));
                 if let Some(provider) = provider {
                     for agent in &agents {
                         if let Some(client) = self.agents.client(agent) {
@@ -394,6 +421,9 @@ impl Run<'_> {
         match failure {
             None => {
                 self.phase("committed")?;
+                if self.provider.completion_poll().is_some() {
+                    self.catalog.set_completion(&self.set_id, "pending")?;
+                }
                 self.catalog.finish(
                     &self.set_id,
                     "consistent",
@@ -468,7 +498,8 @@ impl Run<'_> {
         .await;
         let mut problems = Vec::new();
         let mut resolved = Vec::new();
-        for (member, reply) in self.members.iter().zip(replies) {
+        let mut planned_all = Vec::new();
+        for (member, reply) in self.members.iter_mut().zip(replies) {
             let info = match reply {
                 Ok(info) => info,
                 Err(e) => {
@@ -508,18 +539,33 @@ impl Run<'_> {
                     problems.push(why);
                     continue;
                 }
+                let planned = PlannedVolume {
+                    mount_point: mount.clone(),
+                    device: volume.device.clone(),
+                    ebs_volume_id: volume.ebs_volume_id.clone(),
+                    instance_id: info.instance_id.clone(),
+                };
+                member.planned.push(planned.clone());
+                planned_all.push((member.agent.clone(), planned));
                 resolved.push(SetVolume {
                     agent: member.agent.clone(),
                     mount_point: mount.clone(),
                     device: volume.device.clone(),
                     fs_type: volume.fs_type.clone(),
                     backing_file: volume.backing_file.clone(),
+                    ebs_volume_id: volume.ebs_volume_id.clone(),
+                    instance_id: info.instance_id.clone(),
                     ..Default::default()
                 });
             }
         }
         self.catalog.update_volumes(&self.set_id, &resolved)?;
         problems.extend(self.check_hook_paths().await);
+        if problems.is_empty()
+            && let Err(why) = self.provider.preflight(&self.set_id, &planned_all).await
+        {
+            problems.push(why);
+        }
         Ok(if problems.is_empty() {
             Ok(())
         } else {
@@ -697,29 +743,37 @@ impl Run<'_> {
             humantime::format_duration(timeout).to_string()
         };
         let provider = &self.provider;
+        let group = self.group.name.as_str();
         let calls = self.members.iter().map(|m| {
             let set_id = set_id.clone();
             let why = why.clone();
             async move {
+                let call = SnapshotCall {
+                    set_id: &set_id,
+                    group,
+                    attempt: 1,
+                    agent: &m.agent,
+                    client: m.client.as_ref(),
+                    volumes: &m.planned,
+                };
                 let started = unix_ms();
-                let result = match tokio::time::timeout(
-                    timeout,
-                    provider.snapshot(&set_id, &m.agent, m.client.as_ref(), &m.mounts),
-                )
-                .await
-                {
+                let result = match tokio::time::timeout(timeout, provider.snapshot(&call)).await {
                     Ok(result) => result,
                     Err(_) => Err(format!("{}: snapshot did not return within {why}", m.agent)),
                 };
                 (result, started, unix_ms())
             }
         });
+        let started = Instant::now();
         let replies = join_all(calls).await;
+        self.catalog
+            .set_snapshot_calls_ms(&self.set_id, started.elapsed().as_millis() as u64)?;
         renewer.abort();
         self.first_snapshot_started_at_ms = replies.iter().map(|r| r.1).min().unwrap_or_default();
         self.last_snapshot_returned_at_ms = replies.iter().map(|r| r.2).max().unwrap_or_default();
         let mut problems = Vec::new();
         let mut made = Vec::new();
+        let mut progress = Vec::new();
         for (index, (reply, started, returned)) in replies.into_iter().enumerate() {
             let member = &mut self.members[index];
             member.host.snapshot_started_at_ms = started;
@@ -734,6 +788,11 @@ impl Run<'_> {
                             s.size_bytes,
                         )
                     }));
+                    progress.extend(
+                        snapshots.iter().filter(|s| !s.state.is_empty()).map(|s| {
+                            (member.agent.clone(), s.mount_point.clone(), s.state.clone())
+                        }),
+                    );
                     member.snapshots = snapshots;
                 }
                 Err(reason) => {
@@ -751,6 +810,11 @@ impl Run<'_> {
             &hosts,
             &made,
         )?;
+        // Providers whose snapshots complete in the background (EBS) start them `pending`.
+        for (agent, mount_point, state) in &progress {
+            self.catalog
+                .update_volume_progress(&self.set_id, agent, mount_point, state, 0)?;
+        }
         Ok(if problems.is_empty() {
             Ok(())
         } else {

@@ -319,6 +319,7 @@ async fn restore_and_read(
         .restore_set(pb::RestoreSetRequest {
             set_id: set.id.clone(),
             target_dir: target.display().to_string(),
+            ..Default::default()
         })
         .await
         .unwrap_or_else(|e| panic!("restore {}: {e}", set.id))

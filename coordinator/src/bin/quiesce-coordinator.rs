@@ -155,6 +155,10 @@ fn run(path: &Path, insecure: bool) -> anyhow::Result<ExitCode> {
             }
         }
         tokio::spawn(coordinator.clone().run_schedules(std::future::pending()));
+        let tracking = coordinator.resume_completion_tracking()?;
+        if tracking > 0 {
+            tracing::info!(sets = tracking, "tracking completion of committed sets");
+        }
         let listener = tokio::net::TcpListener::bind(listen)
             .await
             .with_context(|| format!("binding {listen}"))?;

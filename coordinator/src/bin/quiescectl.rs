@@ -75,16 +75,30 @@ enum Command {
         /// Print the set id and return at once.
         #[arg(long)]
         no_wait: bool,
+        /// EBS: after the set is consistent, wait until every snapshot is completed (a
+        /// progress bar on stderr); exits non-zero if one ends in error.
+        #[arg(long, conflicts_with = "no_wait")]
+        wait_complete: bool,
     },
     /// Snapshot sets in the catalog.
     #[command(subcommand)]
     Sets(SetsCommand),
-    /// Restore a consistent set: new images on each member host.
+    /// Restore a consistent set: new images on each member host (reflink), or new EBS volumes.
     Restore {
         set: String,
-        /// Directory on each member host that receives the restored images.
+        /// Reflink: directory on each member host that receives the restored images.
         #[arg(long)]
-        target_dir: String,
+        target_dir: Option<String>,
+        /// EBS: availability zone of the new volumes.
+        #[arg(long)]
+        availability_zone: Option<String>,
+        /// EBS: type of the new volumes (default gp3).
+        #[arg(long)]
+        volume_type: Option<String>,
+        /// EBS: attach the new volumes to this instance, in the original device order.
+        /// Without it, the attachment plan is printed.
+        #[arg(long)]
+        attach: Option<String>,
     },
     /// Agents: reachability, volumes and what they hold frozen.
     Agents,
@@ -272,7 +286,11 @@ async fn run(
     json: bool,
 ) -> Result<ExitCode, tonic::Status> {
     match command {
-        Command::Backup { group, no_wait } => {
+        Command::Backup {
+            group,
+            no_wait,
+            wait_complete,
+        } => {
             let set_id = client
                 .create_set(pb::CreateSetRequest { group })
                 .await?
@@ -282,7 +300,10 @@ async fn run(
                 println!("{set_id}");
                 return Ok(ExitCode::SUCCESS);
             }
-            let set = wait_for(&mut client, &set_id, json).await?;
+            let mut set = wait_for(&mut client, &set_id, json).await?;
+            if wait_complete && set.state == "consistent" && set.completion == "pending" {
+                set = wait_complete_for(&mut client, &set_id, json).await?;
+            }
             if json {
                 print_json(&set);
             } else {
@@ -358,11 +379,20 @@ async fn run(
             }
             Ok(ExitCode::SUCCESS)
         }
-        Command::Restore { set, target_dir } => {
+        Command::Restore {
+            set,
+            target_dir,
+            availability_zone,
+            volume_type,
+            attach,
+        } => {
             let reply = client
                 .restore_set(pb::RestoreSetRequest {
                     set_id: set.clone(),
-                    target_dir,
+                    target_dir: target_dir.unwrap_or_default(),
+                    availability_zone: availability_zone.unwrap_or_default(),
+                    volume_type: volume_type.unwrap_or_default(),
+                    attach_instance: attach.unwrap_or_default(),
                 })
                 .await?
                 .into_inner();
@@ -370,6 +400,38 @@ async fn run(
                 print_json(&reply);
             } else {
                 println!("restored set {set}:");
+                if reply.volumes.iter().any(|v| !v.volume_id.is_empty()) {
+                    let rows = reply
+                        .volumes
+                        .iter()
+                        .map(|v| {
+                            vec![
+                                v.agent.clone(),
+                                v.mount_point.clone(),
+                                v.snapshot_id.clone(),
+                                v.volume_id.clone(),
+                                v.device.clone(),
+                                if v.attached { "attached" } else { "-" }.into(),
+                            ]
+                        })
+                        .collect();
+                    table(
+                        &[
+                            "HOST",
+                            "MOUNT",
+                            "SNAPSHOT",
+                            "NEW VOLUME",
+                            "DEVICE",
+                            "ATTACHED",
+                        ],
+                        rows,
+                    );
+                    println!("\nattachment plan (original device order):");
+                    for v in &reply.volumes {
+                        println!("  [{}] {}", v.agent, v.attach_hint);
+                    }
+                    return Ok(ExitCode::SUCCESS);
+                }
                 let rows = reply
                     .volumes
                     .iter()
@@ -440,6 +502,23 @@ async fn run(
                         })
                         .collect();
                     println!("{}:", a.name);
+                    if !a.instance_id.is_empty() {
+                        println!("  EC2 instance {}", a.instance_id);
+                    }
+                    if a.volumes.iter().any(|v| !v.ebs_volume_id.is_empty()) {
+                        let ebs_rows = a
+                            .volumes
+                            .iter()
+                            .map(|v| {
+                                vec![
+                                    v.mount_point.clone(),
+                                    dash(&v.ebs_volume_id),
+                                    dash(&v.ebs_problem),
+                                ]
+                            })
+                            .collect();
+                        table(&["MOUNT", "EBS VOLUME", "EBS PROBLEM"], ebs_rows);
+                    }
                     table(
                         &[
                             "MOUNT",
@@ -567,6 +646,45 @@ async fn wait_for(
     }
 }
 
+/// Polls a consistent set until its snapshots finished in the background, drawing a progress
+/// bar (the mean of every snapshot's progress) on stderr.
+async fn wait_complete_for(
+    client: &mut CoordinatorClient<Channel>,
+    id: &str,
+    json: bool,
+) -> Result<pb::SnapshotSet, tonic::Status> {
+    loop {
+        let set = get_set(client, id).await?;
+        if !json {
+            let total: u32 = set.volumes.iter().map(|v| v.snapshot_progress).sum();
+            let percent = total / (set.volumes.len().max(1) as u32);
+            let done = set
+                .volumes
+                .iter()
+                .filter(|v| v.snapshot_state == "completed")
+                .count();
+            eprint!(
+                "\r  snapshots {}  {percent:>3}%  {done}/{} completed",
+                progress_bar(percent, 30),
+                set.volumes.len()
+            );
+            let _ = std::io::stderr().flush();
+        }
+        if set.completion != "pending" {
+            if !json {
+                eprintln!();
+            }
+            return Ok(set);
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
+fn progress_bar(percent: u32, width: usize) -> String {
+    let filled = (percent.min(100) as usize * width) / 100;
+    format!("[{}{}]", "#".repeat(filled), " ".repeat(width - filled))
+}
+
 fn print_json<T: serde::Serialize>(value: &T) {
     match serde_json::to_string_pretty(value) {
         Ok(text) => println!("{text}"),
@@ -629,6 +747,15 @@ fn print_set(set: &pb::SnapshotSet) {
         dash(&set.trigger)
     );
     println!("verdict        {}", dash(&set.verdict));
+    if set.snapshot_calls_ms > 0 {
+        println!(
+            "snapshot calls {} (inside the freeze window)",
+            ms(set.snapshot_calls_ms)
+        );
+    }
+    if !set.completion.is_empty() {
+        println!("completion     {}", set.completion);
+    }
     println!();
     // Instants relative to the set's creation. FROZEN and THAWED are on each agent's clock,
     // the others on the coordinator's: the verdict orders only the coordinator's.
@@ -682,20 +809,45 @@ fn print_set(set: &pb::SnapshotSet) {
     );
     println!("(C) coordinator clock, (A) the agent's clock; ms after the set was created");
     println!();
-    let rows = set
-        .volumes
-        .iter()
-        .map(|v| {
-            vec![
-                v.agent.clone(),
-                v.mount_point.clone(),
-                dash(&v.device),
-                dash(&v.fs_type),
-                dash(&v.snapshot_id),
-            ]
-        })
-        .collect();
-    table(&["HOST", "MOUNT", "DEVICE", "FS", "SNAPSHOT"], rows);
+    if set.volumes.iter().any(|v| !v.ebs_volume_id.is_empty()) {
+        let rows = set
+            .volumes
+            .iter()
+            .map(|v| {
+                vec![
+                    v.agent.clone(),
+                    v.mount_point.clone(),
+                    dash(&v.ebs_volume_id),
+                    dash(&v.snapshot_id),
+                    dash(&v.snapshot_state),
+                    format!(
+                        "{} {:>3}%",
+                        progress_bar(v.snapshot_progress, 10),
+                        v.snapshot_progress
+                    ),
+                ]
+            })
+            .collect();
+        table(
+            &["HOST", "MOUNT", "VOLUME", "SNAPSHOT", "STATE", "PROGRESS"],
+            rows,
+        );
+    } else {
+        let rows = set
+            .volumes
+            .iter()
+            .map(|v| {
+                vec![
+                    v.agent.clone(),
+                    v.mount_point.clone(),
+                    dash(&v.device),
+                    dash(&v.fs_type),
+                    dash(&v.snapshot_id),
+                ]
+            })
+            .collect();
+        table(&["HOST", "MOUNT", "DEVICE", "FS", "SNAPSHOT"], rows);
+    }
     println!();
     if !set.hook_outputs.is_empty() {
         let rows = set

@@ -213,6 +213,7 @@ fn serve_agents(count: usize, freeze_delay: Duration, clone_delay: Duration) {
             .unwrap();
             config.volumes = vec![VolumeConfig {
                 mount: mount.clone(),
+                ebs_volume_id: None,
             }];
             RecordStore::new(&state).create_dir().unwrap();
             let freezer = FakeFreezer::new();
