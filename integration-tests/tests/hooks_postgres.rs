@@ -409,7 +409,7 @@ async fn postgres_sets_under_load_restore_consistent_and_every_failure_is_clean(
     );
 
     let agent = format!(
-        "{}{}{}{}{}[hook.hang]\ntype = \"exec\"\ndir = {:?}\nquiesce-timeout = \"1s\"\n[hook.failing]\ntype = \"exec\"\ndir = {:?}\n",
+        "{}{}{}{}{}{}[hook.hang]\ntype = \"exec\"\ndir = {:?}\nquiesce-timeout = \"1s\"\n[hook.failing]\ntype = \"exec\"\ndir = {:?}\n",
         volumes(&[&data, &wal, &ts]),
         hook_config("pg", &sock, "quiesce", &secrets.join("good"), "crash"),
         hook_config(
@@ -421,6 +421,13 @@ async fn postgres_sets_under_load_restore_consistent_and_every_failure_is_clean(
         ),
         hook_config("pg-badpw", &sock, "quiesce", &secrets.join("bad"), "crash"),
         hook_config("pg-weak", &sock, "weak", &secrets.join("weak"), "crash"),
+        hook_config(
+            "pg-weak-backup",
+            &sock,
+            "weak",
+            &secrets.join("weak"),
+            "backup"
+        ),
         hang.display().to_string(),
         scripts.display().to_string(),
     );
@@ -431,6 +438,7 @@ async fn postgres_sets_under_load_restore_consistent_and_every_failure_is_clean(
         group("backup", &all, &["pg-backup"]),
         group("badpw", &all, &["pg-badpw"]),
         group("weak", &all, &["pg-weak"]),
+        group("weak-backup", &all, &["pg-weak-backup"]),
         group("nowal", &[&data, &ts], &["pg"]),
         group("hang", &all, &["pg-backup", "hang"]),
         group("failing", &all, &["pg", "failing"]),
@@ -681,6 +689,10 @@ async fn postgres_sets_under_load_restore_consistent_and_every_failure_is_clean(
             "password authentication failed (check password-file",
         ),
         ("weak", "GRANT pg_checkpoint TO weak"),
+        (
+            "weak-backup",
+            "GRANT EXECUTE ON FUNCTION pg_backup_start(text, boolean), pg_backup_stop(boolean) TO weak",
+        ),
         (
             "nowal",
             &format!(

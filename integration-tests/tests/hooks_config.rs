@@ -1,0 +1,91 @@
+//! `quiesce-agent check-config` refuses hook secrets anyone else can read: a config that defines
+//! hooks, and a password file, readable by group or others; and a script directory others can
+//! write. Every problem is named at once (exit 64).
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+fn agent_binary() -> Option<PathBuf> {
+    let dir = std::env::var_os("QUIESCE_BIN_DIR")?;
+    let path = Path::new(&dir).join("quiesce-agent");
+    path.is_file().then_some(path)
+}
+
+fn chmod(path: &Path, mode: u32) {
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).unwrap();
+}
+
+#[test]
+fn check_config_names_every_readable_secret_and_writable_script_dir() {
+    let Some(agent) = agent_binary() else {
+        if std::env::var_os("CI").is_some() {
+            panic!("QUIESCE_BIN_DIR must name the built binaries (scripts/test sets it)");
+        }
+        eprintln!("skipping: QUIESCE_BIN_DIR not set (run through scripts/test)");
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    chmod(dir.path(), 0o755);
+    let password = dir.path().join("pg.password");
+    std::fs::write(&password, "secret\n").unwrap();
+    chmod(&password, 0o644);
+    let scripts = dir.path().join("hooks.d");
+    std::fs::create_dir(&scripts).unwrap();
+    chmod(&scripts, 0o777);
+    let state = tempfile::Builder::new()
+        .prefix("quiesce-hooks-config")
+        .tempdir_in("/dev/shm")
+        .unwrap();
+    let config = dir.path().join("agent.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "listen = \"127.0.0.1:1\"\nstate-dir = {:?}\n[hook.pg]\ntype = \"postgres\"\npassword-file = {:?}\n[hook.scripts]\ntype = \"exec\"\ndir = {:?}\n",
+            state.path().display().to_string(),
+            password.display().to_string(),
+            scripts.display().to_string()
+        ),
+    )
+    .unwrap();
+    chmod(&config, 0o644);
+
+    let out = Command::new(&agent)
+        .args(["check-config", "--insecure", "-c"])
+        .arg(&config)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(64), "{stderr}");
+    for needle in [
+        &format!("hook pg: {} has mode 0644", password.display()),
+        &format!(
+            "hook scripts: {} has mode 0777: group- or world-writable hooks are refused",
+            scripts.display()
+        ),
+        &format!(
+            "config file (it defines hooks): {} has mode 0644",
+            config.display()
+        ),
+    ] {
+        assert!(
+            stderr.contains(needle.as_str()),
+            "{needle:?} not in {stderr}"
+        );
+    }
+
+    for path in [&password, &config] {
+        chmod(path, 0o600);
+    }
+    chmod(&scripts, 0o755);
+    let out = Command::new(&agent)
+        .args(["check-config", "--insecure", "-c"])
+        .arg(&config)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
