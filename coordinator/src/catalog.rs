@@ -621,6 +621,43 @@ mod tests {
     }
 
     #[test]
+    fn a_version_1_catalog_is_migrated_keeping_its_sets() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("catalog.sqlite");
+        {
+            let conn = Connection::open(&path).unwrap();
+            conn.execute_batch(MIGRATIONS[0]).unwrap();
+            conn.pragma_update(None, "user_version", 1).unwrap();
+            conn.execute(
+                "INSERT INTO sets (id, group_name, provider, state, phase, created_at_ms)
+                 VALUES ('old', 'pg', 'reflink', 'consistent', 'committed', 1)",
+                [],
+            )
+            .unwrap();
+        }
+        let catalog = Catalog::open(&path).unwrap();
+        let old = catalog.get("old").unwrap().unwrap();
+        assert_eq!(old.state, "consistent");
+        assert_eq!(old.completion, "");
+        catalog.create_set(&new_set("s1", "pg", 2)).unwrap();
+        catalog.set_completion("s1", "pending").unwrap();
+        catalog
+            .update_volume_progress("s1", "db1", "/mnt/wal", "pending", 40)
+            .unwrap();
+        catalog.finish("s1", "consistent", "", 1, 1, 3).unwrap();
+        assert_eq!(catalog.completion_pending().unwrap(), ["s1"]);
+        let set = catalog.get("s1").unwrap().unwrap();
+        assert_eq!(set.volumes[1].snapshot_progress, 40);
+        catalog.fail_completion("s1", "snapshot in error").unwrap();
+        let set = catalog.get("s1").unwrap().unwrap();
+        assert_eq!(
+            (set.state.as_str(), set.completion.as_str()),
+            ("failed", "error")
+        );
+        assert!(catalog.completion_pending().unwrap().is_empty());
+    }
+
+    #[test]
     fn a_file_catalog_survives_reopening() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("sub/catalog.sqlite");
