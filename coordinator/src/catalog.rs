@@ -978,6 +978,24 @@ mod tests {
         );
         let set = catalog.get("old").unwrap().unwrap();
         assert!(set.hook_outputs.is_empty());
+        assert_eq!(old.state, "consistent");
+        assert_eq!(old.completion, "");
+        catalog.create_set(&new_set("s1", "pg", 2)).unwrap();
+        catalog.set_completion("s1", "pending").unwrap();
+        catalog
+            .update_volume_progress("s1", "db1", "/mnt/wal", "pending", 40)
+            .unwrap();
+        catalog.finish("s1", "consistent", "", 1, 1, 3).unwrap();
+        assert_eq!(catalog.completion_pending().unwrap(), ["s1"]);
+        let set = catalog.get("s1").unwrap().unwrap();
+        assert_eq!(set.volumes[1].snapshot_progress, 40);
+        catalog.fail_completion("s1", "snapshot in error").unwrap();
+        let set = catalog.get("s1").unwrap().unwrap();
+        assert_eq!(
+            (set.state.as_str(), set.completion.as_str()),
+            ("failed", "error")
+        );
+        assert!(catalog.completion_pending().unwrap().is_empty());
     }
 
     #[test]

@@ -200,6 +200,26 @@ async fn pending_snapshots_are_tracked_to_completed_and_tagged_per_volume() {
 }
 
 #[tokio::test]
+async fn a_restarted_coordinator_resumes_tracking_pending_sets() {
+    let f = setup();
+    f.ec2.leave_pending();
+    let set = f.coordinator.backup("pg").await.unwrap();
+    assert_eq!(set.completion, "pending");
+    // What a coordinator does at start: every consistent set still pending is tracked.
+    assert_eq!(f.coordinator.resume_completion_tracking().unwrap(), 1);
+    f.ec2.complete_all();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let now = f.coordinator.catalog().get(&set.id).unwrap().unwrap();
+        if now.completion == "completed" {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "not tracked");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test]
 async fn a_snapshot_ending_in_error_fails_the_committed_set() {
     let f = setup();
     f.ec2.leave_pending();
