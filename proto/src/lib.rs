@@ -2,6 +2,7 @@
 //! the plumbing both daemons share (reloadable server TLS, systemd notification).
 
 pub mod identity;
+pub mod metrics_http;
 pub mod systemd;
 pub mod tls;
 pub mod tls_reload;
