@@ -378,12 +378,35 @@ impl Run<'_> {
         Ok(self.catalog.update_hosts(&self.set_id, &hosts)?)
     }
 
+    /// What need not be written while the group is frozen: the time spent in snapshot calls
+    /// (coordinator clock) and the initial state of snapshots that complete in the background.
+    fn record_after_thaw(&self) -> Result<(), Error> {
+        let calls_ms = self
+            .last_snapshot_returned_at_ms
+            .saturating_sub(self.first_snapshot_started_at_ms);
+        self.catalog.set_snapshot_calls_ms(&self.set_id, calls_ms)?;
+        for member in &self.members {
+            for snapshot in member.snapshots.iter().filter(|s| !s.state.is_empty()) {
+                self.catalog.update_volume_progress(
+                    &self.set_id,
+                    &member.agent,
+                    &snapshot.mount_point,
+                    &snapshot.state,
+                    0,
+                )?;
+            }
+        }
+        Ok(())
+    }
+
     /// Runs the set to its end. `Err` only when the catalog cannot be written.
     async fn execute(&mut self) -> Result<(), Error> {
         let outcome = self.capture().await?;
         let thaw_failure = if self.first_freeze_sent.is_some() {
             self.phase("thawing")?;
-            self.thaw().await?
+            let thawed = self.thaw().await?;
+            self.record_after_thaw()?;
+            thawed
         } else {
             None
         };
@@ -764,16 +787,12 @@ impl Run<'_> {
                 (result, started, unix_ms())
             }
         });
-        let started = Instant::now();
         let replies = join_all(calls).await;
-        self.catalog
-            .set_snapshot_calls_ms(&self.set_id, started.elapsed().as_millis() as u64)?;
         renewer.abort();
         self.first_snapshot_started_at_ms = replies.iter().map(|r| r.1).min().unwrap_or_default();
         self.last_snapshot_returned_at_ms = replies.iter().map(|r| r.2).max().unwrap_or_default();
         let mut problems = Vec::new();
         let mut made = Vec::new();
-        let mut progress = Vec::new();
         for (index, (reply, started, returned)) in replies.into_iter().enumerate() {
             let member = &mut self.members[index];
             member.host.snapshot_started_at_ms = started;
@@ -788,11 +807,6 @@ impl Run<'_> {
                             s.size_bytes,
                         )
                     }));
-                    progress.extend(
-                        snapshots.iter().filter(|s| !s.state.is_empty()).map(|s| {
-                            (member.agent.clone(), s.mount_point.clone(), s.state.clone())
-                        }),
-                    );
                     member.snapshots = snapshots;
                 }
                 Err(reason) => {
@@ -810,11 +824,6 @@ impl Run<'_> {
             &hosts,
             &made,
         )?;
-        // Providers whose snapshots complete in the background (EBS) start them `pending`.
-        for (agent, mount_point, state) in &progress {
-            self.catalog
-                .update_volume_progress(&self.set_id, agent, mount_point, state, 0)?;
-        }
         Ok(if problems.is_empty() {
             Ok(())
         } else {
