@@ -133,11 +133,13 @@ struct Session {
 
 impl Session {
     fn info(&self) -> FreezeInfo {
+        // One reading of both clocks, so that lease ≤ hard cap holds in wall-clock ms too.
+        let (now, wall) = (Instant::now(), unix_ms());
         FreezeInfo {
             freeze_started_at_ms: self.freeze_started_at_ms,
             frozen_at_ms: self.frozen_at_ms,
-            lease_deadline_ms: unix_ms_at(self.lease_deadline),
-            hard_deadline_ms: unix_ms_at(self.hard_deadline),
+            lease_deadline_ms: unix_ms_at(self.lease_deadline, now, wall),
+            hard_deadline_ms: unix_ms_at(self.hard_deadline, now, wall),
         }
     }
 
@@ -871,10 +873,9 @@ pub fn unix_ms() -> u64 {
         .unwrap_or(0)
 }
 
-/// The wall-clock time of a monotonic instant (for reports).
-fn unix_ms_at(instant: Instant) -> u64 {
-    let now = Instant::now();
-    let wall = unix_ms();
+/// The wall-clock time of a monotonic instant (for reports), given one reading of both
+/// clocks: `now` (monotonic) taken at wall-clock `wall` ms.
+fn unix_ms_at(instant: Instant, now: Instant, wall: u64) -> u64 {
     if instant >= now {
         wall + (instant - now).as_millis() as u64
     } else {
