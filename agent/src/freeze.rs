@@ -39,9 +39,26 @@ pub enum FreezeEnd {
     Shutdown,
     ExternalThaw,
     UnknownSet,
+    /// The guardian process thawed it (the agent hung past max-freeze, or died).
+    Guardian,
 }
 
 impl FreezeEnd {
+    /// What thawed the set, for error texts.
+    pub fn describe(self) -> &'static str {
+        match self {
+            FreezeEnd::Thawed => "thawed by the coordinator",
+            FreezeEnd::LeaseExpired => "thawed by its lease (the coordinator stopped renewing it)",
+            FreezeEnd::MaxFreeze => "thawed by the agent's max-freeze cap",
+            FreezeEnd::Shutdown => "thawed by the agent's shutdown",
+            FreezeEnd::ExternalThaw => "thawed by someone else behind the agent's back",
+            FreezeEnd::UnknownSet => "unknown set",
+            FreezeEnd::Guardian => {
+                "thawed by the agent's guardian process (the agent hung past max-freeze or died)"
+            }
+        }
+    }
+
     pub fn as_str(self) -> &'static str {
         match self {
             FreezeEnd::Thawed => "thawed",
@@ -50,6 +67,7 @@ impl FreezeEnd {
             FreezeEnd::Shutdown => "shutdown",
             FreezeEnd::ExternalThaw => "external-thaw",
             FreezeEnd::UnknownSet => "unknown-set",
+            FreezeEnd::Guardian => "guardian",
         }
     }
 }
@@ -147,7 +165,11 @@ impl Session {
         match &self.phase {
             Phase::Freezing => "still freezing".into(),
             Phase::Frozen => "frozen".into(),
-            Phase::Ended(report) => format!("freeze ended: {}", report.end.as_str()),
+            Phase::Ended(report) => format!(
+                "freeze ended: {}, {}",
+                report.end.as_str(),
+                report.end.describe()
+            ),
         }
     }
 }
@@ -592,15 +614,24 @@ impl FreezeManager {
                 }
             }
         }
-        let thawed_at_ms = unix_ms();
-        let write_stall_ms = session.freeze_started.elapsed().as_millis() as u64;
+        let mut thawed_at_ms = unix_ms();
+        let mut write_stall_ms = session.freeze_started.elapsed().as_millis() as u64;
+        // The guardian thawed first (this agent hung past max-freeze): its FITHAW ended the
+        // stall, not this late look at it.
+        let guardian = crate::thaw_marks::take(self.records.dir(), &session.set_id);
+        if let Some(at_ms) = guardian {
+            thawed_at_ms = at_ms;
+            write_stall_ms = at_ms.saturating_sub(session.freeze_started_at_ms);
+        }
         // After the last FITHAW: resume every quiesced hook, in reverse order.
         let hooks = match session.hooks.as_mut() {
             Some(hooks) => hooks.resume(true).await,
             None => Vec::new(),
         };
         session.hooks = None;
-        let end = if external && end == FreezeEnd::Thawed {
+        let end = if guardian.is_some() {
+            FreezeEnd::Guardian
+        } else if external && end == FreezeEnd::Thawed {
             FreezeEnd::ExternalThaw
         } else {
             end
@@ -681,7 +712,11 @@ impl FreezeManager {
     /// How a set that is no longer held ended, for messages.
     fn ended_state(&self, set_id: &str) -> String {
         match self.ended_report(set_id) {
-            Some(report) => format!("freeze ended: {}", report.end.as_str()),
+            Some(report) => format!(
+                "freeze ended: {}, {}",
+                report.end.as_str(),
+                report.end.describe()
+            ),
             None => "unknown set".into(),
         }
     }
@@ -741,8 +776,19 @@ impl FreezeManager {
                 Phase::Freezing => unreachable!("a freezing session is locked until it ends"),
             };
         }
-        self.ended_report(set_id)
-            .unwrap_or_else(ThawReport::unknown)
+        if let Some(report) = self.ended_report(set_id) {
+            return report;
+        }
+        // Unknown here, e.g. to an agent restarted after it died frozen: its guardian may have
+        // recorded when it thawed the set.
+        match crate::thaw_marks::take(self.records.dir(), set_id) {
+            Some(thawed_at_ms) => ThawReport {
+                end: FreezeEnd::Guardian,
+                thawed_at_ms,
+                ..ThawReport::unknown()
+            },
+            None => ThawReport::unknown(),
+        }
     }
 
     /// The mount points (and loop backing files) a frozen set holds, checking `mounts` is a
@@ -1102,6 +1148,44 @@ mod tests {
         assert_eq!(report.end, FreezeEnd::LeaseExpired);
         let err = f.manager.renew("s1", None).await.unwrap_err();
         assert!(err.to_string().contains("lease-expired"), "{err}");
+        assert!(err.to_string().contains("thawed by its lease"), "{err}");
+    }
+
+    #[tokio::test]
+    async fn a_set_the_guardian_thawed_reports_the_guardian_and_its_thaw_instant() {
+        let f = fixture(1, |_| {});
+        let info = f
+            .manager
+            .freeze("s1", &f.mounts, Some(Duration::from_secs(30)))
+            .await
+            .unwrap();
+        // The agent hung: its guardian thawed the filesystem and recorded when.
+        f.freezer.set_frozen(&f.mounts[0], false);
+        let records = RecordStore::new(&f._dir.path().join("state"));
+        let guardian_at = info.freeze_started_at_ms + 123;
+        crate::thaw_marks::write(records.dir(), "s1", guardian_at).unwrap();
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let report = f.manager.thaw("s1").await;
+        assert_eq!(report.end, FreezeEnd::Guardian, "{report:?}");
+        assert!(!report.held_continuously);
+        assert_eq!(report.thawed_at_ms, guardian_at);
+        assert_eq!(
+            report.write_stall_ms, 123,
+            "the stall ends at the guardian's FITHAW, not when the agent looked (≥300 ms)"
+        );
+        let err = f.manager.renew("s1", None).await.unwrap_err();
+        assert!(err.to_string().contains("guardian"), "{err}");
+    }
+
+    #[tokio::test]
+    async fn an_unknown_set_the_guardian_thawed_says_so() {
+        let f = fixture(1, |_| {});
+        let records = RecordStore::new(&f._dir.path().join("state"));
+        crate::thaw_marks::write(records.dir(), "gone", 4242).unwrap();
+        let report = f.manager.thaw("gone").await;
+        assert_eq!(report.end, FreezeEnd::Guardian);
+        assert_eq!(report.thawed_at_ms, 4242);
+        assert_eq!(f.manager.thaw("other").await.end, FreezeEnd::UnknownSet);
     }
 
     #[tokio::test]
@@ -1172,6 +1256,11 @@ mod tests {
         assert_eq!(f.manager.shutdown().await, 2);
         assert!(f.mounts.iter().all(|m| !f.freezer.is_frozen(m)));
         assert_eq!(f.manager.thaw("a").await.end, FreezeEnd::Shutdown);
+        let err = f.manager.renew("b", None).await.unwrap_err();
+        assert!(
+            err.to_string().contains("thawed by the agent's shutdown"),
+            "{err}"
+        );
         let err = f.manager.freeze("c", &f.mounts, None).await.unwrap_err();
         assert!(matches!(err, Error::ShuttingDown));
     }

@@ -57,7 +57,7 @@ impl Guardian {
                 let code = match guard(guardian_end, &records) {
                     Ok(()) => 0,
                     Err(e) => {
-                        eprintln!("quiesce-guardian: {e}");
+                        log(&e.to_string());
                         1
                     }
                 };
@@ -199,10 +199,25 @@ fn thaw_set(set_id: &str, set: &Held, records: &RecordStore, why: &str) {
             thawed += 1;
         }
     }
+    let thawed_at_ms = unix_ms();
+    if thawed > 0 {
+        // The agent (hung, or restarted) reports this instant as the end of the stall.
+        if let Err(e) = crate::thaw_marks::write(records.dir(), set_id, thawed_at_ms) {
+            log(&format!("cannot record the thaw of set {set_id}: {e}"));
+        }
+    }
     let _ = records.remove(set_id);
-    eprintln!(
-        "quiesce-guardian: {why}; thawed set {set_id} ({thawed} of {} volumes were still frozen)",
+    log(&format!(
+        "{why}; thawed set {set_id} ({thawed} of {} volumes were still frozen)",
         set.fds.len()
+    ));
+}
+
+/// One line on stderr, timestamped like the agent's own log lines (RFC 3339, UTC).
+fn log(message: &str) {
+    eprintln!(
+        "{} quiesce-guardian: {message}",
+        humantime::format_rfc3339_micros(std::time::SystemTime::now())
     );
 }
 
@@ -266,7 +281,7 @@ fn receive(sock: &OwnedFd, flags: MsgFlags) -> io::Result<Received> {
             set_id: set_id.to_owned(),
         },
         _ => {
-            eprintln!("quiesce-guardian: ignoring malformed message {text:?}");
+            log(&format!("ignoring malformed message {text:?}"));
             Message::Release {
                 set_id: String::new(),
             }

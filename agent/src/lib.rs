@@ -19,6 +19,7 @@ pub mod recovery;
 pub mod reflink;
 pub mod server;
 pub mod service;
+pub mod thaw_marks;
 pub mod volumes;
 pub mod watchdog;
 

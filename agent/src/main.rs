@@ -21,6 +21,8 @@ use quiesce_proto::tls_reload::ReloadableServerTls;
 /// Exit status for a bad config (EX_USAGE / EX_CONFIG convention: 64).
 const EXIT_CONFIG: u8 = 64;
 
+const DEFAULT_CONFIG: &str = "/etc/quiesce/agent.toml";
+
 #[derive(Parser)]
 #[command(
     name = "quiesce-agent",
@@ -54,8 +56,10 @@ enum Command {
     },
     /// Emergency hatch, no network: thaw what the agent's record says it froze.
     Thaw {
-        #[arg(short, long, default_value = "/etc/quiesce/agent.toml")]
-        config: PathBuf,
+        /// The agent's config, for its state directory (--all) [default: /etc/quiesce/agent.toml].
+        /// Not read with --mount.
+        #[arg(short, long)]
+        config: Option<PathBuf>,
         /// Thaw every volume of every set in the freeze record.
         #[arg(long, conflicts_with = "mount", required_unless_present = "mount")]
         all: bool,
@@ -92,6 +96,7 @@ fn main() -> ExitCode {
             force: _,
         } => {
             init_logging("plain");
+            let config = config.unwrap_or_else(|| PathBuf::from(DEFAULT_CONFIG));
             thaw(&config, mount.as_deref())
         }
     }
@@ -338,4 +343,28 @@ async fn shutdown_signal() {
         _ = int.recv() => tracing::info!("SIGINT"),
     }
     notify_systemd("STOPPING=1");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    /// `thaw --mount` does not read the config: its usage must not show `--config` at all,
+    /// let alone as required.
+    #[test]
+    fn thaw_usage_does_not_require_the_config() {
+        let err = Cli::try_parse_from(["quiesce-agent", "thaw", "--mount", "/mnt/x"])
+            .err()
+            .expect("--mount without --force is refused");
+        let text = err.render().to_string();
+        assert!(text.contains("--force"), "{text}");
+        assert!(!text.contains("--config"), "{text}");
+        let mut thaw = Cli::command().find_subcommand("thaw").unwrap().clone();
+        let usage = thaw.render_usage().to_string();
+        assert!(!usage.contains("--config"), "{usage}");
+        assert!(
+            Cli::try_parse_from(["quiesce-agent", "thaw", "--mount", "/mnt/x", "--force"]).is_ok()
+        );
+    }
 }

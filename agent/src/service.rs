@@ -27,7 +27,12 @@ pub struct AgentService {
 
 impl AgentService {
     pub fn new(manager: Arc<FreezeManager>) -> Self {
-        let reflink = ReflinkProvider::new(manager.config().reflink.snapshot_dir.clone());
+        let reflink_config = &manager.config().reflink;
+        let reflink = ReflinkProvider::new(reflink_config.snapshot_dir.clone()).with_extent_cost(
+            reflink_config
+                .extent_cost
+                .unwrap_or(crate::reflink::DEFAULT_EXTENT_COST),
+        );
         let hostname = nix::unistd::gethostname()
             .map(|h| h.to_string_lossy().into_owned())
             .unwrap_or_else(|_| "unknown".into());
@@ -94,6 +99,36 @@ impl AgentService {
 }
 
 impl AgentService {
+    /// When a clone of this set must stop: what is left of the group's freeze budget when the
+    /// call came, and the set's hard cap (max-freeze), whichever is first. Lease ends and thaws
+    /// are seen directly (the set no longer holds its filesystems).
+    async fn snapshot_deadline(
+        &self,
+        set_id: &str,
+        time_left_ms: u64,
+    ) -> Option<(std::time::Instant, String)> {
+        let now = std::time::Instant::now();
+        let mut deadline: Option<(std::time::Instant, String)> = (time_left_ms > 0).then(|| {
+            (
+                now + Duration::from_millis(time_left_ms),
+                format!(
+                    "the group's freeze budget ran out ({time_left_ms} ms were left when the snapshot call came)"
+                ),
+            )
+        });
+        let held = self.manager.held().await;
+        if let Some(held) = held.iter().find(|h| h.set_id == set_id) {
+            let left = held
+                .hard_deadline_ms
+                .saturating_sub(crate::freeze::unix_ms());
+            let hard = now + Duration::from_millis(left);
+            if deadline.as_ref().is_none_or(|(at, _)| hard < *at) {
+                deadline = Some((hard, "the agent's max-freeze cap came".to_owned()));
+            }
+        }
+        deadline
+    }
+
     async fn snapshot_one(
         &self,
         set_id: &str,
@@ -101,6 +136,7 @@ impl AgentService {
         dev: crate::mounts::DevId,
         backing: Option<PathBuf>,
         frozen: &[crate::mounts::DevId],
+        deadline: Option<(std::time::Instant, String)>,
     ) -> Result<pb::VolumeSnapshot, Status> {
         let device = self
             .manager
@@ -116,8 +152,20 @@ impl AgentService {
         let set_id = set_id.to_owned();
         let frozen = frozen.to_vec();
         let target_mount = mount.to_owned();
+        let manager = self.manager.clone();
         let clone = tokio::task::spawn_blocking(move || {
-            reflink.snapshot(&set_id, &target_mount, &backing, &frozen)
+            // Between ranges: stop when the freeze ended (lease, max-freeze, a thaw) or its
+            // deadline came, so the thaw never waits behind more than one range.
+            let stop = || {
+                if manager.holder_of(dev).as_deref() != Some(set_id.as_str()) {
+                    return Some("the freeze ended while cloning".to_owned());
+                }
+                match &deadline {
+                    Some((at, why)) if std::time::Instant::now() >= *at => Some(why.clone()),
+                    _ => None,
+                }
+            };
+            reflink.snapshot_until(&set_id, &target_mount, &backing, &frozen, &stop)
         })
         .await
         .map_err(|e| Status::internal(e.to_string()))?
@@ -147,6 +195,7 @@ fn freeze_end(end: FreezeEnd) -> pb::FreezeEnd {
         FreezeEnd::Shutdown => pb::FreezeEnd::Shutdown,
         FreezeEnd::ExternalThaw => pb::FreezeEnd::ExternalThaw,
         FreezeEnd::UnknownSet => pb::FreezeEnd::UnknownSet,
+        FreezeEnd::Guardian => pb::FreezeEnd::Guardian,
     }
 }
 
@@ -225,6 +274,25 @@ impl Agent for AgentService {
                         .map(|b| b.display().to_string())
                         .unwrap_or_default();
                     info.frozen_by = self.manager.holder_of(resolved.dev()).unwrap_or_default();
+                    if let Some(backing) = resolved.backing_file.clone() {
+                        info.provider = "reflink".into();
+                        let reflink = self.reflink.clone();
+                        let estimate =
+                            tokio::task::spawn_blocking(move || reflink.estimate(&backing)).await;
+                        match estimate {
+                            Ok(Ok((extents, cost))) => {
+                                info.clone_extents = extents;
+                                info.clone_estimate_ms = cost.as_millis() as u64;
+                            }
+                            // No estimate (0: unknown); the clone's own deadline still holds.
+                            Ok(Err(e)) => tracing::warn!(
+                                mount = %volume.mount.display(),
+                                error = %crate::error::error_chain(&e),
+                                "no clone estimate"
+                            ),
+                            Err(e) => tracing::warn!(error = %e, "no clone estimate"),
+                        }
+                    }
                 }
                 Err(e) => info.problem = crate::error::error_chain(&e),
             }
@@ -349,10 +417,11 @@ impl Agent for AgentService {
             .frozen_volumes(&req.set_id, &paths(req.mount_points))
             .await?;
         let frozen = self.manager.frozen_devs();
+        let deadline = self.snapshot_deadline(&req.set_id, req.time_left_ms).await;
         let mut snapshots = Vec::new();
         for (mount, dev, backing) in volumes {
             match self
-                .snapshot_one(&req.set_id, &mount, dev, backing, &frozen)
+                .snapshot_one(&req.set_id, &mount, dev, backing, &frozen, deadline.clone())
                 .await
             {
                 Ok(snapshot) => snapshots.push(snapshot),
@@ -393,11 +462,31 @@ impl Agent for AgentService {
     ) -> Result<Response<pb::DeleteSnapshotsResponse>, Status> {
         let req = request.into_inner();
         validate_set_id(&req.set_id)?;
-        let deleted = self
-            .reflink
-            .delete(&req.set_id, &paths(req.snapshot_ids), &self.backing_files())
-            .map_err(Error::from)?;
-        Ok(Response::new(pb::DeleteSnapshotsResponse { deleted }))
+        let reflink = self.reflink.clone();
+        let backing_files = self.backing_files();
+        let set_id = req.set_id.clone();
+        let ids = paths(req.snapshot_ids);
+        let report =
+            tokio::task::spawn_blocking(move || reflink.delete(&set_id, &ids, &backing_files))
+                .await
+                .map_err(|e| Status::internal(e.to_string()))?
+                .map_err(Error::from)?;
+        Ok(Response::new(pb::DeleteSnapshotsResponse {
+            deleted: report.deleted,
+            removed: report
+                .removed
+                .iter()
+                .map(|p| p.display().to_string())
+                .collect(),
+            not_removed: report
+                .not_removed
+                .into_iter()
+                .map(|(path, error)| pb::NotRemoved {
+                    path: path.display().to_string(),
+                    error,
+                })
+                .collect(),
+        }))
     }
 
     async fn restore_snapshots(

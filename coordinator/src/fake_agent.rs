@@ -315,7 +315,10 @@ impl AgentClient for FakeAgent {
         };
         let deleted = ids.len() as u32;
         state.deleted.extend(ids);
-        Ok(pb::DeleteSnapshotsResponse { deleted })
+        Ok(pb::DeleteSnapshotsResponse {
+            deleted,
+            ..Default::default()
+        })
     }
 
     async fn restore_snapshots(

@@ -28,7 +28,15 @@ impl Coordinator {
         let group = self.group(&set.group)?;
         let provider = self.provider(group);
         let mut deleted = 0;
-        for (agent, ids) in snapshots_by_agent(&set) {
+        let mut by_agent = snapshots_by_agent(&set);
+        if provider.name() == "reflink" {
+            // Host-local snapshots: every member agent removes everything of the set (partial
+            // clones of a failed set included), even where no snapshot id was recorded.
+            for volume in &set.volumes {
+                by_agent.entry(volume.agent.clone()).or_default();
+            }
+        }
+        for (agent, ids) in by_agent {
             let client = self.client(&agent)?;
             deleted += provider
                 .delete(&set.id, &agent, client.as_ref(), &ids)

@@ -42,6 +42,9 @@ pub struct SnapshotCall<'a> {
     pub agent: &'a str,
     pub client: &'a dyn AgentClient,
     pub volumes: &'a [PlannedVolume],
+    /// What is left of the group's freeze budget for this call (host-local providers stop a
+    /// clone that would run past it); `None`: only the phase timeout bounds it.
+    pub time_left: Option<std::time::Duration>,
 }
 
 impl SnapshotCall<'_> {
@@ -178,6 +181,13 @@ impl SnapshotProvider for Reflink {
             .create_snapshots(agent_pb::CreateSnapshotsRequest {
                 set_id: call.set_id.into(),
                 mount_points: call.mounts(),
+                // A little less than what is left, so that the agent's own answer (naming the
+                // clone it stopped) arrives before the coordinator's deadline.
+                time_left_ms: call
+                    .time_left
+                    .map(|left| left - (left / 10).min(std::time::Duration::from_millis(50)))
+                    .map(|left| (left.as_millis() as u64).max(1))
+                    .unwrap_or(0),
             })
             .await
             .map_err(|status| agent_error(call.agent, &status))?;

@@ -562,6 +562,19 @@ impl Run<'_> {
                     problems.push(why);
                     continue;
                 }
+                // The agent's clone estimate (reflink: extents × per-extent cost) must fit
+                // the budget: a clone that cannot finish in it would fail every set.
+                if volume.clone_estimate_ms > self.group.freeze_budget.as_millis() as u64 {
+                    problems.push(format!(
+                        "{}:{mount}: its clone cannot fit the freeze budget of {}: the backing file {} has {} extents, estimated at {} ms to clone (defragment or recreate the image, or raise freeze-budget)",
+                        member.agent,
+                        humantime::format_duration(self.group.freeze_budget),
+                        volume.backing_file,
+                        volume.clone_extents,
+                        volume.clone_estimate_ms
+                    ));
+                    continue;
+                }
                 let planned = PlannedVolume {
                     mount_point: mount.clone(),
                     device: volume.device.clone(),
@@ -778,6 +791,7 @@ impl Run<'_> {
                     agent: &m.agent,
                     client: m.client.as_ref(),
                     volumes: &m.planned,
+                    time_left: by_budget.then_some(left),
                 };
                 let started = unix_ms();
                 let result = match tokio::time::timeout(timeout, provider.snapshot(&call)).await {
@@ -1188,6 +1202,7 @@ pub fn freeze_end_name(end: agent_pb::FreezeEnd) -> &'static str {
         agent_pb::FreezeEnd::Shutdown => "shutdown",
         agent_pb::FreezeEnd::ExternalThaw => "external-thaw",
         agent_pb::FreezeEnd::UnknownSet => "unknown-set",
+        agent_pb::FreezeEnd::Guardian => "guardian",
     }
 }
 

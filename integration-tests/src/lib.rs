@@ -29,6 +29,7 @@
 //! to the test executable (cargo builds it for the integration tests).
 
 pub mod faults;
+pub mod fragmented;
 pub mod multihost;
 pub mod proxy;
 

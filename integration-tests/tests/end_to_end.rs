@@ -595,6 +595,7 @@ async fn lease_expiry_over_grpc_reports_the_freeze_as_not_held() {
         .create_snapshots(pb::CreateSnapshotsRequest {
             set_id: set_id.clone(),
             mount_points: mounts.clone(),
+            time_left_ms: 0,
         })
         .await
         .expect_err("a snapshot after the lease ran out must be refused");

@@ -180,6 +180,7 @@ impl Agent for SimAgent {
     ) -> Result<Response<pb::DeleteSnapshotsResponse>, Status> {
         Ok(Response::new(pb::DeleteSnapshotsResponse {
             deleted: request.into_inner().snapshot_ids.len() as u32,
+            ..Default::default()
         }))
     }
     async fn restore_snapshots(
@@ -363,6 +364,7 @@ async fn naive(agents: &[(String, Arc<dyn AgentClient>, Vec<String>)], round: us
             .create_snapshots(pb::CreateSnapshotsRequest {
                 set_id: set_id.clone(),
                 mount_points: mounts.clone(),
+                time_left_ms: 0,
             })
             .await
             .expect("snapshot");
