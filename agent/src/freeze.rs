@@ -946,6 +946,31 @@ mod tests {
     use crate::mounts::{MountEntry, MountError};
     use crate::watchdog::NoWatchdog;
 
+    #[test]
+    fn every_freeze_end_has_a_metric_series_from_start_up() {
+        let all = [
+            FreezeEnd::Thawed,
+            FreezeEnd::LeaseExpired,
+            FreezeEnd::MaxFreeze,
+            FreezeEnd::Shutdown,
+            FreezeEnd::ExternalThaw,
+            FreezeEnd::UnknownSet,
+        ];
+        // Exhaustive: a new variant fails to compile here until it is listed above.
+        for end in all {
+            match end {
+                FreezeEnd::Thawed
+                | FreezeEnd::LeaseExpired
+                | FreezeEnd::MaxFreeze
+                | FreezeEnd::Shutdown
+                | FreezeEnd::ExternalThaw
+                | FreezeEnd::UnknownSet => {}
+            }
+        }
+        let names: Vec<&str> = all.iter().map(|e| e.as_str()).collect();
+        assert_eq!(names, crate::metrics::FREEZE_ENDS);
+    }
+
     /// Mount points are real temp dirs (the fake freezer opens them); each is its own
     /// filesystem unless listed as an alias.
     struct Table(Vec<(PathBuf, DevId)>);

@@ -1,7 +1,9 @@
 //! Prometheus metrics of the agent, served as text on `metrics-listen` (`GET /metrics`).
 //!
 //! One process-wide registry: the freeze state machine reports into [`METRICS`] where things
-//! happen (a freeze taken, a freeze ended and why, how long FITHAW took).
+//! happen (a freeze taken, a freeze ended and why, how long FITHAW took). Every series exists
+//! from start-up at zero (each way a freeze can end included), so `increase(...) > 0` sees the
+//! first lease expiry. Names: base units, `_total` on counters, `_seconds` on durations.
 
 use std::future::Future;
 use std::sync::{LazyLock, Mutex};
@@ -10,12 +12,35 @@ use std::time::Duration;
 use prometheus_client::encoding::text::encode;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
-use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 use tokio::net::TcpListener;
 use tracing::warn;
 
 type Labels = Vec<(String, String)>;
+
+/// How a freeze can end (`quiesce_agent_freezes_ended_total{end}`): `FreezeEnd::as_str` of
+/// every variant (a test in freeze.rs keeps the two in step).
+pub const FREEZE_ENDS: [&str; 6] = [
+    "thawed",
+    "lease-expired",
+    "max-freeze",
+    "shutdown",
+    "external-thaw",
+    "unknown-set",
+];
+
+/// Buckets for FIFREEZE/FITHAW calls and write stalls, in seconds: 1 ms … 10 s (the freeze
+/// window buckets of the coordinator, 5 ms … 10 s, with two finer ones below: a FITHAW takes
+/// well under a millisecond).
+const FREEZE_BUCKETS: [f64; 13] = [
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+];
+
+/// Buckets for hooks: a checkpoint at pg_backup_start can take tens of seconds.
+const HOOK_BUCKETS: [f64; 14] = [
+    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0,
+];
 
 pub static METRICS: LazyLock<AgentMetrics> = LazyLock::new(AgentMetrics::new);
 
@@ -32,8 +57,11 @@ pub struct AgentMetrics {
 }
 
 fn histogram() -> Histogram {
-    // 0.5 ms … ~16 s.
-    Histogram::new(exponential_buckets(0.0005, 2.0, 16))
+    Histogram::new(FREEZE_BUCKETS)
+}
+
+fn hook_histogram() -> Histogram {
+    Histogram::new(HOOK_BUCKETS)
 }
 
 impl AgentMetrics {
@@ -45,7 +73,7 @@ impl AgentMetrics {
             freeze_seconds: histogram(),
             thaw_seconds: histogram(),
             stall_seconds: histogram(),
-            hook_seconds: Family::new_with_constructor(histogram as fn() -> Histogram),
+            hook_seconds: Family::new_with_constructor(hook_histogram as fn() -> Histogram),
         };
         let mut registry = Registry::with_prefix("quiesce_agent");
         registry.register(
@@ -55,16 +83,16 @@ impl AgentMetrics {
         );
         registry.register(
             "freezes_ended",
-            "Freezes ended, by how: thawed (by the coordinator), lease-expired, max-freeze, shutdown, external-thaw",
+            "Freezes ended, by how: thawed (by the coordinator), lease-expired, max-freeze, shutdown, external-thaw, unknown-set",
             metrics.ended.clone(),
         );
         registry.register(
-            "freeze_seconds",
+            "freeze_duration_seconds",
             "First FIFREEZE started to last FIFREEZE returned, per set",
             metrics.freeze_seconds.clone(),
         );
         registry.register(
-            "thaw_seconds",
+            "thaw_duration_seconds",
             "Time the FITHAWs of one set took",
             metrics.thaw_seconds.clone(),
         );
@@ -74,11 +102,16 @@ impl AgentMetrics {
             metrics.stall_seconds.clone(),
         );
         registry.register(
-            "hook_seconds",
+            "hook_duration_seconds",
             "Database hook durations, by hook and phase",
             metrics.hook_seconds.clone(),
         );
         *metrics.registry.lock().unwrap() = registry;
+        for end in FREEZE_ENDS {
+            metrics
+                .ended
+                .get_or_create(&vec![("end".into(), end.into())]);
+        }
         metrics
     }
 
@@ -146,6 +179,22 @@ mod tests {
             "{body}"
         );
         assert!(body.contains("quiesce_agent_freezes_total"), "{body}");
+        for end in FREEZE_ENDS {
+            assert!(
+                body.contains(&format!(
+                    "quiesce_agent_freezes_ended_total{{end=\"{end}\"}} "
+                )),
+                "{end}: {body}"
+            );
+        }
+        assert!(
+            body.contains("quiesce_agent_write_stall_seconds_bucket{le=\"0.005\"}"),
+            "{body}"
+        );
+        assert!(
+            body.contains("quiesce_agent_freeze_duration_seconds_count"),
+            "{body}"
+        );
         assert!(body.contains("# EOF"), "{body}");
     }
 }

@@ -1,9 +1,18 @@
 //! Prometheus metrics of the coordinator, served as text on `metrics-listen` (`GET /metrics`).
 //!
-//! Counters and histograms are updated by the workflow as sets run; gauges that describe the
-//! catalog (sets by state, last consistent set, overdue groups) are refreshed from it at each
-//! scrape, so they are right after a restart too.
+//! Every series exists from start-up: [`Metrics::new`] creates, at zero, each series of every
+//! configured group (every set state, phase, member host) and agent, so `increase(...) > 0`
+//! sees the first failure and dashboards show flat lines instead of gaps. Counters and
+//! histograms are updated as sets run; gauges that describe the catalog (sets by state, last
+//! consistent set, overdue) are refreshed from it at each scrape, so they are right after a
+//! restart too.
+//!
+//! Names follow the Prometheus conventions: base units (seconds, Unix-time seconds), `_total`
+//! on counters, `group`/`host`/`agent` labels. Reserved for the verify feature (not exported
+//! yet, the alert rules already use them): `quiesce_group_last_verified_timestamp_seconds
+//! {group}` and `quiesce_verifications_total{group,result="ok"|"failed"}`.
 
+use std::collections::HashMap;
 use std::future::Future;
 use std::sync::Mutex;
 use std::sync::atomic::AtomicU64;
@@ -13,49 +22,137 @@ use prometheus_client::encoding::text::encode;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
-use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
+use quiesce_proto::coordinator::v1::SetHost;
 use tokio::net::TcpListener;
 use tracing::warn;
 
+use crate::config::Config;
+
 type Labels = Vec<(String, String)>;
 type FloatGauge = Gauge<f64, AtomicU64>;
+type Histograms = Family<Labels, Histogram, fn() -> Histogram>;
 
-fn histogram() -> Histogram {
-    // 1 ms … ~16 s.
-    Histogram::new(exponential_buckets(0.001, 2.0, 15))
+/// Buckets for freeze windows and write stalls, in seconds: 5 ms … 10 s (a freeze budget is
+/// seconds; a healthy reflink or EBS freeze is tens to hundreds of milliseconds).
+pub const FREEZE_BUCKETS: [f64; 11] = [
+    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+];
+
+/// Buckets for phase durations: the freeze buckets, then up to the default phase timeout and
+/// past it (planning and preparing include database hooks, which can take tens of seconds).
+pub const PHASE_BUCKETS: [f64; 14] = [
+    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0,
+];
+
+/// The states a set has in the catalog (`quiesce_sets{state}`).
+pub const SET_STATES: [&str; 3] = ["running", "consistent", "failed"];
+
+/// The states a finished set ends in (`quiesce_sets_finished_total{state}`).
+pub const FINISHED_STATES: [&str; 2] = ["consistent", "failed"];
+
+/// The phases a set is timed in (`quiesce_phase_duration_seconds{phase}`): each one that ends
+/// when the workflow moves on to the next.
+pub const PHASES: [&str; 6] = [
+    "planning",
+    "preparing",
+    "freezing",
+    "snapshotting",
+    "thawing",
+    "aborting",
+];
+
+fn freeze_histogram() -> Histogram {
+    Histogram::new(FREEZE_BUCKETS)
+}
+
+fn phase_histogram() -> Histogram {
+    Histogram::new(PHASE_BUCKETS)
 }
 
 pub struct Metrics {
     registry: Mutex<Registry>,
+    /// Freeze budget of each configured group.
+    budgets: HashMap<String, Duration>,
     finished: Family<Labels, Counter>,
-    freeze_window: Family<Labels, Histogram, fn() -> Histogram>,
-    phase_duration: Family<Labels, Histogram, fn() -> Histogram>,
-    pub(crate) sets: Family<Labels, Gauge>,
-    pub(crate) last_consistent: Family<Labels, FloatGauge>,
-    pub(crate) overdue: Family<Labels, Gauge>,
-    pub(crate) next_run: Family<Labels, FloatGauge>,
-    pub(crate) expired: Family<Labels, Counter>,
+    over_budget: Family<Labels, Counter>,
+    expired: Family<Labels, Counter>,
+    freeze_window: Histograms,
+    phase_duration: Histograms,
+    host_stall: Histograms,
+    last_freeze_window: Family<Labels, FloatGauge>,
+    host_last_stall: Family<Labels, FloatGauge>,
+    freeze_budget: Family<Labels, FloatGauge>,
+    sets: Family<Labels, Gauge>,
+    last_consistent: Family<Labels, FloatGauge>,
+    overdue: Family<Labels, Gauge>,
+    next_run: Family<Labels, FloatGauge>,
+    agent_reachable: Family<Labels, Gauge>,
 }
 
-impl Default for Metrics {
-    fn default() -> Self {
-        let mut registry = Registry::with_prefix("quiesce");
+/// What the catalog and the schedule say about one group, at scrape time.
+#[derive(Debug, Clone, Default)]
+pub struct GroupView {
+    /// When the newest consistent set finished (coordinator clock, ms).
+    pub last_consistent_at_ms: Option<u64>,
+    pub overdue: bool,
+    /// When the schedule runs next; `None` for an unscheduled group.
+    pub next_run_at_ms: Option<u64>,
+}
+
+fn labels(pairs: &[(&str, &str)]) -> Labels {
+    pairs
+        .iter()
+        .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+        .collect()
+}
+
+fn group(name: &str) -> Labels {
+    labels(&[("group", name)])
+}
+
+impl Metrics {
+    /// The registry, with every series of `config`'s groups and agents created at zero.
+    pub fn new(config: &Config) -> Self {
         let metrics = Metrics {
             registry: Mutex::new(Registry::default()),
+            budgets: config
+                .groups
+                .iter()
+                .map(|g| (g.name.clone(), g.freeze_budget))
+                .collect(),
             finished: Family::default(),
-            freeze_window: Family::new_with_constructor(histogram as fn() -> Histogram),
-            phase_duration: Family::new_with_constructor(histogram as fn() -> Histogram),
+            over_budget: Family::default(),
+            expired: Family::default(),
+            freeze_window: Family::new_with_constructor(freeze_histogram as fn() -> Histogram),
+            phase_duration: Family::new_with_constructor(phase_histogram as fn() -> Histogram),
+            host_stall: Family::new_with_constructor(freeze_histogram as fn() -> Histogram),
+            last_freeze_window: Family::default(),
+            host_last_stall: Family::default(),
+            freeze_budget: Family::default(),
             sets: Family::default(),
             last_consistent: Family::default(),
             overdue: Family::default(),
             next_run: Family::default(),
-            expired: Family::default(),
+            agent_reachable: Family::default(),
         };
+        let mut registry = Registry::with_prefix("quiesce");
+        // Counters: prometheus-client appends `_total`.
         registry.register(
             "sets_finished",
-            "Sets this process finished, by group and state",
+            "Sets this process finished, by group and state (consistent, failed)",
             metrics.finished.clone(),
+        );
+        registry.register(
+            "freeze_window_over_budget",
+            "Sets whose freeze window (first freeze sent to last thaw returned) exceeded the group's freeze-budget",
+            metrics.over_budget.clone(),
+        );
+        registry.register(
+            "sets_expired",
+            "Sets deleted by retention, by group",
+            metrics.expired.clone(),
         );
         registry.register(
             "freeze_window_seconds",
@@ -68,60 +165,175 @@ impl Default for Metrics {
             metrics.phase_duration.clone(),
         );
         registry.register(
+            "host_write_stall_seconds",
+            "How long writers on one member host were blocked in a set (its agent's first FIFREEZE started to last FITHAW returned)",
+            metrics.host_stall.clone(),
+        );
+        registry.register(
+            "group_last_freeze_window_seconds",
+            "Freeze window of the newest set of the group this process froze",
+            metrics.last_freeze_window.clone(),
+        );
+        registry.register(
+            "host_last_write_stall_seconds",
+            "Write stall on the member host in the newest set of the group this process froze",
+            metrics.host_last_stall.clone(),
+        );
+        registry.register(
+            "group_freeze_budget_seconds",
+            "The group's configured freeze-budget",
+            metrics.freeze_budget.clone(),
+        );
+        registry.register(
             "sets",
-            "Sets in the catalog, by group and state",
+            "Sets in the catalog, by group and state (running, consistent, failed)",
             metrics.sets.clone(),
         );
         registry.register(
-            "last_consistent_set_timestamp_seconds",
-            "When the newest consistent set of the group finished (Unix time)",
+            "group_last_consistent_timestamp_seconds",
+            "When the newest consistent set of the group finished (Unix time; 0: none yet)",
             metrics.last_consistent.clone(),
         );
         registry.register(
             "group_overdue",
-            "1 when the group's last consistent set is older than its schedule promises",
+            "1 when the group's last consistent set is older than its schedule promises (0 for unscheduled groups)",
             metrics.overdue.clone(),
         );
         registry.register(
             "group_next_run_timestamp_seconds",
-            "When the group's schedule runs next (Unix time)",
+            "When the group's schedule runs next (Unix time; 0: unscheduled)",
             metrics.next_run.clone(),
         );
         registry.register(
-            "sets_expired",
-            "Sets deleted by retention, by group",
-            metrics.expired.clone(),
+            "agent_reachable",
+            "1 when the coordinator's last call to the agent (GetHostInfo over its mTLS channel) answered",
+            metrics.agent_reachable.clone(),
         );
         *metrics.registry.lock().unwrap() = registry;
+        metrics.create_series(config);
         metrics
     }
-}
 
-pub(crate) fn group(name: &str) -> Labels {
-    vec![("group".into(), name.into())]
-}
+    /// Creates every series of the configured groups and agents (at zero).
+    fn create_series(&self, config: &Config) {
+        for g in &config.groups {
+            let name = g.name.as_str();
+            for state in FINISHED_STATES {
+                self.finished
+                    .get_or_create(&labels(&[("group", name), ("state", state)]));
+            }
+            self.over_budget.get_or_create(&group(name));
+            self.expired.get_or_create(&group(name));
+            self.freeze_window.get_or_create(&group(name));
+            self.last_freeze_window.get_or_create(&group(name));
+            for phase in PHASES {
+                self.phase_duration
+                    .get_or_create(&labels(&[("group", name), ("phase", phase)]));
+            }
+            for member in &g.members {
+                let host = labels(&[("group", name), ("host", &member.agent)]);
+                self.host_stall.get_or_create(&host);
+                self.host_last_stall.get_or_create(&host);
+            }
+            self.freeze_budget
+                .get_or_create(&group(name))
+                .set(g.freeze_budget.as_secs_f64());
+            self.refresh_group(name, &GroupView::default());
+        }
+        self.refresh_set_counts(config, &[]);
+        for agent in &config.agents {
+            self.agent_reachable
+                .get_or_create(&labels(&[("agent", &agent.name)]));
+        }
+    }
 
-impl Metrics {
     pub fn observe_phase(&self, group_name: &str, phase: &str, took: Duration) {
-        let mut labels = group(group_name);
-        labels.push(("phase".into(), phase.into()));
         self.phase_duration
-            .get_or_create(&labels)
+            .get_or_create(&labels(&[("group", group_name), ("phase", phase)]))
             .observe(took.as_secs_f64());
     }
 
-    pub fn finished(&self, group_name: &str, consistent: bool, freeze_window: Option<Duration>) {
-        let mut labels = group(group_name);
-        labels.push((
-            "state".into(),
-            if consistent { "consistent" } else { "failed" }.into(),
-        ));
-        self.finished.get_or_create(&labels).inc();
-        if let Some(window) = freeze_window {
-            self.freeze_window
-                .get_or_create(&group(group_name))
-                .observe(window.as_secs_f64());
+    /// A set of `group_name` finished. `freeze_window` is `None` when nothing was frozen;
+    /// `hosts` are the members' records (write stall of each host that was sent a freeze).
+    pub fn finished(
+        &self,
+        group_name: &str,
+        consistent: bool,
+        freeze_window: Option<Duration>,
+        hosts: &[SetHost],
+    ) {
+        let state = if consistent { "consistent" } else { "failed" };
+        self.finished
+            .get_or_create(&labels(&[("group", group_name), ("state", state)]))
+            .inc();
+        let Some(window) = freeze_window else {
+            return;
+        };
+        let labels_group = group(group_name);
+        self.freeze_window
+            .get_or_create(&labels_group)
+            .observe(window.as_secs_f64());
+        self.last_freeze_window
+            .get_or_create(&labels_group)
+            .set(window.as_secs_f64());
+        if self
+            .budgets
+            .get(group_name)
+            .is_some_and(|budget| window > *budget)
+        {
+            self.over_budget.get_or_create(&labels_group).inc();
         }
+        for host in hosts.iter().filter(|h| h.freeze_sent_at_ms > 0) {
+            let stall = host.write_stall_ms as f64 / 1000.0;
+            let host_labels = labels(&[("group", group_name), ("host", &host.agent)]);
+            self.host_stall.get_or_create(&host_labels).observe(stall);
+            self.host_last_stall.get_or_create(&host_labels).set(stall);
+        }
+    }
+
+    /// Retention deleted one set of the group.
+    pub fn expired(&self, group_name: &str) {
+        self.expired.get_or_create(&group(group_name)).inc();
+    }
+
+    /// The outcome of one call to the agent.
+    pub fn agent_reached(&self, agent: &str, reachable: bool) {
+        self.agent_reachable
+            .get_or_create(&labels(&[("agent", agent)]))
+            .set(i64::from(reachable));
+    }
+
+    /// Sets in the catalog per (group, state): every configured group and state present
+    /// (zero when the catalog has none), groups no longer configured dropped.
+    pub fn refresh_set_counts(&self, config: &Config, counts: &[(String, String, u64)]) {
+        self.sets.clear();
+        for g in &config.groups {
+            for state in SET_STATES {
+                self.sets
+                    .get_or_create(&labels(&[("group", &g.name), ("state", state)]));
+            }
+        }
+        for (group_name, state, count) in counts {
+            if config.groups.iter().any(|g| &g.name == group_name) {
+                self.sets
+                    .get_or_create(&labels(&[("group", group_name), ("state", state)]))
+                    .set(*count as i64);
+            }
+        }
+    }
+
+    /// The scrape-time gauges of one group.
+    pub fn refresh_group(&self, group_name: &str, view: &GroupView) {
+        let labels = group(group_name);
+        self.last_consistent
+            .get_or_create(&labels)
+            .set(view.last_consistent_at_ms.unwrap_or(0) as f64 / 1000.0);
+        self.overdue
+            .get_or_create(&labels)
+            .set(i64::from(view.overdue));
+        self.next_run
+            .get_or_create(&labels)
+            .set(view.next_run_at_ms.unwrap_or(0) as f64 / 1000.0);
     }
 
     pub fn encode(&self) -> String {
@@ -140,4 +352,195 @@ where
     F: Fn() -> String + Send + Sync + Clone + 'static,
 {
     quiesce_proto::metrics_http::serve(listener, render, shutdown).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const CONFIG: &str = r#"
+listen = "127.0.0.1:0"
+catalog = "/nonexistent/catalog.sqlite"
+[[agent]]
+name = "db1"
+endpoint = "http://127.0.0.1:1"
+[[agent]]
+name = "db2"
+endpoint = "http://127.0.0.1:2"
+[[group]]
+name = "a"
+provider = "reflink"
+freeze-budget = "2s"
+[[group.member]]
+agent = "db1"
+mounts = ["/srv/a"]
+[[group.member]]
+agent = "db2"
+mounts = ["/srv/b"]
+"#;
+
+    fn line<'a>(text: &'a str, prefix: &str) -> &'a str {
+        text.lines()
+            .find(|l| l.starts_with(prefix))
+            .unwrap_or_else(|| panic!("no line starting {prefix:?} in\n{text}"))
+    }
+
+    fn host(agent: &str, stall_ms: u64) -> SetHost {
+        SetHost {
+            agent: agent.into(),
+            freeze_sent_at_ms: 1,
+            write_stall_ms: stall_ms,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn every_series_exists_at_zero_before_any_set() {
+        let config = Config::parse(CONFIG).unwrap();
+        let text = Metrics::new(&config).encode();
+        for state in FINISHED_STATES {
+            line(
+                &text,
+                &format!("quiesce_sets_finished_total{{group=\"a\",state=\"{state}\"}} 0"),
+            );
+        }
+        for state in SET_STATES {
+            line(
+                &text,
+                &format!("quiesce_sets{{group=\"a\",state=\"{state}\"}} 0"),
+            );
+        }
+        for phase in PHASES {
+            line(
+                &text,
+                &format!("quiesce_phase_duration_seconds_count{{group=\"a\",phase=\"{phase}\"}} 0"),
+            );
+        }
+        for h in ["db1", "db2"] {
+            line(
+                &text,
+                &format!("quiesce_host_write_stall_seconds_count{{group=\"a\",host=\"{h}\"}} 0"),
+            );
+            line(
+                &text,
+                &format!("quiesce_agent_reachable{{agent=\"{h}\"}} 0"),
+            );
+        }
+        line(&text, "quiesce_freeze_window_seconds_count{group=\"a\"} 0");
+        line(
+            &text,
+            "quiesce_freeze_window_over_budget_total{group=\"a\"} 0",
+        );
+        line(&text, "quiesce_sets_expired_total{group=\"a\"} 0");
+        line(&text, "quiesce_group_overdue{group=\"a\"} 0");
+        line(
+            &text,
+            "quiesce_group_last_consistent_timestamp_seconds{group=\"a\"} 0.0",
+        );
+        line(
+            &text,
+            "quiesce_group_freeze_budget_seconds{group=\"a\"} 2.0",
+        );
+        // Buckets for freeze windows: 5 ms … 10 s.
+        line(
+            &text,
+            "quiesce_freeze_window_seconds_bucket{le=\"0.005\",group=\"a\"} 0",
+        );
+        line(
+            &text,
+            "quiesce_freeze_window_seconds_bucket{le=\"10.0\",group=\"a\"} 0",
+        );
+    }
+
+    #[test]
+    fn a_set_records_window_budget_and_each_hosts_stall() {
+        let config = Config::parse(CONFIG).unwrap();
+        let metrics = Metrics::new(&config);
+        metrics.finished(
+            "a",
+            true,
+            Some(Duration::from_millis(40)),
+            &[host("db1", 30), host("db2", 7)],
+        );
+        metrics.finished(
+            "a",
+            false,
+            Some(Duration::from_millis(2500)),
+            &[host("db1", 2400), host("db2", 2450)],
+        );
+        // A set that failed before freezing: counted, nothing observed.
+        metrics.finished("a", false, None, &[]);
+        let text = metrics.encode();
+        line(
+            &text,
+            "quiesce_sets_finished_total{group=\"a\",state=\"consistent\"} 1",
+        );
+        line(
+            &text,
+            "quiesce_sets_finished_total{group=\"a\",state=\"failed\"} 2",
+        );
+        line(&text, "quiesce_freeze_window_seconds_count{group=\"a\"} 2");
+        line(
+            &text,
+            "quiesce_freeze_window_over_budget_total{group=\"a\"} 1",
+        );
+        line(
+            &text,
+            "quiesce_group_last_freeze_window_seconds{group=\"a\"} 2.5",
+        );
+        line(
+            &text,
+            "quiesce_host_write_stall_seconds_bucket{le=\"0.01\",group=\"a\",host=\"db2\"} 1",
+        );
+        line(
+            &text,
+            "quiesce_host_write_stall_seconds_bucket{le=\"0.05\",group=\"a\",host=\"db1\"} 1",
+        );
+        line(
+            &text,
+            "quiesce_host_write_stall_seconds_count{group=\"a\",host=\"db1\"} 2",
+        );
+        line(
+            &text,
+            "quiesce_host_last_write_stall_seconds{group=\"a\",host=\"db2\"} 2.45",
+        );
+    }
+
+    #[test]
+    fn catalog_counts_keep_every_state_and_drop_unconfigured_groups() {
+        let config = Config::parse(CONFIG).unwrap();
+        let metrics = Metrics::new(&config);
+        metrics.refresh_set_counts(
+            &config,
+            &[
+                ("a".into(), "consistent".into(), 4),
+                ("gone".into(), "failed".into(), 2),
+            ],
+        );
+        metrics.refresh_group(
+            "a",
+            &GroupView {
+                last_consistent_at_ms: Some(1_700_000_000_500),
+                overdue: true,
+                next_run_at_ms: Some(1_700_000_360_000),
+            },
+        );
+        metrics.agent_reached("db1", true);
+        let text = metrics.encode();
+        line(&text, "quiesce_sets{group=\"a\",state=\"consistent\"} 4");
+        line(&text, "quiesce_sets{group=\"a\",state=\"failed\"} 0");
+        line(&text, "quiesce_sets{group=\"a\",state=\"running\"} 0");
+        assert!(!text.contains("group=\"gone\""), "{text}");
+        line(&text, "quiesce_group_overdue{group=\"a\"} 1");
+        line(
+            &text,
+            "quiesce_group_last_consistent_timestamp_seconds{group=\"a\"} 1700000000.5",
+        );
+        line(
+            &text,
+            "quiesce_group_next_run_timestamp_seconds{group=\"a\"} 1700000360.0",
+        );
+        line(&text, "quiesce_agent_reachable{agent=\"db1\"} 1");
+        line(&text, "quiesce_agent_reachable{agent=\"db2\"} 0");
+    }
 }

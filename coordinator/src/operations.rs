@@ -187,6 +187,7 @@ impl Coordinator {
                 Ok(Err(e)) => status.error = agent_error(&agent.name, &e),
                 Err(_) => status.error = "no answer within 5s".into(),
             }
+            self.metrics().agent_reached(&agent.name, status.reachable);
             status
         });
         futures::future::join_all(calls).await
@@ -254,33 +255,21 @@ impl Coordinator {
     /// The Prometheus text: catalog-derived gauges refreshed, then everything encoded.
     pub fn render_metrics(&self) -> String {
         let metrics = self.metrics();
-        metrics.sets.clear();
         if let Ok(counts) = self.catalog().counts() {
-            for (group, state, count) in counts {
-                let mut labels = crate::metrics::group(&group);
-                labels.push(("state".into(), state));
-                metrics.sets.get_or_create(&labels).set(count as i64);
-            }
+            metrics.refresh_set_counts(self.config(), &counts);
         }
         for group in &self.config().groups {
-            let labels = crate::metrics::group(&group.name);
-            if let Ok(Some((_, at))) = self.catalog().last_consistent(&group.name) {
-                metrics
-                    .last_consistent
-                    .get_or_create(&labels)
-                    .set(at as f64 / 1000.0);
-            }
-            if group.schedule.is_some() {
-                let status = self.schedule_status(group);
-                metrics
-                    .overdue
-                    .get_or_create(&labels)
-                    .set(i64::from(status.overdue));
-                metrics
-                    .next_run
-                    .get_or_create(&labels)
-                    .set(status.next_run_at_ms as f64 / 1000.0);
-            }
+            // A catalog that cannot be read leaves the group's gauges as they were.
+            let Ok(last) = self.catalog().last_consistent(&group.name) else {
+                continue;
+            };
+            let status = group.schedule.as_ref().map(|_| self.schedule_status(group));
+            let view = crate::metrics::GroupView {
+                last_consistent_at_ms: last.map(|(_, at)| at),
+                overdue: status.as_ref().is_some_and(|s| s.overdue),
+                next_run_at_ms: status.map(|s| s.next_run_at_ms),
+            };
+            metrics.refresh_group(&group.name, &view);
         }
         metrics.encode()
     }

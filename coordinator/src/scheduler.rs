@@ -25,7 +25,6 @@ use tracing::{Instrument, info, info_span, warn};
 
 use crate::config::GroupConfig;
 use crate::error::Error;
-use crate::metrics;
 use crate::retention;
 use crate::workflow::Coordinator;
 
@@ -176,10 +175,7 @@ impl Coordinator {
                 match self.delete_set(&id).instrument(span).await {
                     Ok(snapshots) => {
                         info!(set_id = %id, snapshots, "expired set deleted");
-                        self.metrics()
-                            .expired
-                            .get_or_create(&metrics::group(&group.name))
-                            .inc();
+                        self.metrics().expired(&group.name);
                         deleted.push(id);
                     }
                     Err(e) => {

@@ -97,13 +97,14 @@ impl Coordinator {
             .iter()
             .map(|g| (g.name.clone(), provider::for_group(g)))
             .collect();
+        let metrics = Arc::new(Metrics::new(&config));
         Arc::new(Coordinator {
             config,
             catalog,
             agents,
             runs: Mutex::new(HashMap::new()),
             providers: Mutex::new(providers),
-            metrics: Arc::new(Metrics::default()),
+            metrics,
             clock,
             schedules: Mutex::new(HashMap::new()),
         })
@@ -459,6 +460,7 @@ impl Run<'_> {
                     &self.group.name,
                     true,
                     self.first_freeze_sent.map(|s| s.elapsed()),
+                    &hosts,
                 );
                 info!(freeze_window_ms, max_stall, verdict = %verdict_text, "consistent");
             }
@@ -482,6 +484,7 @@ impl Run<'_> {
                     &self.group.name,
                     false,
                     self.first_freeze_sent.map(|s| s.elapsed()),
+                    &hosts,
                 );
                 warn!(%reason, freeze_window_ms, "failed");
             }

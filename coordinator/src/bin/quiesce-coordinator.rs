@@ -14,6 +14,9 @@ use quiesce_coordinator::workflow::Coordinator;
 use quiesce_proto::systemd;
 use quiesce_proto::tls_reload::ReloadableServerTls;
 
+/// How often the coordinator checks that it reaches every agent (metric quiesce_agent_reachable).
+const AGENT_PROBE_INTERVAL: std::time::Duration = std::time::Duration::from_secs(30);
+
 /// Exit status for a bad config.
 const EXIT_CONFIG: u8 = 64;
 
@@ -150,6 +153,16 @@ fn run(path: &Path, insecure: bool) -> anyhow::Result<ExitCode> {
                         move || c.render_metrics(),
                         std::future::pending(),
                     ));
+                    // quiesce_agent_reachable: every agent asked for its host info now and
+                    // every AGENT_PROBE_INTERVAL (agents are also recorded whenever an
+                    // operator lists them).
+                    let c = coordinator.clone();
+                    tokio::spawn(async move {
+                        loop {
+                            c.agent_statuses().await;
+                            tokio::time::sleep(AGENT_PROBE_INTERVAL).await;
+                        }
+                    });
                 }
                 Err(e) => tracing::warn!(listen = %addr, error = %e, "metrics endpoint not served"),
             }
