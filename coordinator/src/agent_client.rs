@@ -7,7 +7,9 @@ use std::time::Duration;
 
 use quiesce_proto::agent::v1 as pb;
 use quiesce_proto::agent::v1::agent_client::AgentClient as GrpcClient;
-use quiesce_proto::tls::{TlsError, TlsFiles};
+use quiesce_proto::identity::{Identity, Role};
+use quiesce_proto::tls::TlsFiles;
+use quiesce_proto::tls_client::ClientTlsError;
 use tonic::Status;
 use tonic::transport::{Channel, Endpoint};
 
@@ -80,11 +82,14 @@ pub enum ConnectError {
     Tls {
         agent: String,
         #[source]
-        source: TlsError,
+        source: Box<ClientTlsError>,
     },
 }
 
-/// Lazily connected gRPC channels to every configured agent.
+/// Lazily connected gRPC channels to every configured agent. Under mTLS each channel accepts
+/// only the agent it is for: a certificate of the CA that names the configured server name
+/// (DNS) AND carries `quiesce://agent/<name>` — never an operator's, a coordinator's or another
+/// agent's certificate with the same DNS name.
 pub struct GrpcAgents {
     clients: HashMap<String, Arc<dyn AgentClient>>,
 }
@@ -99,22 +104,31 @@ impl GrpcAgents {
                 endpoint: agent.endpoint.clone(),
                 source,
             };
-            let mut endpoint = Endpoint::from_shared(agent.endpoint.clone())
-                .map_err(endpoint_err)?
-                .connect_timeout(Duration::from_secs(3))
-                .tcp_nodelay(true)
-                .http2_keep_alive_interval(Duration::from_secs(5))
-                .keep_alive_timeout(Duration::from_secs(5));
-            if let Some(tls) = tls {
-                let config =
-                    tls.client_config(agent.server_name())
+            let channel = match tls {
+                Some(tls) => {
+                    // The connector does TLS (and the identity check tonic's TLS cannot do), so
+                    // tonic is given the plain-text form of the https:// endpoint.
+                    let connector = tls
+                        .identity_connector(
+                            agent.server_name(),
+                            Identity::new(Role::Agent, agent.name.clone()),
+                        )
                         .map_err(|source| ConnectError::Tls {
                             agent: agent.name.clone(),
-                            source,
+                            source: Box::new(source),
                         })?;
-                endpoint = endpoint.tls_config(config).map_err(endpoint_err)?;
-            }
-            let channel = endpoint.connect_lazy();
+                    let plain = match agent.endpoint.strip_prefix("https://") {
+                        Some(rest) => format!("http://{rest}"),
+                        None => agent.endpoint.clone(),
+                    };
+                    endpoint(plain)
+                        .map_err(endpoint_err)?
+                        .connect_with_connector_lazy(connector)
+                }
+                None => endpoint(agent.endpoint.clone())
+                    .map_err(endpoint_err)?
+                    .connect_lazy(),
+            };
             clients.insert(
                 agent.name.clone(),
                 Arc::new(GrpcAgent(GrpcClient::new(channel))),
@@ -122,6 +136,15 @@ impl GrpcAgents {
         }
         Ok(GrpcAgents { clients })
     }
+}
+
+/// The channel settings of every agent endpoint.
+fn endpoint(uri: String) -> Result<Endpoint, tonic::transport::Error> {
+    Ok(Endpoint::from_shared(uri)?
+        .connect_timeout(Duration::from_secs(3))
+        .tcp_nodelay(true)
+        .http2_keep_alive_interval(Duration::from_secs(5))
+        .keep_alive_timeout(Duration::from_secs(5)))
 }
 
 impl AgentDirectory for GrpcAgents {

@@ -72,11 +72,21 @@ pub fn error_chain(err: &dyn std::error::Error) -> String {
 
 /// An agent's gRPC status, as one line naming the agent.
 pub fn agent_error(agent: &str, status: &Status) -> String {
-    let message = status.message();
-    let message = if message.is_empty() {
+    format!("{agent}: {}", status_line(status))
+}
+
+/// A gRPC status as one line: its message (or its code when it has none), then — for failures
+/// below gRPC, such as a refused connection or a TLS handshake that refused the peer's
+/// certificate — the chain of causes, which the message alone ("transport error") does not say.
+pub fn status_line(status: &Status) -> String {
+    let mut line = if status.message().is_empty() {
         format!("{:?}", status.code())
     } else {
-        message.to_owned()
+        status.message().to_owned()
     };
-    format!("{agent}: {message}")
+    if let Some(source) = std::error::Error::source(status) {
+        line.push_str(": ");
+        line.push_str(&error_chain(source));
+    }
+    line
 }

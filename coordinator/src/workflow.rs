@@ -26,7 +26,7 @@ use crate::agent_client::{AgentClient, AgentDirectory};
 use crate::catalog::{Catalog, NewSet};
 use crate::clock::{Clock, SystemClock};
 use crate::config::{Config, GroupConfig};
-use crate::error::{Error, agent_error};
+use crate::error::{Error, agent_error, status_line};
 use crate::metrics::Metrics;
 use crate::provider::{self, PlannedVolume, Snapshot, SnapshotCall, SnapshotProvider};
 use crate::test_hook::pause_after;
@@ -1186,14 +1186,6 @@ where
         }
     });
     join_all(calls).await
-}
-
-fn status_line(status: &tonic::Status) -> String {
-    if status.message().is_empty() {
-        format!("{:?}", status.code())
-    } else {
-        status.message().to_owned()
-    }
 }
 
 pub fn freeze_end_name(end: agent_pb::FreezeEnd) -> &'static str {

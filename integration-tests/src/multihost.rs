@@ -6,9 +6,12 @@
 //! killed (stopped ones continued first), PostgreSQL servers stopped, every volume thawed
 //! (`fsfreeze -u`, errors ignored) BEFORE it is unmounted, loop devices detached, the pool and
 //! the tmpfs unmounted, the work directory removed. Tests freeze only volumes made here.
+//!
+//! The hooks tests use the same [`Lab`] for their volumes (with agent and coordinator in their
+//! own process instead of as child processes).
 
 use std::fs;
-use std::net::{Ipv4Addr, SocketAddr, TcpListener};
+use std::net::{Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -17,61 +20,18 @@ use quiesce_proto::coordinator::v1 as pb;
 use quiesce_proto::coordinator::v1::coordinator_client::CoordinatorClient;
 use tonic::transport::Channel;
 
-/// `true` when the test can run (root); otherwise panics under CI, or prints "skipping".
-pub fn have_root(test: &str) -> bool {
-    use std::os::unix::fs::MetadataExt;
-    // /proc/self belongs to the effective user.
-    if fs::metadata("/proc/self").is_ok_and(|m| m.uid() == 0) {
-        return true;
-    }
-    if std::env::var_os("CI").is_some() {
-        panic!("{test}: needs root (CI is set)");
-    }
-    eprintln!("{test}: skipping: needs root");
-    false
+use crate::env::quiet;
+use crate::loopfs::{FsKind, LoopFs, Tmpfs};
+
+/// [`crate::require`]s what a root test needs and returns `true`; it never returns `false`
+/// (the one skip policy: a test that cannot run fails). `test` is kept for old call sites.
+pub fn have_root(_test: &str) -> bool {
+    crate::env::require_root()
 }
 
-/// A Quiesce binary: `$QUIESCE_BIN_DIR`, else `$CARGO_TARGET_DIR/debug`, else `target/debug`.
-pub fn bin(name: &str) -> PathBuf {
-    let dir = std::env::var_os("QUIESCE_BIN_DIR")
-        .map(PathBuf::from)
-        .or_else(|| std::env::var_os("CARGO_TARGET_DIR").map(|d| PathBuf::from(d).join("debug")))
-        .unwrap_or_else(|| {
-            Path::new(env!("CARGO_MANIFEST_DIR"))
-                .join("../target/debug")
-                .to_path_buf()
-        });
-    let path = dir.join(name);
-    assert!(
-        path.exists(),
-        "{} not found: build the binaries first (cargo build --workspace --bins) or set QUIESCE_BIN_DIR",
-        path.display()
-    );
-    path
-}
-
-/// Runs a command, panicking with its output if it fails.
-pub fn sh(program: &str, args: &[&str]) -> String {
-    let out = Command::new(program)
-        .args(args)
-        .output()
-        .unwrap_or_else(|e| panic!("{program}: {e}"));
-    assert!(
-        out.status.success(),
-        "{program} {args:?}: {}\n{}",
-        out.status,
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-/// A free TCP port on `ip` (bound, then released).
-pub fn free_port(ip: Ipv4Addr) -> u16 {
-    TcpListener::bind((ip, 0))
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("free port")
-}
+pub use crate::env::{bin, sh};
+/// A free TCP port on an address of 127.0.0.0/8 (the harness's one implementation).
+pub use crate::process::free_port_on as free_port;
 
 /// A child process with its log file; killed in `Drop`.
 pub struct Proc {
@@ -230,10 +190,10 @@ pub struct Lab {
     pub dir: PathBuf,
     pub pool: PathBuf,
     pub run: PathBuf,
-    pool_loop: Option<String>,
-    run_mounted: bool,
-    /// (mount point, loop device) in the order made.
-    volumes: Vec<(PathBuf, Option<String>)>,
+    /// Loop volumes (and images attached from the pool), in the order made.
+    volumes: Vec<LoopFs>,
+    run_fs: Option<Tmpfs>,
+    pool_fs: Option<LoopFs>,
     /// PostgreSQL data directories to stop (immediate) before unmounting.
     pub pg_datadirs: Vec<PathBuf>,
     pub agents: Vec<AgentProc>,
@@ -241,64 +201,46 @@ pub struct Lab {
 }
 
 impl Lab {
-    /// A pool of `pool_mb` MiB (sparse) and a small tmpfs for agent state.
+    /// A pool of `pool_mb` MiB (sparse XFS with reflink, on a loop device) and a small tmpfs
+    /// for agent state, under a fresh `/var/tmp/qmh-<tag>.XXXX`.
     pub fn new(tag: &str, pool_mb: u64) -> Lab {
         let dir = PathBuf::from(sh("mktemp", &["-d", &format!("/var/tmp/qmh-{tag}.XXXX")]).trim());
-        let mut lab = Lab {
-            pool: dir.join("pool"),
-            run: dir.join("run"),
+        let pool = dir.join("pool");
+        let run = dir.join("run");
+        let pool_fs = LoopFs::create(&dir.join("pool.img"), pool_mb, FsKind::XfsReflink, &pool);
+        let run_fs = Tmpfs::mount(&run, 16);
+        Lab {
+            pool,
+            run,
             dir,
-            pool_loop: None,
-            run_mounted: false,
             volumes: Vec::new(),
+            run_fs: Some(run_fs),
+            pool_fs: Some(pool_fs),
             pg_datadirs: Vec::new(),
             agents: Vec::new(),
             coordinator: None,
-        };
-        fs::create_dir_all(&lab.pool).unwrap();
-        fs::create_dir_all(&lab.run).unwrap();
-        let image = lab.dir.join("pool.img");
-        sh("truncate", &["-s", &format!("{pool_mb}M"), path(&image)]);
-        sh("mkfs.xfs", &["-q", "-m", "reflink=1", path(&image)]);
-        let dev = sh("losetup", &["--find", "--show", path(&image)])
-            .trim()
-            .to_owned();
-        lab.pool_loop = Some(dev.clone());
-        sh("mount", &[&dev, path(&lab.pool)]);
-        sh(
-            "mount",
-            &["-t", "tmpfs", "-o", "size=16m", "tmpfs", path(&lab.run)],
-        );
-        lab.run_mounted = true;
-        lab
+        }
     }
 
     /// An ext4 volume of `mb` MiB in the pool, loop-mounted at `<dir>/vol/<name>`.
     pub fn volume(&mut self, name: &str, mb: u64) -> PathBuf {
         let image = self.pool.join(format!("{name}.img"));
-        sh("truncate", &["-s", &format!("{mb}M"), path(&image)]);
-        sh("mkfs.ext4", &["-q", path(&image)]);
         let mount = self.dir.join("vol").join(name);
-        fs::create_dir_all(&mount).unwrap();
-        self.mount_image(&image, &mount);
+        self.volumes
+            .push(LoopFs::create(&image, mb, FsKind::Ext4, &mount));
         mount
     }
 
     /// Loop-mounts an image (read-write) and remembers to undo it.
     pub fn mount_image(&mut self, image: &Path, mount: &Path) {
-        fs::create_dir_all(mount).unwrap();
-        let dev = sh("losetup", &["--find", "--show", path(image)])
-            .trim()
-            .to_owned();
-        self.volumes.push((mount.to_owned(), Some(dev.clone())));
-        sh("mount", &[&dev, path(mount)]);
+        self.volumes.push(LoopFs::attach(image, mount, false));
     }
 
-    /// Unmounts and detaches one volume mounted by `mount_image`/`volume`.
+    /// Thaws (harmless when not frozen), unmounts and detaches one volume mounted by
+    /// `mount_image`/`volume`.
     pub fn unmount(&mut self, mount: &Path) {
-        if let Some(index) = self.volumes.iter().position(|(m, _)| m == mount) {
-            let (mount, dev) = self.volumes.remove(index);
-            undo_volume(&mount, dev.as_deref());
+        if let Some(index) = self.volumes.iter().position(|v| v.mount_point() == mount) {
+            drop(self.volumes.remove(index));
         }
     }
 
@@ -474,56 +416,20 @@ impl Drop for Lab {
                 .stderr(Stdio::null())
                 .status();
         }
-        // Thaw everything before any unmount.
-        for (mount, _) in &self.volumes {
-            let _ = Command::new("fsfreeze")
-                .arg("-u")
-                .arg(mount)
-                .stderr(Stdio::null())
-                .status();
+        // Thaw everything before any unmount (each guard thaws itself again before its own).
+        for volume in &self.volumes {
+            quiet(Command::new("fsfreeze").arg("-u").arg(volume.mount_point()));
         }
-        for (mount, dev) in self.volumes.drain(..).rev() {
-            undo_volume(&mount, dev.as_deref());
+        while let Some(volume) = self.volumes.pop() {
+            drop(volume);
         }
-        if self.run_mounted {
-            let _ = Command::new("umount").arg(&self.run).status();
-        }
-        if let Some(dev) = self.pool_loop.take() {
-            let _ = Command::new("umount").arg(&self.pool).status();
-            let _ = Command::new("losetup").args(["-d", &dev]).status();
-        }
+        drop(self.run_fs.take());
+        drop(self.pool_fs.take());
         if std::env::var_os("QUIESCE_KEEP_LAB").is_none() {
             let _ = fs::remove_dir_all(&self.dir);
         } else {
             eprintln!("lab kept in {}", self.dir.display());
         }
-    }
-}
-
-fn undo_volume(mount: &Path, dev: Option<&str>) {
-    let _ = Command::new("fsfreeze")
-        .arg("-u")
-        .arg(mount)
-        .stderr(Stdio::null())
-        .status();
-    let mut unmounted = false;
-    for _ in 0..50 {
-        if Command::new("umount")
-            .arg(mount)
-            .stderr(Stdio::null())
-            .status()
-            .is_ok_and(|s| s.success())
-        {
-            unmounted = true;
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    if !unmounted {
-        let _ = Command::new("umount").arg("-l").arg(mount).status();
-    }
-    if let Some(dev) = dev {
-        let _ = Command::new("losetup").args(["-d", dev]).status();
     }
 }
 
@@ -619,9 +525,9 @@ pub fn scrape(addr: SocketAddr) -> String {
     body
 }
 
-/// Root tests that build labs run one at a time within a test binary (an async lock: the
-/// guard lives across awaits; a panicking holder does not poison it).
-pub async fn serial() -> tokio::sync::MutexGuard<'static, ()> {
-    static LOCK: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
-    LOCK.lock().await
+/// Root tests that build labs run one at a time within a test binary: the harness's one lock
+/// ([`crate::serial`]), taken from async tests (each test runs on its own thread and runtime,
+/// so blocking that thread while another test holds it is what serialising means).
+pub async fn serial() -> crate::env::SerialGuard {
+    crate::env::serial()
 }

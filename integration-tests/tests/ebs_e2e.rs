@@ -4,44 +4,22 @@
 //! credentials from the standard chain (environment), and `quiescectl backup --wait-complete`,
 //! `sets show`, `restore --attach` and `sets delete`. Prints the freeze-window breakdown.
 //!
-//! Needs root (loop devices, FIFREEZE) and python3 with moto; skips without them (fails
-//! under CI=true).
+//! Needs root (loop devices, FIFREEZE) and python3 with moto; fails without them (the
+//! harness's one skip policy).
 
 use std::io::{Read, Write};
-use std::net::{TcpListener, TcpStream};
-use std::path::{Path, PathBuf};
+use std::net::TcpStream;
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use aws_sdk_ec2::types::{InstanceType, Placement, VolumeType};
+use quiesce_integration_tests::{
+    FsKind, LoopFs, Need, ROOT, bin, free_port, require, run_with_timeout,
+};
 
-fn skip(why: &str) -> bool {
-    if std::env::var_os("CI").is_some() {
-        panic!("{why}");
-    }
-    eprintln!("skipping: {why}");
-    true
-}
-
-fn bin_dir() -> PathBuf {
-    if let Some(dir) = std::env::var_os("QUIESCE_BIN_DIR") {
-        return dir.into();
-    }
-    // target/debug/deps/ebs_e2e-… → target/debug
-    let exe = std::env::current_exe().unwrap();
-    exe.parent().unwrap().parent().unwrap().to_owned()
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
+/// Runs `cmd` (60 s at most), panicking with its output unless it succeeds.
 fn run(cmd: &mut Command) -> Output {
-    let out = cmd.output().unwrap();
+    let out = run_with_timeout(cmd, Duration::from_secs(60));
     assert!(
         out.status.success(),
         "{cmd:?}: {}\n{}",
@@ -49,51 +27,6 @@ fn run(cmd: &mut Command) -> Output {
         String::from_utf8_lossy(&out.stderr)
     );
     out
-}
-
-/// A loop-mounted ext4 made for this test. Drop thaws it first (ignoring errors), then
-/// unmounts and detaches.
-struct LoopFs {
-    mount: PathBuf,
-    device: String,
-}
-
-impl LoopFs {
-    fn new(dir: &Path, name: &str) -> LoopFs {
-        let image = dir.join(format!("{name}.img"));
-        let file = std::fs::File::create(&image).unwrap();
-        file.set_len(32 << 20).unwrap();
-        run(Command::new("mkfs.ext4").args(["-q", "-F"]).arg(&image));
-        let device = String::from_utf8(
-            run(Command::new("losetup")
-                .args(["--find", "--show"])
-                .arg(&image))
-            .stdout,
-        )
-        .unwrap()
-        .trim()
-        .to_owned();
-        let mount = dir.join(name);
-        std::fs::create_dir_all(&mount).unwrap();
-        let fs = LoopFs {
-            mount: mount.clone(),
-            device: device.clone(),
-        };
-        run(Command::new("mount").arg(&device).arg(&mount));
-        fs
-    }
-}
-
-impl Drop for LoopFs {
-    fn drop(&mut self) {
-        let _ = Command::new("fsfreeze")
-            .arg("-u")
-            .arg(&self.mount)
-            .stderr(Stdio::null())
-            .status();
-        let _ = Command::new("umount").arg(&self.mount).status();
-        let _ = Command::new("losetup").args(["-d", &self.device]).status();
-    }
 }
 
 /// A child process killed on drop.
@@ -166,23 +99,9 @@ async fn instance_with_volumes(ec2: &aws_sdk_ec2::Client) -> (String, Vec<String
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ebs_backup_with_real_agents_and_binaries_against_moto() {
-    if unsafe { libc::geteuid() } != 0 && skip("needs root") {
-        return;
-    }
-    let moto_ok = Command::new("python3")
-        .args(["-c", "import moto.server"])
-        .stderr(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success());
-    if !moto_ok && skip("needs python3 with moto[server]") {
-        return;
-    }
-    let bins = bin_dir();
-    if !bins.join("quiesce-agent").exists()
-        && skip("needs the binaries (cargo build --workspace --bins; QUIESCE_BIN_DIR)")
-    {
-        return;
-    }
+    let mut needs = ROOT.to_vec();
+    needs.push(Need::Moto);
+    require(&needs);
 
     let work = tempfile::Builder::new()
         .prefix("quiesce-ebs-e2e-")
@@ -194,7 +113,14 @@ async fn ebs_backup_with_real_agents_and_binaries_against_moto() {
         .unwrap();
     let fs: Vec<LoopFs> = ["db1-data", "db1-wal", "db2-data", "db2-wal"]
         .iter()
-        .map(|n| LoopFs::new(work.path(), n))
+        .map(|n| {
+            LoopFs::create(
+                &work.path().join(format!("{n}.img")),
+                32,
+                FsKind::Ext4,
+                &work.path().join(n),
+            )
+        })
         .collect();
 
     let moto_port = free_port();
@@ -254,15 +180,15 @@ mount = "{wal}"
 ebs-volume-id = "{vwal}"
 "#,
             state = state_dir.display(),
-            data = fs[2 * n].mount.display(),
-            wal = fs[2 * n + 1].mount.display(),
+            data = fs[2 * n].mount_point().display(),
+            wal = fs[2 * n + 1].mount_point().display(),
             vdata = volumes[0],
             vwal = volumes[1],
         );
         let path = work.path().join(format!("agent{}.toml", n + 1));
         std::fs::write(&path, config).unwrap();
         procs.push(Proc(
-            Command::new(bins.join("quiesce-agent"))
+            Command::new(bin("quiesce-agent"))
                 .args(["run", "--insecure", "--config"])
                 .arg(&path)
                 .stdout(Stdio::null())
@@ -304,15 +230,15 @@ mounts = ["{m3}", "{m4}"]
         catalog = work.path().join("catalog.sqlite").display(),
         a1 = agent_ports[0],
         a2 = agent_ports[1],
-        m1 = fs[0].mount.display(),
-        m2 = fs[1].mount.display(),
-        m3 = fs[2].mount.display(),
-        m4 = fs[3].mount.display(),
+        m1 = fs[0].mount_point().display(),
+        m2 = fs[1].mount_point().display(),
+        m3 = fs[2].mount_point().display(),
+        m4 = fs[3].mount_point().display(),
     );
     let coord_config = work.path().join("coordinator.toml");
     std::fs::write(&coord_config, config).unwrap();
     procs.push(Proc(
-        Command::new(bins.join("quiesce-coordinator"))
+        Command::new(bin("quiesce-coordinator"))
             .args(["run", "--insecure", "--config"])
             .arg(&coord_config)
             .env("AWS_ACCESS_KEY_ID", "testing")
@@ -329,7 +255,7 @@ mounts = ["{m3}", "{m4}"]
         wait_port(*port);
     }
     let ctl = |args: &[&str]| {
-        let mut cmd = Command::new(bins.join("quiescectl"));
+        let mut cmd = Command::new(bin("quiescectl"));
         cmd.args(["--insecure", "--endpoint"])
             .arg(format!("http://127.0.0.1:{coord_port}"))
             .args(args);

@@ -9,7 +9,7 @@
 
 use std::collections::HashMap;
 use std::io::{Read, Write};
-use std::net::{TcpListener, TcpStream};
+use std::net::TcpStream;
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -23,6 +23,7 @@ use quiesce_coordinator::ebs::sdk::SdkEc2;
 use quiesce_coordinator::ebs::{EbsProvider, tags};
 use quiesce_coordinator::fake_agent::FakeAgent;
 use quiesce_coordinator::workflow::Coordinator;
+use quiesce_integration_tests::{Need, free_port, require};
 use quiesce_proto::coordinator::v1 as pb;
 
 /// moto_server on a free 127.0.0.1 port, killed on drop.
@@ -38,28 +39,10 @@ impl Drop for Moto {
     }
 }
 
-fn moto_available() -> bool {
-    Command::new("python3")
-        .args(["-c", "import moto.server"])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success())
-}
-
-fn start_moto() -> Option<Moto> {
-    if !moto_available() {
-        if std::env::var_os("CI").is_some() {
-            panic!("moto is not installed (scripts/test installs it)");
-        }
-        eprintln!("skipping: needs python3 with moto[server] (pip install 'moto[server]')");
-        return None;
-    }
-    let port = TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+/// moto_server on a free port, once it answers. Fails (never skips) without moto.
+fn start_moto() -> Moto {
+    require(&[Need::Moto]);
+    let port = free_port();
     let child = Command::new("python3")
         .args([
             "-m",
@@ -83,7 +66,7 @@ fn start_moto() -> Option<Moto> {
         assert!(Instant::now() < deadline, "moto_server did not start");
         std::thread::sleep(Duration::from_millis(100));
     }
-    Some(moto)
+    moto
 }
 
 fn http_post(port: u16, path: &str) -> std::io::Result<String> {
@@ -183,9 +166,7 @@ fn phase_at(set: &pb::SnapshotSet, phase: &str) -> u64 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ebs_sets_against_moto_capture_only_the_group_tagged_then_restore_and_delete() {
-    let Some(moto) = start_moto() else {
-        return;
-    };
+    let moto = start_moto();
     let config = Arc::new(config(&moto.endpoint));
     assert_eq!(config.problems(true), Vec::<String>::new());
     let ebs_config = config.group("pg").unwrap().ebs.clone().unwrap();

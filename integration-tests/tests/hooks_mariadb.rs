@@ -261,7 +261,7 @@ async fn mariadb_sets_under_load_restore_consistent_and_a_long_statement_fails_c
     ) {
         return;
     }
-    let mut lab = Lab::new("maria");
+    let mut lab = Lab::new("maria", POOL_MB);
     let data = lab.volume("mdata", 256);
     let binlog = lab.volume("mbinlog", 128);
     let datadir = data.join("db");

@@ -315,7 +315,7 @@ async fn postgres_sets_under_load_restore_consistent_and_every_failure_is_clean(
     ) {
         return;
     }
-    let mut lab = Lab::new("pg");
+    let mut lab = Lab::new("pg", POOL_MB);
     let data = lab.volume("data", 256);
     let wal = lab.volume("wal", 384);
     let ts = lab.volume("ts", 128);

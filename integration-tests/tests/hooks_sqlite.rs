@@ -106,7 +106,7 @@ async fn sqlite_sets_under_load_restore_consistent_and_outside_paths_are_refused
     if !can_run("sqlite hooks", &["mkfs.xfs", "mkfs.ext4", "fsfreeze"]) {
         return;
     }
-    let mut lab = Lab::new("sqlite");
+    let mut lab = Lab::new("sqlite", POOL_MB);
     let data = lab.volume("sdata", 64);
     let other = lab.volume("sother", 32);
     let db = data.join("app.db");

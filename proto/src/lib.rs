@@ -5,6 +5,7 @@ pub mod identity;
 pub mod metrics_http;
 pub mod systemd;
 pub mod tls;
+pub mod tls_client;
 pub mod tls_reload;
 
 /// `quiesce.agent.v1`: the coordinator drives agents on database hosts.

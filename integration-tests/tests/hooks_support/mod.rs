@@ -2,8 +2,9 @@
 //! coordinator in one process (the real FreezeManager with real FIFREEZE, hooks and reflink
 //! provider; the real workflow and catalog; no network), and restores of a set's images.
 //!
-//! Safety: every volume is a loop-mounted ext4 made here under /var/tmp. The `Lab` guard
-//! thaws (`fsfreeze -u`) every volume before unmounting it, on success, failure and panic.
+//! Safety: every volume is a loop-mounted ext4 made by the harness's [`Lab`] under /var/tmp,
+//! whose guard thaws (`fsfreeze -u`) every volume before unmounting it, on success, failure
+//! and panic.
 #![allow(dead_code)]
 
 use std::collections::HashMap;
@@ -22,157 +23,35 @@ use quiesce_coordinator::agent_client::AgentClient;
 use quiesce_coordinator::catalog::Catalog;
 use quiesce_coordinator::config::Config as CoordinatorConfig;
 use quiesce_coordinator::workflow::Coordinator;
+use quiesce_integration_tests::env::{Need, quiet, require, sh};
+pub use quiesce_integration_tests::multihost::Lab;
 use quiesce_proto::agent::v1 as pb;
 use quiesce_proto::agent::v1::agent_server::Agent;
 use quiesce_proto::coordinator::v1::SnapshotSet;
 use tonic::{Request, Status};
 
-/// `true` when the test can run; prints why not otherwise (panics under CI).
-pub fn can_run(what: &str, tools: &[&str]) -> bool {
-    // SAFETY: geteuid has no preconditions and cannot fail.
-    let root = unsafe { libc::geteuid() } == 0;
-    let missing: Vec<&str> = tools
-        .iter()
-        .copied()
-        .filter(|tool| !Path::new(tool).exists() && which(tool).is_none())
-        .collect();
-    if root && missing.is_empty() && Path::new("/dev/loop-control").exists() {
-        return true;
-    }
-    let why = if !root {
-        "needs root".to_string()
-    } else {
-        format!("needs {}", missing.join(", "))
-    };
-    if std::env::var_os("CI").is_some() {
-        panic!("{what}: {why}");
-    }
-    eprintln!("skipping {what}: {why}");
-    false
-}
-
-pub fn which(tool: &str) -> Option<PathBuf> {
-    std::env::var_os("PATH").and_then(|paths| {
-        std::env::split_paths(&paths)
-            .map(|dir| dir.join(tool))
-            .find(|p| p.is_file())
-    })
+/// The one skip policy ([`quiesce_integration_tests::require`]): fails, naming what is
+/// missing, unless this is root with loop devices and every tool in `tools` (names or paths).
+/// Returns `true` (old call sites write `if !can_run(..) { return; }`); never `false`.
+pub fn can_run(_what: &str, tools: &[&str]) -> bool {
+    let mut needs: Vec<Need<'_>> = vec![Need::Root, Need::LoopDevices];
+    needs.extend(tools.iter().map(|tool| Need::Tool(tool)));
+    require(&needs);
+    true
 }
 
 /// Runs a command, panicking with its output when it fails.
 pub fn run(program: &str, args: &[&str]) -> String {
-    let out = Command::new(program)
-        .args(args)
-        .output()
-        .unwrap_or_else(|e| panic!("{program}: {e}"));
-    if !out.status.success() {
-        panic!(
-            "{program} {args:?} failed ({}): {}{}",
-            out.status,
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-    String::from_utf8_lossy(&out.stdout).into_owned()
+    sh(program, args)
 }
 
 /// Runs a command, returning whether it succeeded (output discarded).
 pub fn try_run(program: &str, args: &[&str]) -> bool {
-    Command::new(program)
-        .args(args)
-        .output()
-        .map(|o| o.status.success())
-        .unwrap_or(false)
+    quiet(Command::new(program).args(args))
 }
 
-/// Loop volumes (ext4) whose images live in an XFS pool with reflink, all under one directory
-/// of /var/tmp. Dropping it thaws, unmounts and removes everything.
-pub struct Lab {
-    pub dir: PathBuf,
-    pub pool: PathBuf,
-    mounts: Vec<PathBuf>,
-}
-
-impl Lab {
-    pub fn new(name: &str) -> Lab {
-        let dir = PathBuf::from(format!(
-            "/var/tmp/quiesce-hooks-{name}-{}",
-            std::process::id()
-        ));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        let pool = dir.join("pool");
-        std::fs::create_dir_all(&pool).unwrap();
-        let image = dir.join("pool.img");
-        run("truncate", &["-s", "6G", image.to_str().unwrap()]);
-        run(
-            "mkfs.xfs",
-            &["-q", "-m", "reflink=1", image.to_str().unwrap()],
-        );
-        run(
-            "mount",
-            &[
-                "-o",
-                "loop",
-                image.to_str().unwrap(),
-                pool.to_str().unwrap(),
-            ],
-        );
-        std::fs::create_dir_all(pool.join("images")).unwrap();
-        Lab {
-            dir,
-            pool: pool.clone(),
-            mounts: vec![pool],
-        }
-    }
-
-    /// A new ext4 volume of `size_mb` MiB mounted at `DIR/mnt/NAME`.
-    pub fn volume(&mut self, name: &str, size_mb: u64) -> PathBuf {
-        let image = self.pool.join("images").join(format!("{name}.img"));
-        run(
-            "truncate",
-            &["-s", &format!("{size_mb}M"), image.to_str().unwrap()],
-        );
-        run("mkfs.ext4", &["-q", "-F", image.to_str().unwrap()]);
-        let mount = self.dir.join("mnt").join(name);
-        self.mount_image(&image, &mount);
-        mount
-    }
-
-    pub fn mount_image(&mut self, image: &Path, at: &Path) {
-        std::fs::create_dir_all(at).unwrap();
-        run(
-            "mount",
-            &["-o", "loop", image.to_str().unwrap(), at.to_str().unwrap()],
-        );
-        self.mounts.push(at.to_owned());
-    }
-
-    /// Thaws (harmless when not frozen) and unmounts.
-    pub fn unmount(&mut self, at: &Path) {
-        let _ = Command::new("fsfreeze").args(["-u"]).arg(at).output();
-        let ok = try_run("umount", &[at.to_str().unwrap()]);
-        if !ok {
-            let _ = try_run("umount", &["-l", at.to_str().unwrap()]);
-        }
-        self.mounts.retain(|m| m != at);
-    }
-}
-
-impl Drop for Lab {
-    fn drop(&mut self) {
-        // Thaw everything first (a panic may have left a volume frozen), then unmount.
-        for mount in self.mounts.iter().rev() {
-            let _ = Command::new("fsfreeze").args(["-u"]).arg(mount).output();
-        }
-        for mount in self.mounts.clone().iter().rev() {
-            if !try_run("umount", &[mount.to_str().unwrap()]) {
-                let _ = try_run("umount", &["-l", mount.to_str().unwrap()]);
-            }
-        }
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
+/// Size of the hooks tests' reflink pool (sparse).
+pub const POOL_MB: u64 = 6144;
 
 /// The agent (in process, real freezer and hooks) and a coordinator that calls it directly.
 pub struct Stack {
