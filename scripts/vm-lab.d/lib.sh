@@ -168,7 +168,7 @@ lab_boot() {
     for name in "${VMS[@]}"; do vm_start "$name"; done
     for name in "${VMS[@]}"; do
         t=$(now_ms)
-        "$QGA" "$LAB_RUN/$name/qga.sock" ping 300 ||
+        "$QGA" "$LAB_RUN/$name/qga.sock" ping "${VM_LAB_BOOT_TIMEOUT:-600}" ||
             { kill -0 "${VM_PID[$name]}" 2>/dev/null || cat "$LAB_RUN/$name/qemu.log" >&2; fail "$name did not boot"; }
         # multi-user reached (degraded is fine: a masked unit counts as failed for some checks).
         "$QGA" "$LAB_RUN/$name/qga.sock" exec 300 \
@@ -193,8 +193,8 @@ on() {
     cat "$err" >&2
     rm -f "$err"
 }
-# try VM SCRIPT [TIMEOUT]: like on, but returns the exit status (stderr on ours).
-try() { "$QGA" "$LAB_RUN/$1/qga.sock" exec "${3:-180}" ". /lab/guest.sh; $2"; }
+# try VM SCRIPT [TIMEOUT]: like on (errexit on), but returns the exit status (stderr on ours).
+try() { "$QGA" "$LAB_RUN/$1/qga.sock" exec "${3:-180}" "set -e; . /lab/guest.sh; $2"; }
 # put VM FILE MODE [OWNER]: our stdin into FILE in VM.
 put() { "$QGA" "$LAB_RUN/$1/qga.sock" exec 60 "install -D -m $3 ${4:+-o ${4%%:*} -g ${4##*:}} /dev/stdin '$2'" - ||
     fail "cannot write $2 in $1"; }
