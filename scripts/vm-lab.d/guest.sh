@@ -115,3 +115,11 @@ writer() { # HOST1 HOST2
         psql -X -q -h "$2" -U postgres -d postgres -c "INSERT INTO seq VALUES ($n)" || return 1
     done
 }
+
+# reach HOST: HOST answers on the lab network (a TCP connection to port 9 is refused or
+# accepted within 3 s); fails on a timeout or no route. The image has no ping.
+reach() {
+    local out
+    out=$(timeout 3 bash -c "exec 3<>/dev/tcp/$1/9" 2>&1) && return 0
+    [[ $out == *"Connection refused"* ]]
+}
