@@ -123,3 +123,8 @@ reach() {
     out=$(timeout 3 bash -c "exec 3<>/dev/tcp/$1/9" 2>&1) && return 0
     [[ $out == *"Connection refused"* ]]
 }
+
+# not CMD...: fails when CMD succeeds (unlike `! CMD`, which errexit ignores).
+not() { if "$@"; then return 1; fi; }
+# rows_at HOST MIN: table seq on HOST has more than MIN rows.
+rows_at() { test "$(psql -X -At -h "$1" -U postgres -d postgres -c 'SELECT count(*) FROM seq')" -gt "$2"; }

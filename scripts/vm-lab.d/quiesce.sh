@@ -59,7 +59,7 @@ q_enrol() { # AGENT: its pair from coord's CA dir into /etc/quiesce/tls, replace
 
 # q_volumes VM: the pool on /dev/vdb and two volumes, /srv/data and /srv/wal.
 q_volumes() {
-    on "$1" 'pool /dev/vdb /pool && volume /pool data 192M /srv/data && volume /pool wal 96M /srv/wal'
+    on "$1" 'pool /dev/vdb /pool; volume /pool data 192M /srv/data; volume /pool wal 96M /srv/wal'
 }
 
 # q_agent_config VM [HOOKS]: the installed agent.toml, edited: the two volumes, and HOOKS
@@ -138,11 +138,16 @@ q_enable() {
 
 # q_backup_bg: starts `quiescectl backup bank --json` on coord; prints the guest pid.
 q_backup_bg() { bg coord "$QCTL backup bank --json >/tmp/backup.json 2>/tmp/backup.err; echo \$? >/tmp/backup.rc"; }
-# q_set_state: state and id of the last backup, and the exit status ("STATE ID RC").
+# q_set_state: state and id of the last backup, and its exit status ("STATE ID RC").
 q_set_state() {
-    on coord 'rc=$(cat /tmp/backup.rc); s=$(sed -n "s/.*\"state\": *\"\([a-z]*\)\".*/\1/p" /tmp/backup.json | head -n1)
-        id=$(sed -n "s/.*\"id\": *\"\([^\"]*\)\".*/\1/p" /tmp/backup.json | head -n1)
-        echo "${s:-none} ${id:-none} $rc"'
+    on coord 'echo "$(cat /tmp/backup.rc)"; cat /tmp/backup.json' | python3 -c '
+import json, sys
+rc = sys.stdin.readline().strip()
+try:
+    s = json.load(sys.stdin)
+except ValueError:
+    s = {}
+print(s.get("state") or "none", s.get("id") or "none", rc or "none")'
 }
 q_backup() { # a consistent set, its id printed
     local pid st
