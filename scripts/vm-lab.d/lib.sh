@@ -172,7 +172,9 @@ lab_boot() {
             { kill -0 "${VM_PID[$name]}" 2>/dev/null || cat "$LAB_RUN/$name/qemu.log" >&2; fail "$name did not boot"; }
         # multi-user reached (degraded is fine: a masked unit counts as failed for some checks).
         "$QGA" "$LAB_RUN/$name/qga.sock" exec 300 \
-            'systemctl is-system-running --wait >/dev/null || true; mountpoint -q /lab || mount /lab' ||
+            'systemctl is-system-running --wait >/dev/null || true; mountpoint -q /lab || mount /lab
+             # On a loaded host udev can announce eth0 after lab-net gave up waiting for it.
+             udevadm settle -t 120; ip -4 -o addr show dev eth0 | grep -q inet || /usr/local/sbin/lab-net' ||
             fail "$name: no /lab share"
         log "$name up (${VM_IP[$name]}, after $(($(now_ms) - t)) ms more): $(on "$name" 'uname -r; systemctl --version | head -n1' | tr '\n' ' ')"
     done
