@@ -955,6 +955,7 @@ mod tests {
             FreezeEnd::Shutdown,
             FreezeEnd::ExternalThaw,
             FreezeEnd::UnknownSet,
+            FreezeEnd::Guardian,
         ];
         // Exhaustive: a new variant fails to compile here until it is listed above.
         for end in all {
@@ -964,7 +965,8 @@ mod tests {
                 | FreezeEnd::MaxFreeze
                 | FreezeEnd::Shutdown
                 | FreezeEnd::ExternalThaw
-                | FreezeEnd::UnknownSet => {}
+                | FreezeEnd::UnknownSet
+                | FreezeEnd::Guardian => {}
             }
         }
         let names: Vec<&str> = all.iter().map(|e| e.as_str()).collect();

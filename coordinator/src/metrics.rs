@@ -219,21 +219,25 @@ impl Metrics {
         for g in &config.groups {
             let name = g.name.as_str();
             for state in FINISHED_STATES {
-                self.finished
-                    .get_or_create(&labels(&[("group", name), ("state", state)]));
+                drop(
+                    self.finished
+                        .get_or_create(&labels(&[("group", name), ("state", state)])),
+                );
             }
-            self.over_budget.get_or_create(&group(name));
-            self.expired.get_or_create(&group(name));
-            self.freeze_window.get_or_create(&group(name));
-            self.last_freeze_window.get_or_create(&group(name));
+            drop(self.over_budget.get_or_create(&group(name)));
+            drop(self.expired.get_or_create(&group(name)));
+            drop(self.freeze_window.get_or_create(&group(name)));
+            drop(self.last_freeze_window.get_or_create(&group(name)));
             for phase in PHASES {
-                self.phase_duration
-                    .get_or_create(&labels(&[("group", name), ("phase", phase)]));
+                drop(
+                    self.phase_duration
+                        .get_or_create(&labels(&[("group", name), ("phase", phase)])),
+                );
             }
             for member in &g.members {
                 let host = labels(&[("group", name), ("host", &member.agent)]);
-                self.host_stall.get_or_create(&host);
-                self.host_last_stall.get_or_create(&host);
+                drop(self.host_stall.get_or_create(&host));
+                drop(self.host_last_stall.get_or_create(&host));
             }
             self.freeze_budget
                 .get_or_create(&group(name))
@@ -242,8 +246,10 @@ impl Metrics {
         }
         self.refresh_set_counts(config, &[]);
         for agent in &config.agents {
-            self.agent_reachable
-                .get_or_create(&labels(&[("agent", &agent.name)]));
+            drop(
+                self.agent_reachable
+                    .get_or_create(&labels(&[("agent", &agent.name)])),
+            );
         }
     }
 
@@ -309,8 +315,10 @@ impl Metrics {
         self.sets.clear();
         for g in &config.groups {
             for state in SET_STATES {
-                self.sets
-                    .get_or_create(&labels(&[("group", &g.name), ("state", state)]));
+                drop(
+                    self.sets
+                        .get_or_create(&labels(&[("group", &g.name), ("state", state)])),
+                );
             }
         }
         for (group_name, state, count) in counts {

@@ -26,13 +26,14 @@ const PHASES: [&str; 6] = [
     "thawing",
     "aborting",
 ];
-const FREEZE_ENDS: [&str; 6] = [
+const FREEZE_ENDS: [&str; 7] = [
     "thawed",
     "lease-expired",
     "max-freeze",
     "shutdown",
     "external-thaw",
     "unknown-set",
+    "guardian",
 ];
 /// Names the rules use for the verify feature, which does not export them yet.
 const RESERVED_FOR_VERIFY: [&str; 2] = [
