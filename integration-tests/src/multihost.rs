@@ -12,6 +12,7 @@
 
 use std::fs;
 use std::net::{Ipv4Addr, SocketAddr};
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -205,6 +206,9 @@ impl Lab {
     /// for agent state, under a fresh `/var/tmp/qmh-<tag>.XXXX`.
     pub fn new(tag: &str, pool_mb: u64) -> Lab {
         let dir = PathBuf::from(sh("mktemp", &["-d", &format!("/var/tmp/qmh-{tag}.XXXX")]).trim());
+        // mktemp makes it 0700: database servers run as their own users (mysql, postgres)
+        // and must be able to reach their data directories below it.
+        fs::set_permissions(&dir, fs::Permissions::from_mode(0o755)).unwrap();
         let pool = dir.join("pool");
         let run = dir.join("run");
         let pool_fs = LoopFs::create(&dir.join("pool.img"), pool_mb, FsKind::XfsReflink, &pool);
