@@ -16,25 +16,11 @@ use quiesce_integration_tests::find_tool;
 use quiesce_integration_tests::multihost::{Proc, bin, free_port, scrape};
 
 const GROUPS: [&str; 2] = ["billing", "orders"];
-const SET_STATES: [&str; 3] = ["running", "consistent", "failed"];
-const FINISHED_STATES: [&str; 2] = ["consistent", "failed"];
-const PHASES: [&str; 6] = [
-    "planning",
-    "preparing",
-    "freezing",
-    "snapshotting",
-    "thawing",
-    "aborting",
-];
-const FREEZE_ENDS: [&str; 7] = [
-    "thawed",
-    "lease-expired",
-    "max-freeze",
-    "shutdown",
-    "external-thaw",
-    "unknown-set",
-    "guardian",
-];
+// The label values the daemons promise a series for, from their own lists (freeze.rs keeps the
+// agent's in step with `FreezeEnd`); the scrapes below prove each one is exported at zero.
+use quiesce_agent::metrics::FREEZE_ENDS;
+use quiesce_coordinator::metrics::{FINISHED_STATES, PHASES, SET_STATES};
+
 /// Names the rules use for the verify feature, which does not export them yet.
 const RESERVED_FOR_VERIFY: [&str; 2] = [
     "quiesce_verifications_total",
