@@ -8,7 +8,7 @@ use std::path::Path;
 use std::sync::Mutex;
 
 use quiesce_proto::coordinator::v1::{
-    HookValue, PhaseMark, SetHookOutput, SetHost, SetVolume, SnapshotSet,
+    HookValue, PendingRemoval, PhaseMark, SetHookOutput, SetHost, SetVolume, SnapshotSet,
 };
 use rusqlite::{Connection, OptionalExtension, params};
 
@@ -105,6 +105,27 @@ ALTER TABLE set_volumes ADD COLUMN ebs_volume_id TEXT NOT NULL DEFAULT '';
 ALTER TABLE set_volumes ADD COLUMN instance_id TEXT NOT NULL DEFAULT '';
 ALTER TABLE set_volumes ADD COLUMN snapshot_state TEXT NOT NULL DEFAULT '';
 ALTER TABLE set_volumes ADD COLUMN snapshot_progress INTEGER NOT NULL DEFAULT 0;
+"#,
+    // 5: leftovers the reconciler removes (failed sets, deleted sets), what says a member
+    // thawed, and sets whose deletion waits for their leftovers.
+    r#"
+ALTER TABLE set_hosts ADD COLUMN lease_sent_at_ms INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE set_hosts ADD COLUMN lease_bound_at_ms INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE set_hosts ADD COLUMN thaw_evidence INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE sets ADD COLUMN delete_requested INTEGER NOT NULL DEFAULT 0;
+CREATE TABLE pending_removals (
+    set_id             TEXT NOT NULL REFERENCES sets (id) ON DELETE CASCADE,
+    agent              TEXT NOT NULL,
+    -- JSON array of snapshot ids known to exist; [] for everything of the set on the agent.
+    snapshot_ids       TEXT NOT NULL DEFAULT '[]',
+    since_ms           INTEGER NOT NULL,
+    attempts           INTEGER NOT NULL DEFAULT 0,
+    last_attempt_at_ms INTEGER NOT NULL DEFAULT 0,
+    next_attempt_at_ms INTEGER NOT NULL DEFAULT 0,
+    last_error         TEXT NOT NULL DEFAULT '',
+    thaw_unconfirmed   INTEGER NOT NULL DEFAULT 0,
+    PRIMARY KEY (set_id, agent)
+);
 "#,
 ];
 
@@ -628,6 +649,138 @@ impl Catalog {
         })
     }
 
+    /// Hands a set's leftovers on `agent` to the reconciler (due at once). An existing entry is
+    /// widened: to every snapshot of the set when either asks for that, and it keeps an
+    /// unconfirmed thaw.
+    pub fn add_pending_removal(
+        &self,
+        set_id: &str,
+        agent: &str,
+        snapshot_ids: &[String],
+        thaw_unconfirmed: bool,
+        now_ms: u64,
+    ) -> Result<(), CatalogError> {
+        let ids = serde_json::to_string(snapshot_ids).expect("strings serialise");
+        self.with(|conn| {
+            conn.execute(
+                "INSERT INTO pending_removals (set_id, agent, snapshot_ids, since_ms,
+                    next_attempt_at_ms, thaw_unconfirmed)
+                 VALUES (?1, ?2, ?3, ?4, ?4, ?5)
+                 ON CONFLICT (set_id, agent) DO UPDATE SET
+                    snapshot_ids = CASE WHEN snapshot_ids = '[]' OR excluded.snapshot_ids = '[]'
+                        THEN '[]' ELSE excluded.snapshot_ids END,
+                    thaw_unconfirmed = thaw_unconfirmed OR excluded.thaw_unconfirmed,
+                    next_attempt_at_ms = excluded.next_attempt_at_ms",
+                params![set_id, agent, ids, now_ms as i64, thaw_unconfirmed],
+            )?;
+            Ok(())
+        })
+    }
+
+    /// Pending removals due by `now_ms`, of sets that are no longer running (a running set's
+    /// own run, or recovery, handles its leftovers first).
+    pub fn due_removals(&self, now_ms: u64) -> Result<Vec<Pending>, CatalogError> {
+        self.with(|conn| {
+            pending_where(
+                conn,
+                "WHERE next_attempt_at_ms <= ?1
+                   AND set_id IN (SELECT id FROM sets WHERE state != 'running')",
+                [now_ms as i64],
+            )
+        })
+    }
+
+    /// Every pending removal of one set (`""`: of every set).
+    pub fn pending_removals(&self, set_id: &str) -> Result<Vec<Pending>, CatalogError> {
+        self.with(|conn| pending_where(conn, "WHERE ?1 = '' OR set_id = ?1", [set_id]))
+    }
+
+    /// The reconciler's attempt failed: when to try again and why it did not finish.
+    pub fn removal_retry(
+        &self,
+        set_id: &str,
+        agent: &str,
+        at_ms: u64,
+        next_ms: u64,
+        error: &str,
+    ) -> Result<(), CatalogError> {
+        self.with(|conn| {
+            conn.execute(
+                "UPDATE pending_removals SET attempts = attempts + 1, last_attempt_at_ms = ?3,
+                    next_attempt_at_ms = ?4, last_error = ?5
+                 WHERE set_id = ?1 AND agent = ?2",
+                params![set_id, agent, at_ms as i64, next_ms as i64, error],
+            )?;
+            Ok(())
+        })
+    }
+
+    /// The member's thaw is confirmed (a late report arrived): later attempts only remove.
+    pub fn removal_thaw_confirmed(&self, set_id: &str, agent: &str) -> Result<(), CatalogError> {
+        self.with(|conn| {
+            conn.execute(
+                "UPDATE pending_removals SET thaw_unconfirmed = 0 WHERE set_id = ?1 AND agent = ?2",
+                params![set_id, agent],
+            )?;
+            Ok(())
+        })
+    }
+
+    /// Everything of the set is gone from `agent`. Returns `true` when the set itself was
+    /// forgotten too: its deletion was requested and this was its last pending removal.
+    pub fn removal_done(&self, set_id: &str, agent: &str) -> Result<bool, CatalogError> {
+        self.with(|conn| {
+            let tx = conn.transaction()?;
+            tx.execute(
+                "DELETE FROM pending_removals WHERE set_id = ?1 AND agent = ?2",
+                params![set_id, agent],
+            )?;
+            let forgotten = tx.execute(
+                "DELETE FROM sets WHERE id = ?1 AND delete_requested = 1
+                   AND NOT EXISTS (SELECT 1 FROM pending_removals WHERE set_id = ?1)",
+                [set_id],
+            )? > 0;
+            tx.commit()?;
+            Ok(forgotten)
+        })
+    }
+
+    /// An operator (or retention) asked for the set to go: it is forgotten once its last
+    /// pending removal is done.
+    pub fn request_delete(&self, id: &str) -> Result<(), CatalogError> {
+        self.with(|conn| {
+            conn.execute("UPDATE sets SET delete_requested = 1 WHERE id = ?1", [id])?;
+            Ok(())
+        })
+    }
+
+    /// Pending removals per agent (metric `quiesce_pending_removals`).
+    pub fn pending_counts(&self) -> Result<Vec<(String, u64)>, CatalogError> {
+        self.with(|conn| {
+            let mut stmt =
+                conn.prepare("SELECT agent, COUNT(*) FROM pending_removals GROUP BY agent")?;
+            let rows = stmt
+                .query_map([], |row| Ok((row.get(0)?, row.get::<_, i64>(1)? as u64)))?
+                .collect::<Result<_, _>>()?;
+            Ok(rows)
+        })
+    }
+
+    /// Updates the figures of one member host (a late thaw report) and the set's longest
+    /// stall, in one transaction.
+    pub fn update_host_report(&self, id: &str, host: &SetHost) -> Result<(), CatalogError> {
+        self.with(|conn| {
+            let tx = conn.transaction()?;
+            write_host(&tx, id, host)?;
+            tx.execute(
+                "UPDATE sets SET max_write_stall_ms = MAX(max_write_stall_ms, ?2) WHERE id = ?1",
+                params![id, host.write_stall_ms as i64],
+            )?;
+            tx.commit()?;
+            Ok(())
+        })
+    }
+
     pub fn delete(&self, id: &str) -> Result<bool, CatalogError> {
         self.with(|conn| Ok(conn.execute("DELETE FROM sets WHERE id = ?1", [id])? > 0))
     }
@@ -653,7 +806,8 @@ fn write_host(conn: &Connection, id: &str, host: &SetHost) -> Result<(), Catalog
             frozen_at_ms = ?6, thawed_at_ms = ?7, held_continuously = ?8,
             freeze_end = ?9, write_stall_ms = ?10, freeze_sent_at_ms = ?11,
             freeze_acked_at_ms = ?12, snapshot_started_at_ms = ?13,
-            snapshot_returned_at_ms = ?14, thaw_sent_at_ms = ?15
+            snapshot_returned_at_ms = ?14, thaw_sent_at_ms = ?15, lease_sent_at_ms = ?16,
+            lease_bound_at_ms = ?17, thaw_evidence = ?18
          WHERE set_id = ?1 AND agent = ?2",
         params![
             id,
@@ -670,7 +824,10 @@ fn write_host(conn: &Connection, id: &str, host: &SetHost) -> Result<(), Catalog
             host.freeze_acked_at_ms as i64,
             host.snapshot_started_at_ms as i64,
             host.snapshot_returned_at_ms as i64,
-            host.thaw_sent_at_ms as i64
+            host.thaw_sent_at_ms as i64,
+            host.lease_sent_at_ms as i64,
+            host.lease_bound_at_ms as i64,
+            host.thaw_evidence
         ],
     )?;
     Ok(())
@@ -733,6 +890,7 @@ fn set_from_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<SnapshotSet> {
         volumes: Vec::new(),
         phases: Vec::new(),
         hook_outputs: Vec::new(),
+        pending_removals: Vec::new(),
     })
 }
 
@@ -740,7 +898,8 @@ fn load_members(conn: &Connection, mut set: SnapshotSet) -> Result<SnapshotSet, 
     let mut stmt = conn.prepare_cached(
         "SELECT agent, state, error, freeze_started_at_ms, frozen_at_ms, thawed_at_ms,
             held_continuously, freeze_end, write_stall_ms, freeze_sent_at_ms, freeze_acked_at_ms,
-            snapshot_started_at_ms, snapshot_returned_at_ms, thaw_sent_at_ms
+            snapshot_started_at_ms, snapshot_returned_at_ms, thaw_sent_at_ms, lease_sent_at_ms,
+            lease_bound_at_ms, thaw_evidence
          FROM set_hosts WHERE set_id = ?1 ORDER BY agent",
     )?;
     set.hosts = stmt
@@ -760,6 +919,9 @@ fn load_members(conn: &Connection, mut set: SnapshotSet) -> Result<SnapshotSet, 
                 snapshot_started_at_ms: row.get::<_, i64>(11)? as u64,
                 snapshot_returned_at_ms: row.get::<_, i64>(12)? as u64,
                 thaw_sent_at_ms: row.get::<_, i64>(13)? as u64,
+                lease_sent_at_ms: row.get::<_, i64>(14)? as u64,
+                lease_bound_at_ms: row.get::<_, i64>(15)? as u64,
+                thaw_evidence: row.get(16)?,
             })
         })?
         .collect::<Result<_, _>>()?;
@@ -826,7 +988,57 @@ fn load_members(conn: &Connection, mut set: SnapshotSet) -> Result<SnapshotSet, 
             })
         })?
         .collect::<Result<_, _>>()?;
+    set.pending_removals = pending_where(conn, "WHERE set_id = ?1", [&set.id])?
+        .into_iter()
+        .map(|p| p.status)
+        .collect();
     Ok(set)
+}
+
+/// One pending removal as the reconciler works on it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Pending {
+    pub status: PendingRemoval,
+    /// Known snapshot ids on that agent; empty for everything of the set there.
+    pub snapshot_ids: Vec<String>,
+}
+
+fn pending_where(
+    conn: &Connection,
+    clause: &str,
+    params: impl rusqlite::Params,
+) -> Result<Vec<Pending>, CatalogError> {
+    let mut stmt = conn.prepare_cached(&format!(
+        "SELECT set_id, agent, snapshot_ids, since_ms, attempts, last_attempt_at_ms,
+            next_attempt_at_ms, last_error, thaw_unconfirmed
+         FROM pending_removals {clause} ORDER BY since_ms, set_id, agent"
+    ))?;
+    let rows = stmt
+        .query_map(params, |row| {
+            let ids: String = row.get(2)?;
+            let snapshot_ids: Vec<String> = serde_json::from_str(&ids).map_err(|e| {
+                rusqlite::Error::FromSqlConversionFailure(
+                    2,
+                    rusqlite::types::Type::Text,
+                    Box::new(e),
+                )
+            })?;
+            Ok(Pending {
+                status: PendingRemoval {
+                    set_id: row.get(0)?,
+                    agent: row.get(1)?,
+                    since_ms: row.get::<_, i64>(3)? as u64,
+                    attempts: row.get::<_, i64>(4)? as u32,
+                    last_attempt_at_ms: row.get::<_, i64>(5)? as u64,
+                    next_attempt_at_ms: row.get::<_, i64>(6)? as u64,
+                    last_error: row.get(7)?,
+                    thaw_unconfirmed: row.get(8)?,
+                },
+                snapshot_ids,
+            })
+        })?
+        .collect::<Result<_, _>>()?;
+    Ok(rows)
 }
 
 #[cfg(test)]

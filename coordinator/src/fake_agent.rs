@@ -314,9 +314,10 @@ impl AgentClient for FakeAgent {
             req.snapshot_ids
         };
         let deleted = ids.len() as u32;
-        state.deleted.extend(ids);
+        state.deleted.extend(ids.iter().cloned());
         Ok(pb::DeleteSnapshotsResponse {
             deleted,
+            removed: ids,
             ..Default::default()
         })
     }

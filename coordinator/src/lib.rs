@@ -16,6 +16,7 @@ pub mod metrics;
 pub mod operations;
 pub mod pki;
 pub mod provider;
+pub mod reconcile;
 pub mod reload;
 pub mod retention;
 pub mod scheduler;

@@ -89,6 +89,7 @@ pub struct Metrics {
     overdue: Family<Labels, Gauge>,
     next_run: Family<Labels, FloatGauge>,
     agent_reachable: Family<Labels, Gauge>,
+    pending_removals: Family<Labels, Gauge>,
 }
 
 /// What the catalog and the schedule say about one group, at scrape time.
@@ -136,6 +137,7 @@ impl Metrics {
             overdue: Family::default(),
             next_run: Family::default(),
             agent_reachable: Family::default(),
+            pending_removals: Family::default(),
         };
         let mut registry = Registry::with_prefix("quiesce");
         // Counters: prometheus-client appends `_total`.
@@ -209,6 +211,11 @@ impl Metrics {
             "1 when the coordinator's last call to the agent (GetHostInfo over its mTLS channel) answered",
             metrics.agent_reachable.clone(),
         );
+        registry.register(
+            "pending_removals",
+            "Leftovers of failed or deleted sets the reconciler still has to remove on the agent (one per set)",
+            metrics.pending_removals.clone(),
+        );
         *metrics.registry.lock().unwrap() = registry;
         metrics.create_series(config);
         metrics
@@ -250,6 +257,24 @@ impl Metrics {
                 self.agent_reachable
                     .get_or_create(&labels(&[("agent", &agent.name)])),
             );
+        }
+        self.refresh_pending_removals(config, &[]);
+    }
+
+    /// Pending removals per agent, from the catalog: every configured agent present (zero when
+    /// it has none), agents no longer configured shown too while they hold leftovers.
+    pub fn refresh_pending_removals(&self, config: &Config, counts: &[(String, u64)]) {
+        self.pending_removals.clear();
+        for agent in &config.agents {
+            drop(
+                self.pending_removals
+                    .get_or_create(&labels(&[("agent", &agent.name)])),
+            );
+        }
+        for (agent, count) in counts {
+            self.pending_removals
+                .get_or_create(&labels(&[("agent", agent)]))
+                .set(*count as i64);
         }
     }
 

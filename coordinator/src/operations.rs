@@ -21,13 +21,16 @@ impl Coordinator {
         Ok(set)
     }
 
-    /// Deletes a finished set's snapshots through its provider, then its catalog entry. If a
-    /// provider call fails the entry stays, so nothing is forgotten.
-    pub async fn delete_set(&self, id: &str) -> Result<u32, Error> {
+    /// Deletes a finished set: everything of it on every member (through its provider: for
+    /// reflink each agent removes the set's whole directory, partial clones and temporary names
+    /// included), then its catalog entry. The removals go through the reconciler's catalog, so
+    /// a member that cannot be reached now is retried until it answers, and the set is
+    /// forgotten once nothing of it is left. The reply says, per host, what was removed and
+    /// what could not be.
+    pub async fn delete_set(&self, id: &str) -> Result<pb::DeleteSetResponse, Error> {
         let set = self.finished_set(id)?;
         let group = self.group(&set.group)?;
         let provider = self.provider(group);
-        let mut deleted = 0;
         let mut by_agent = snapshots_by_agent(&set);
         if provider.name() == "reflink" {
             // Host-local snapshots: every member agent removes everything of the set (partial
@@ -36,18 +39,28 @@ impl Coordinator {
                 by_agent.entry(volume.agent.clone()).or_default();
             }
         }
-        for (agent, ids) in by_agent {
-            let client = self.client(&agent)?;
-            deleted += provider
-                .delete(&set.id, &agent, client.as_ref(), &ids)
-                .await
-                .map_err(|message| Error::Agent {
-                    agent: agent.clone(),
-                    message,
-                })?;
+        for pending in &set.pending_removals {
+            by_agent.entry(pending.agent.clone()).or_default();
         }
-        self.catalog().delete(id)?;
-        Ok(deleted)
+        // An attempt the reconciler is making now finishes first; this one follows.
+        self.removals_idle(id).await;
+        let now = self.clock().now_ms();
+        self.catalog().request_delete(id)?;
+        for (agent, ids) in &by_agent {
+            self.catalog()
+                .add_pending_removal(id, agent, ids, false, now)?;
+        }
+        if by_agent.is_empty() {
+            self.catalog().delete(id)?;
+        }
+        let pendings = self.catalog().pending_removals(id)?;
+        let hosts = self.attempt_removals(&pendings).await;
+        let forgotten = self.catalog().get(id)?.is_none();
+        Ok(pb::DeleteSetResponse {
+            snapshots_deleted: hosts.iter().map(|h| h.deleted).sum(),
+            hosts,
+            forgotten,
+        })
     }
 
     /// Restores a consistent set the way its provider does: new EBS volumes (optionally
@@ -188,6 +201,9 @@ impl Coordinator {
                 Err(_) => status.error = "no answer within 5s".into(),
             }
             self.metrics().agent_reached(&agent.name, status.reachable);
+            status.pending_removals = self
+                .pending_removals_where(Some(&agent.name), None)
+                .unwrap_or_default();
             status
         });
         futures::future::join_all(calls).await
@@ -245,6 +261,7 @@ impl Coordinator {
                         .map(|l| l.0.clone())
                         .unwrap_or_default(),
                     last_scheduled_at_ms: last_scheduled.map(|l| l.1).unwrap_or(0),
+                    pending_removals: self.pending_removals_where(None, Some(&group.name))?,
                 })
             })
             .collect()
@@ -257,6 +274,9 @@ impl Coordinator {
         let metrics = self.metrics();
         if let Ok(counts) = self.catalog().counts() {
             metrics.refresh_set_counts(self.config(), &counts);
+        }
+        if let Ok(pending) = self.catalog().pending_counts() {
+            metrics.refresh_pending_removals(self.config(), &pending);
         }
         for group in &self.config().groups {
             // A catalog that cannot be read leaves the group's gauges as they were.

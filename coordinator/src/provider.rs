@@ -22,6 +22,18 @@ pub struct Snapshot {
     pub state: String,
 }
 
+/// What one removal of a set's snapshots on one member did (`sets delete`, the reconciler).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RemovalReport {
+    /// Snapshots removed.
+    pub deleted: u32,
+    /// Every path or snapshot id removed (reflink: clones, partial clones, temporary names,
+    /// the set's directories).
+    pub removed: Vec<String>,
+    /// What could not be removed: (path or id, why).
+    pub not_removed: Vec<(String, String)>,
+}
+
 /// One member volume as planned: what the agent reported for it.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct PlannedVolume {
@@ -93,6 +105,22 @@ pub trait SnapshotProvider: Send + Sync {
         client: &dyn AgentClient,
         snapshot_ids: &[String],
     ) -> Result<u32, String>;
+    /// As [`delete`](Self::delete), reporting exactly what was removed and what was not. The
+    /// default reports the ids asked for (providers whose delete is all or nothing).
+    async fn remove(
+        &self,
+        set_id: &str,
+        agent: &str,
+        client: &dyn AgentClient,
+        snapshot_ids: &[String],
+    ) -> Result<RemovalReport, String> {
+        let deleted = self.delete(set_id, agent, client, snapshot_ids).await?;
+        Ok(RemovalReport {
+            deleted,
+            removed: snapshot_ids.to_vec(),
+            not_removed: Vec::new(),
+        })
+    }
     /// How often background completion is polled; `None`: snapshots are complete when made.
     fn completion_poll(&self) -> Option<std::time::Duration> {
         None
@@ -210,6 +238,25 @@ impl SnapshotProvider for Reflink {
         client: &dyn AgentClient,
         snapshot_ids: &[String],
     ) -> Result<u32, String> {
+        let report = self.remove(set_id, agent, client, snapshot_ids).await?;
+        if let Some((path, why)) = report.not_removed.first() {
+            return Err(format!(
+                "{agent}: {} of the set's files not removed, first {path}: {why}",
+                report.not_removed.len()
+            ));
+        }
+        Ok(report.deleted)
+    }
+
+    /// The agent removes the named clones and the whole `<snapshot-dir>/<set-id>/` directory
+    /// (partial clones and temporary names included), and says what it removed and what not.
+    async fn remove(
+        &self,
+        set_id: &str,
+        agent: &str,
+        client: &dyn AgentClient,
+        snapshot_ids: &[String],
+    ) -> Result<RemovalReport, String> {
         let reply = client
             .delete_snapshots(agent_pb::DeleteSnapshotsRequest {
                 set_id: set_id.into(),
@@ -217,6 +264,14 @@ impl SnapshotProvider for Reflink {
             })
             .await
             .map_err(|status| agent_error(agent, &status))?;
-        Ok(reply.deleted)
+        Ok(RemovalReport {
+            deleted: reply.deleted,
+            removed: reply.removed,
+            not_removed: reply
+                .not_removed
+                .into_iter()
+                .map(|n| (n.path, n.error))
+                .collect(),
+        })
     }
 }

@@ -173,10 +173,19 @@ impl Coordinator {
             for id in retention::expired(&finished, policy, now_ms) {
                 let span = info_span!("retention", set_id = %id, group = %group.name);
                 match self.delete_set(&id).instrument(span).await {
-                    Ok(snapshots) => {
-                        info!(set_id = %id, snapshots, "expired set deleted");
+                    Ok(report) if report.forgotten => {
+                        info!(set_id = %id, snapshots = report.snapshots_deleted, "expired set deleted");
                         self.metrics().expired(&group.name);
                         deleted.push(id);
+                    }
+                    Ok(report) => {
+                        let waiting: Vec<&str> = report
+                            .hosts
+                            .iter()
+                            .filter(|h| !h.error.is_empty())
+                            .map(|h| h.error.as_str())
+                            .collect();
+                        warn!(set_id = %id, waiting = %waiting.join("; "), "expired set's removal pending; the reconciler retries and forgets the set when done")
                     }
                     Err(e) => {
                         warn!(set_id = %id, error = %crate::error::error_chain(&e), "expired set not deleted; retried next tick")

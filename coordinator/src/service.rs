@@ -75,13 +75,11 @@ impl CoordinatorApi for OperatorService {
         request: Request<pb::DeleteSetRequest>,
     ) -> Result<Response<pb::DeleteSetResponse>, Status> {
         let req = request.into_inner();
-        let deleted = self
+        let report = self
             .coordinator
             .delete_set(required(&req.set_id, "set id")?)
             .await?;
-        Ok(Response::new(pb::DeleteSetResponse {
-            snapshots_deleted: deleted,
-        }))
+        Ok(Response::new(report))
     }
 
     async fn restore_set(

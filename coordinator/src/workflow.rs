@@ -10,14 +10,16 @@
 //! The freeze budget of the group bounds first freeze sent → last thaw sent: the freeze and
 //! snapshot phases get only what is left of it.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::future::Future;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use futures::future::join_all;
 use quiesce_proto::agent::v1 as agent_pb;
-use quiesce_proto::coordinator::v1::{HookValue, SetHookOutput, SetHost, SetVolume, SnapshotSet};
+use quiesce_proto::coordinator::v1::{
+    HookValue, SetHookOutput, SetHost, SetVolume, SnapshotSet, ThawEvidence,
+};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tracing::{Instrument, error, info, info_span, warn};
@@ -43,7 +45,18 @@ pub struct Coordinator {
     pub(crate) schedules: Mutex<HashMap<String, crate::scheduler::GroupSchedule>>,
     /// Per group; built from the config, replaceable in tests.
     providers: Mutex<HashMap<String, Arc<dyn SnapshotProvider>>>,
+    /// (set, agent) removals an attempt is working on (see `reconcile`).
+    removals_in_flight: Mutex<HashSet<(String, String)>>,
 }
+
+/// What the coordinator adds to a member's lease before it counts the member as thawed by
+/// it: the agent's lease timer runs on the agent's own thread, and a grant reaches the agent
+/// after the coordinator sent it; a grant delayed longer than this in the network could push
+/// the member's thaw later, up to its agent's max-freeze (see docs/consistency.md).
+pub const LEASE_MARGIN: Duration = Duration::from_secs(1);
+
+/// Every member gets at least this long to answer its thaw.
+const MIN_THAW_WAIT: Duration = Duration::from_millis(500);
 
 /// One member host of a running set.
 struct Member {
@@ -59,6 +72,8 @@ struct Member {
     snapshots: Vec<Snapshot>,
     /// A snapshot call was sent and did not answer cleanly: it may have left something behind.
     snapshot_unsure: bool,
+    /// The last lease grant sent (its freeze, or a renewal).
+    lease_sent: Option<Instant>,
 }
 
 struct Run<'a> {
@@ -107,7 +122,12 @@ impl Coordinator {
             metrics,
             clock,
             schedules: Mutex::new(HashMap::new()),
+            removals_in_flight: Mutex::new(HashSet::new()),
         })
+    }
+
+    pub(crate) fn removals_in_flight(&self) -> &Mutex<HashSet<(String, String)>> {
+        &self.removals_in_flight
     }
 
     pub fn clock(&self) -> &dyn Clock {
@@ -264,6 +284,7 @@ impl Coordinator {
                 freeze_sent: false,
                 snapshots: Vec::new(),
                 snapshot_unsure: false,
+                lease_sent: None,
             });
         }
         let mut run = Run {
@@ -292,42 +313,34 @@ impl Coordinator {
         for set in self.catalog.running()? {
             let span = info_span!("recover", set_id = %set.id);
             async {
-                let mut problems = Vec::new();
                 let mut agents: Vec<&str> = set.hosts.iter().map(|h| h.agent.as_str()).collect();
+                agents.sort_unstable();
                 agents.dedup();
+                // Unsure what the interrupted set did on each member: thaw it and remove
+                // everything of the set there. What does not answer now is left to the
+                // reconciler, which retries until it does.
+                let now = self.clock.now_ms();
                 for agent in &agents {
-                    let Some(client) = self.agents.client(agent) else {
-                        problems.push(format!("{agent}: no longer configured"));
-                        continue;
-                    };
-                    if let Err(status) = client
-                        .thaw_volumes(agent_pb::ThawVolumesRequest {
-                            set_id: set.id.clone(),
-                        })
-                        .await
-                    {
-                        problems.push(format!("thaw {}", agent_error(agent, &status)));
-                    }
+                    self.catalog
+                        .add_pending_removal(&set.id, agent, &[], true, now)?;
                 }
-                let provider = self.config.group(&set.group).map(|g| self.provider(g));
-                if let Some(provider) = provider {
-                    for agent in &agents {
-                        if let Some(client) = self.agents.client(agent) {
-                            // No ids: everything the provider made for this set on this agent.
-                            if let Err(e) =
-                                provider.delete(&set.id, agent, client.as_ref(), &[]).await
-                            {
-                                problems.push(format!("removing partial snapshots: {e}"));
-                            }
-                        }
-                    }
-                }
+                let pendings = self.catalog.pending_removals(&set.id)?;
+                let problems: Vec<String> = self
+                    .attempt_removals(&pendings)
+                    .await
+                    .into_iter()
+                    .filter(|r| !r.error.is_empty())
+                    .map(|r| r.error)
+                    .collect();
                 let mut reason = format!(
                     "the coordinator stopped while the set was {}; members thawed and partial snapshots removed",
                     set.phase
                 );
                 if !problems.is_empty() {
-                    reason = format!("{reason}; but: {}", problems.join("; "));
+                    reason = format!(
+                        "{reason}; but: {}; the reconciler retries until the agent answers",
+                        problems.join("; ")
+                    );
                 }
                 warn!(%reason, "recovered an interrupted set");
                 let now = self.clock.now_ms();
@@ -466,10 +479,14 @@ impl Run<'_> {
             }
             Some(reason) => {
                 self.phase("aborting")?;
-                let cleanup = self.remove_snapshots().await;
-                let reason = match cleanup {
-                    Ok(()) => reason,
-                    Err(e) => format!("{reason}; partial snapshots not all removed: {e}"),
+                let pending = self.remove_snapshots().await?;
+                let reason = if pending.is_empty() {
+                    reason
+                } else {
+                    format!(
+                        "{reason}; leftovers pending removal on {} (the reconciler retries until the agent answers)",
+                        pending.join(", ")
+                    )
                 };
                 self.phase("aborted")?;
                 self.catalog.finish(
@@ -714,10 +731,12 @@ impl Run<'_> {
     async fn freeze(&mut self) -> Result<Result<(), String>, Error> {
         let set_id = self.set_id.clone();
         let lease_ms = self.group.lease.as_millis() as u64;
+        let sent = Instant::now();
         for member in &mut self.members {
             member.freeze_sent = true;
+            member.lease_sent = Some(sent);
         }
-        self.first_freeze_sent = Some(Instant::now());
+        self.first_freeze_sent = Some(sent);
         let sent_at_ms = unix_ms();
         let timeout = self.timeout().min(self.group.freeze_budget);
         let replies = fan_out(&self.members, timeout, |m| {
@@ -737,6 +756,7 @@ impl Run<'_> {
         for (index, reply) in replies.into_iter().enumerate() {
             let member = &mut self.members[index];
             member.host.freeze_sent_at_ms = sent_at_ms;
+            member.host.lease_sent_at_ms = sent_at_ms;
             match reply {
                 Ok((frozen, acked_at_ms)) => {
                     member.host.freeze_acked_at_ms = acked_at_ms;
@@ -768,7 +788,7 @@ impl Run<'_> {
                 humantime::format_duration(self.group.freeze_budget)
             )));
         }
-        let renewer = self.spawn_renewer();
+        let (renewer, grants) = self.spawn_renewer();
         let set_id = self.set_id.clone();
         let by_budget = left < self.timeout();
         let timeout = self.timeout().min(left);
@@ -806,6 +826,15 @@ impl Run<'_> {
         });
         let replies = join_all(calls).await;
         renewer.abort();
+        // Wait for the renewer to be gone, so that no grant is sent after the ones read here.
+        let _ = renewer.await;
+        let grants = grants.lock().unwrap().clone();
+        for (member, grant) in self.members.iter_mut().zip(grants) {
+            if let Some((at, at_ms)) = grant {
+                member.lease_sent = Some(at);
+                member.host.lease_sent_at_ms = at_ms;
+            }
+        }
         self.first_snapshot_started_at_ms = replies.iter().map(|r| r.1).min().unwrap_or_default();
         self.last_snapshot_returned_at_ms = replies.iter().map(|r| r.2).max().unwrap_or_default();
         let mut problems = Vec::new();
@@ -848,8 +877,11 @@ impl Run<'_> {
         })
     }
 
-    /// Renews every member's lease at a third of its length until aborted.
-    fn spawn_renewer(&self) -> JoinHandle<()> {
+    /// Renews every member's lease at a third of its length until aborted, all members at
+    /// once, each call bounded by a third of the lease (one member that does not answer
+    /// delays no other's renewal). Records when each member's last grant was sent.
+    #[allow(clippy::type_complexity)]
+    fn spawn_renewer(&self) -> (JoinHandle<()>, Arc<Mutex<Vec<Option<(Instant, u64)>>>>) {
         let lease = self.group.lease;
         let set_id = self.set_id.clone();
         let clients: Vec<(String, Arc<dyn AgentClient>)> = self
@@ -857,53 +889,87 @@ impl Run<'_> {
             .iter()
             .map(|m| (m.agent.clone(), m.client.clone()))
             .collect();
-        tokio::spawn(
+        let grants = Arc::new(Mutex::new(vec![None; clients.len()]));
+        let sent = grants.clone();
+        let handle = tokio::spawn(
             async move {
                 let mut tick = tokio::time::interval(lease / 3);
                 tick.tick().await;
                 loop {
                     tick.tick().await;
-                    for (agent, client) in &clients {
+                    let calls = clients.iter().enumerate().map(|(index, (agent, client))| {
                         let req = agent_pb::RenewLeaseRequest {
                             set_id: set_id.clone(),
                             lease_ms: lease.as_millis() as u64,
                         };
-                        if let Err(status) = client.renew_lease(req).await {
-                            warn!(error = %agent_error(agent, &status), "lease renewal failed");
+                        sent.lock().unwrap()[index] = Some((Instant::now(), unix_ms()));
+                        async move {
+                            match tokio::time::timeout(lease / 3, client.renew_lease(req)).await {
+                                Ok(Ok(_)) => {}
+                                Ok(Err(status)) => {
+                                    warn!(error = %agent_error(agent, &status), "lease renewal failed")
+                                }
+                                Err(_) => warn!(
+                                    agent,
+                                    "lease renewal not answered within a third of the lease"
+                                ),
+                            }
                         }
-                    }
+                    });
+                    join_all(calls).await;
                 }
             }
             .in_current_span(),
-        )
+        );
+        (handle, grants)
     }
 
-    /// Thaws every member that was sent a freeze, retrying within the phase deadline, and
-    /// checks that each freeze held. `Some(reason)` when the set cannot be consistent.
+    /// Thaws every member that was sent a freeze and checks that each freeze held.
+    /// `Some(reason)` when the set cannot be consistent.
+    ///
+    /// A member is asked again and again until it answers, or until its lease must have thawed
+    /// it (its last grant sent + lease + [`LEASE_MARGIN`], on the coordinator's clock), or until
+    /// the phase timeout, whichever comes first: the set is decided then, without waiting for a
+    /// member that is gone. Its leftovers go to the reconciler.
     async fn thaw(&mut self) -> Result<Option<String>, Error> {
         let set_id = self.set_id.clone();
         let timeout = self.timeout();
+        let lease = self.group.lease;
         pause_after("thawing").await;
         let thaw_sent_at_ms = unix_ms();
+        let started = Instant::now();
+        let deadline_of = |m: &Member| {
+            let by_phase = started + timeout;
+            let by_lease = m.lease_sent.map(|sent| sent + lease + LEASE_MARGIN);
+            by_lease
+                .map_or(by_phase, |bound| bound.min(by_phase))
+                .max(started + MIN_THAW_WAIT)
+        };
         let calls = self.members.iter().filter(|m| m.freeze_sent).map(|m| {
             let client = m.client.clone();
             let set_id = set_id.clone();
+            let deadline = deadline_of(m);
             async move {
-                let deadline = Instant::now() + timeout;
                 let mut last = String::new();
-                for attempt in 0..3u32 {
+                let mut attempt = 0u32;
+                loop {
                     let req = agent_pb::ThawVolumesRequest {
                         set_id: set_id.clone(),
                     };
                     match tokio::time::timeout_at(deadline, client.thaw_volumes(req)).await {
                         Ok(Ok(reply)) => return Ok(reply),
                         Ok(Err(status)) => last = agent_error(&m.agent, &status),
-                        Err(_) => {
-                            last = format!("{}: thaw timed out", m.agent);
-                            break;
-                        }
+                        Err(_) => break,
                     }
-                    tokio::time::sleep(Duration::from_millis(100 * u64::from(attempt + 1))).await;
+                    attempt += 1;
+                    let pause = Duration::from_millis(100 * u64::from(attempt.min(5)));
+                    if Instant::now() + pause >= deadline {
+                        break;
+                    }
+                    tokio::time::sleep(pause).await;
+                }
+                if last.is_empty() {
+                    last = format!("{}: no answer", m.agent);
                 }
                 Err(last)
             }
@@ -916,13 +982,20 @@ impl Run<'_> {
         for (index, reply) in indices.into_iter().zip(replies) {
             let member = &mut self.members[index];
             member.host.thaw_sent_at_ms = thaw_sent_at_ms;
+            let bound = member.lease_sent.map(|sent| sent + lease + LEASE_MARGIN);
+            member.host.lease_bound_at_ms = if member.host.lease_sent_at_ms > 0 {
+                member.host.lease_sent_at_ms + (lease + LEASE_MARGIN).as_millis() as u64
+            } else {
+                0
+            };
             match reply {
                 Ok(thawed) => {
-                    let end = freeze_end_name(thawed.end());
+                    let end = thawed.end();
+                    member.host.thaw_evidence = ThawEvidence::Answered as i32;
                     member.host.thawed_at_ms = thawed.thawed_at_ms;
                     member.host.held_continuously = thawed.held_continuously;
-                    member.host.freeze_end = end.into();
-                    member.host.write_stall_ms = thawed.write_stall_ms;
+                    member.host.freeze_end = freeze_end_name(end).into();
+                    member.host.write_stall_ms = agent_stall_ms(&thawed, &member.host);
                     if let Some(problem) =
                         store_hook_outputs(self.catalog, &set_id, &member.agent, &thawed.hooks)?
                     {
@@ -931,22 +1004,45 @@ impl Run<'_> {
                     if member.host.state == "frozen" {
                         member.host.state = "thawed".into();
                         if !thawed.held_continuously {
-                            member.host.error = format!("freeze ended early: {end}");
+                            member.host.error =
+                                format!("freeze ended early: {}", freeze_end_text(end));
                             problems.push(format!(
-                                "{}: freeze did not hold until the thaw (ended by {end})",
-                                member.agent
+                                "{}: freeze did not hold until the thaw ({})",
+                                member.agent,
+                                freeze_end_text(end)
                             ));
                         }
                     }
                 }
                 Err(reason) => {
-                    member.host.error = format!("thaw not confirmed: {reason}");
+                    let bound_passed = bound.is_some_and(|b| Instant::now() >= b);
+                    let by = format_ms(member.host.lease_bound_at_ms);
+                    let (evidence, what) = if bound_passed {
+                        (
+                            ThawEvidence::LeaseBound,
+                            format!(
+                                "did not answer its thaw; its lease must have thawed it by {by} (last lease grant sent at {} + lease {} + margin {})",
+                                format_ms(member.host.lease_sent_at_ms),
+                                humantime::format_duration(lease),
+                                humantime::format_duration(LEASE_MARGIN)
+                            ),
+                        )
+                    } else {
+                        (
+                            ThawEvidence::Unconfirmed,
+                            format!(
+                                "thaw not confirmed within the phase timeout of {}; its lease ends the freeze by {by} at the latest",
+                                humantime::format_duration(timeout)
+                            ),
+                        )
+                    };
+                    if member.host.lease_sent_at_ms > 0 {
+                        member.host.thaw_evidence = evidence as i32;
+                    }
+                    member.host.error = format!("{what}: {reason}");
                     if member.host.state == "frozen" {
                         member.host.state = "failed".into();
-                        problems.push(format!(
-                            "{}: thaw not confirmed (its lease thaws it): {reason}",
-                            member.agent
-                        ));
+                        problems.push(format!("{}: {what}: {reason}", member.agent));
                     }
                 }
             }
@@ -955,15 +1051,22 @@ impl Run<'_> {
         Ok((!problems.is_empty()).then(|| problems.join("; ")))
     }
 
-    /// Removes every snapshot of a failed set.
-    async fn remove_snapshots(&mut self) -> Result<(), String> {
-        let mut problems = Vec::new();
+    /// Hands every leftover of a failed set to the reconciler's catalog (one row per member
+    /// that may hold something: snapshots made, a snapshot call that did not answer cleanly, or
+    /// a thaw never confirmed), then makes one attempt at once on each member that answered
+    /// its thaw. Returns the members whose removal is still pending.
+    async fn remove_snapshots(&mut self) -> Result<Vec<String>, Error> {
+        let now = self.clock.now_ms();
+        let mut now_attempted = Vec::new();
+        let mut pending = Vec::new();
         for member in &self.members {
-            if member.snapshots.is_empty() && !member.snapshot_unsure {
+            let thaw_unconfirmed =
+                member.freeze_sent && member.host.thaw_evidence != ThawEvidence::Answered as i32;
+            if member.snapshots.is_empty() && !member.snapshot_unsure && !thaw_unconfirmed {
                 continue;
             }
             // An unsure member may hold snapshots we never heard of: ask for all of the set's.
-            let ids: Vec<String> = if member.snapshot_unsure {
+            let ids: Vec<String> = if member.snapshot_unsure || thaw_unconfirmed {
                 Vec::new()
             } else {
                 member
@@ -972,20 +1075,89 @@ impl Run<'_> {
                     .map(|s| s.snapshot_id.clone())
                     .collect()
             };
-            if let Err(e) = self
-                .provider
-                .delete(&self.set_id, &member.agent, member.client.as_ref(), &ids)
-                .await
-            {
-                problems.push(e);
+            self.catalog.add_pending_removal(
+                &self.set_id,
+                &member.agent,
+                &ids,
+                thaw_unconfirmed,
+                now,
+            )?;
+            if thaw_unconfirmed {
+                // It did not answer just now: the reconciler retries, without holding the set.
+                pending.push(member.agent.clone());
+            } else {
+                now_attempted.push(member.agent.clone());
             }
         }
-        if problems.is_empty() {
-            Ok(())
-        } else {
-            Err(problems.join("; "))
+        let rows = self.catalog.pending_removals(&self.set_id)?;
+        for row in rows
+            .iter()
+            .filter(|r| now_attempted.contains(&r.status.agent))
+        {
+            let client = self
+                .members
+                .iter()
+                .find(|m| m.agent == row.status.agent)
+                .map(|m| m.client.clone());
+            let attempt = crate::reconcile::Attempt {
+                catalog: self.catalog,
+                provider: Some(self.provider.clone()),
+                client,
+                now_ms: self.clock.now_ms(),
+            };
+            let report = attempt.run(row).await?;
+            if !report.error.is_empty() {
+                pending.push(row.status.agent.clone());
+            }
+        }
+        pending.sort();
+        Ok(pending)
+    }
+}
+
+/// How long writers on a member were blocked, as its agent measured it. An agent restarted
+/// after its guardian thawed a set it no longer remembers reports only the guardian's FITHAW
+/// instant: the stall is then that instant minus the first FIFREEZE start the agent reported
+/// in its freeze reply (both on the agent's clock), never 0.
+pub fn agent_stall_ms(thawed: &agent_pb::ThawVolumesResponse, host: &SetHost) -> u64 {
+    let started = if thawed.freeze_started_at_ms > 0 {
+        thawed.freeze_started_at_ms
+    } else {
+        host.freeze_started_at_ms
+    };
+    if thawed.write_stall_ms == 0
+        && thawed.end() == agent_pb::FreezeEnd::Guardian
+        && started > 0
+        && thawed.thawed_at_ms > started
+    {
+        return thawed.thawed_at_ms - started;
+    }
+    thawed.write_stall_ms
+}
+
+/// How a freeze ended, in words naming what thawed it.
+pub fn freeze_end_text(end: agent_pb::FreezeEnd) -> &'static str {
+    match end {
+        agent_pb::FreezeEnd::Unspecified => "ended for a reason the agent did not say",
+        agent_pb::FreezeEnd::Thawed => "thawed by the coordinator's thaw",
+        agent_pb::FreezeEnd::LeaseExpired => "thawed by the agent when its lease ran out",
+        agent_pb::FreezeEnd::MaxFreeze => "thawed by the agent at its max-freeze cap",
+        agent_pb::FreezeEnd::Shutdown => "thawed by the agent's shutdown",
+        agent_pb::FreezeEnd::ExternalThaw => {
+            "thawed by someone else (the agent found it no longer frozen)"
+        }
+        agent_pb::FreezeEnd::UnknownSet => {
+            "unknown: the agent has no record of the set (it restarted without one)"
+        }
+        agent_pb::FreezeEnd::Guardian => {
+            "thawed by the agent's guardian (the agent died or hung past max-freeze)"
         }
     }
+}
+
+/// Coordinator-clock milliseconds as an RFC 3339 instant (UTC, milliseconds).
+pub fn format_ms(ms: u64) -> String {
+    humantime::format_rfc3339_millis(UNIX_EPOCH + Duration::from_millis(ms)).to_string()
 }
 
 /// Decides whether a set whose every phase succeeded is a cut across its hosts.
@@ -1350,7 +1522,7 @@ mounts = ["/data"]
         assert_eq!(set.state, "failed");
         assert!(
             set.error
-                .contains("db1: freeze did not hold until the thaw (ended by lease-expired)"),
+                .contains("db1: freeze did not hold until the thaw (thawed by the agent when its lease ran out)"),
             "{}",
             set.error
         );
@@ -1387,6 +1559,282 @@ mounts = ["/data"]
             "{}",
             set.error
         );
+    }
+
+    /// A group whose phase timeout is far longer than its lease: only the lease bound can end
+    /// the wait for a member that does not answer its thaw.
+    const LEASE_CONFIG: &str = r#"
+listen = "127.0.0.1:1"
+catalog = ":memory:"
+[[agent]]
+name = "db1"
+endpoint = "https://127.0.0.1:2"
+[[agent]]
+name = "db2"
+endpoint = "https://127.0.0.1:3"
+[[group]]
+name = "g"
+provider = "reflink"
+lease = "600ms"
+phase-timeout = "20s"
+freeze-budget = "800ms"
+[[group.member]]
+agent = "db1"
+mounts = ["/data", "/wal"]
+[[group.member]]
+agent = "db2"
+mounts = ["/data"]
+"#;
+
+    fn setup_with(config: &str, catalog: Catalog) -> (Arc<Coordinator>, FakeAgent, FakeAgent) {
+        let db1 = FakeAgent::new("db1", &["/data", "/wal"]);
+        let db2 = FakeAgent::new("db2", &["/data"]);
+        let mut agents: HashMap<String, Arc<dyn AgentClient>> = HashMap::new();
+        agents.insert("db1".into(), Arc::new(db1.clone()));
+        agents.insert("db2".into(), Arc::new(db2.clone()));
+        let coordinator = Coordinator::new(
+            Arc::new(Config::parse(config).unwrap()),
+            Arc::new(catalog),
+            Arc::new(agents),
+        );
+        (coordinator, db1, db2)
+    }
+
+    #[tokio::test]
+    async fn a_member_silent_at_its_thaw_fails_the_set_at_its_lease_bound_and_frees_the_group() {
+        let (coordinator, db1, db2) = setup_with(LEASE_CONFIG, Catalog::in_memory().unwrap());
+        db2.delay(Phase::Thaw, Duration::from_secs(3600));
+        let started = Instant::now();
+        let set = coordinator.backup("g").await.unwrap();
+        let took = started.elapsed();
+        assert_eq!(set.state, "failed", "{set:?}");
+        // Freeze, snapshot (no renewal within 600 ms / 3 … at most one), then the bound:
+        // last grant + 600 ms + 1 s margin; far less than the 20 s phase timeout.
+        assert!(took < Duration::from_millis(2500), "decided after {took:?}");
+        let host = set.hosts.iter().find(|h| h.agent == "db2").unwrap();
+        assert_eq!(
+            host.thaw_evidence,
+            ThawEvidence::LeaseBound as i32,
+            "{host:?}"
+        );
+        assert!(host.lease_sent_at_ms >= host.freeze_sent_at_ms, "{host:?}");
+        assert_eq!(
+            host.lease_bound_at_ms,
+            host.lease_sent_at_ms + 1600,
+            "{host:?}"
+        );
+        assert!(
+            set.finished_at_ms >= host.lease_bound_at_ms,
+            "decided only once the bound passed: {set:?}"
+        );
+        assert!(
+            set.error
+                .contains("db2: did not answer its thaw; its lease must have thawed it by"),
+            "{}",
+            set.error
+        );
+        assert!(
+            set.error.contains("leftovers pending removal on db2"),
+            "{}",
+            set.error
+        );
+        let db1_host = set.hosts.iter().find(|h| h.agent == "db1").unwrap();
+        assert_eq!(db1_host.thaw_evidence, ThawEvidence::Answered as i32);
+        assert!(
+            db1.live_snapshots().is_empty(),
+            "db1 answered: removed at once"
+        );
+        assert_eq!(set.pending_removals.len(), 1, "{set:?}");
+        let pending = &set.pending_removals[0];
+        assert_eq!(pending.agent, "db2");
+        assert!(pending.thaw_unconfirmed);
+        assert_eq!(db2.live_snapshots().len(), 1, "still on the silent member");
+
+        // The group is not locked by the silent member: its next set runs (and, with db2 back,
+        // succeeds while db2's removal is still pending).
+        db2.delay(Phase::Thaw, Duration::ZERO);
+        let next = coordinator.backup("g").await.unwrap();
+        assert_eq!(next.state, "consistent", "{}", next.error);
+        let groups = coordinator.group_infos().unwrap();
+        assert_eq!(groups[0].pending_removals.len(), 1, "{groups:?}");
+        assert_eq!(groups[0].pending_removals[0].set_id, set.id);
+
+        // The reconciler: a thaw first (the agent's late report is recorded), then the removal.
+        db2.expire_lease();
+        assert_eq!(coordinator.reconcile_due().await, 1);
+        let after = coordinator.catalog().get(&set.id).unwrap().unwrap();
+        assert!(after.pending_removals.is_empty(), "{after:?}");
+        let host = after.hosts.iter().find(|h| h.agent == "db2").unwrap();
+        assert_eq!(
+            host.thaw_evidence,
+            ThawEvidence::AnsweredLate as i32,
+            "{host:?}"
+        );
+        assert_eq!(host.freeze_end, "lease-expired");
+        assert_eq!(host.write_stall_ms, 5, "the agent's own figure");
+        assert!(
+            host.error
+                .contains("its agent reported later: thawed by the agent when its lease ran out"),
+            "{}",
+            host.error
+        );
+        assert_eq!(after.max_write_stall_ms, 5);
+        assert!(
+            db2.live_snapshots().iter().all(|s| !s.contains(&set.id)),
+            "{:?}",
+            db2.live_snapshots()
+        );
+        let text = coordinator.render_metrics();
+        assert!(
+            text.contains("quiesce_pending_removals{agent=\"db2\"} 0"),
+            "{text}"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_thaw_unconfirmed_within_the_phase_timeout_says_the_lease_may_still_hold_it() {
+        let (coordinator, _db1, db2) = setup();
+        db2.fail(Phase::Thaw, Status::unavailable("connection refused"));
+        let set = coordinator.backup("g").await.unwrap();
+        assert_eq!(set.state, "failed");
+        let host = set.hosts.iter().find(|h| h.agent == "db2").unwrap();
+        assert_eq!(
+            host.thaw_evidence,
+            ThawEvidence::Unconfirmed as i32,
+            "{host:?}"
+        );
+        assert!(
+            set.error.contains(
+                "db2: thaw not confirmed within the phase timeout of 1s; its lease ends the freeze by"
+            ),
+            "{}",
+            set.error
+        );
+        assert!(set.error.contains("connection refused"), "{}", set.error);
+    }
+
+    #[tokio::test]
+    async fn pending_removals_survive_a_restart_and_are_retried_with_backoff_until_the_agent_answers()
+     {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("catalog.sqlite");
+        let set_id = {
+            let (coordinator, _db1, db2) = setup_with(LEASE_CONFIG, Catalog::open(&path).unwrap());
+            db2.delay(Phase::Thaw, Duration::from_secs(3600));
+            let set = coordinator.backup("g").await.unwrap();
+            assert_eq!(set.pending_removals.len(), 1);
+            set.id
+        };
+        let clock = crate::clock::FakeClock::at(unix_ms());
+        // A new coordinator process on the same catalog; db2 still refuses.
+        let db1 = FakeAgent::new("db1", &["/data", "/wal"]);
+        let db2 = FakeAgent::new("db2", &["/data"]);
+        db2.fail(Phase::Thaw, Status::unavailable("connection refused"));
+        let mut agents: HashMap<String, Arc<dyn AgentClient>> = HashMap::new();
+        agents.insert("db1".into(), Arc::new(db1));
+        agents.insert("db2".into(), Arc::new(db2.clone()));
+        let coordinator = Coordinator::with_clock(
+            Arc::new(Config::parse(LEASE_CONFIG).unwrap()),
+            Arc::new(Catalog::open(&path).unwrap()),
+            Arc::new(agents),
+            Arc::new(clock.clone()),
+        );
+        assert_eq!(coordinator.reconcile_due().await, 1);
+        let pending = coordinator.catalog().pending_removals(&set_id).unwrap();
+        assert_eq!(pending[0].status.attempts, 1);
+        assert!(
+            pending[0].status.last_error.contains("connection refused"),
+            "{pending:?}"
+        );
+        assert_eq!(
+            pending[0].status.next_attempt_at_ms,
+            clock.now_ms() + 1000,
+            "first retry after 1 s"
+        );
+        assert_eq!(coordinator.reconcile_due().await, 0, "not due yet");
+        clock.advance(Duration::from_secs(1));
+        assert_eq!(coordinator.reconcile_due().await, 1);
+        let pending = coordinator.catalog().pending_removals(&set_id).unwrap();
+        assert_eq!(pending[0].status.next_attempt_at_ms, clock.now_ms() + 2000);
+        let statuses = coordinator.agent_statuses().await;
+        let db2_status = statuses.iter().find(|a| a.name == "db2").unwrap();
+        assert_eq!(db2_status.pending_removals.len(), 1, "{db2_status:?}");
+        assert!(
+            coordinator
+                .render_metrics()
+                .contains("quiesce_pending_removals{agent=\"db2\"} 1")
+        );
+        db2.heal(Phase::Thaw);
+        clock.advance(Duration::from_secs(2));
+        assert_eq!(coordinator.reconcile_due().await, 1);
+        assert!(
+            coordinator
+                .catalog()
+                .pending_removals("")
+                .unwrap()
+                .is_empty()
+        );
+        assert!(db2.calls().contains(&Phase::Delete));
+    }
+
+    #[tokio::test]
+    async fn deleting_a_set_reports_per_host_and_waits_for_an_unreachable_member() {
+        let (coordinator, db1, db2) = setup();
+        let set = coordinator.backup("g").await.unwrap();
+        assert_eq!(set.state, "consistent", "{}", set.error);
+        db2.fail(Phase::Delete, Status::unavailable("connection refused"));
+        let report = coordinator.delete_set(&set.id).await.unwrap();
+        assert!(!report.forgotten, "{report:?}");
+        assert_eq!(report.hosts.len(), 2, "{report:?}");
+        let db1_report = report.hosts.iter().find(|h| h.agent == "db1").unwrap();
+        assert!(db1_report.error.is_empty(), "{db1_report:?}");
+        assert_eq!(db1_report.removed.len(), 2, "{db1_report:?}");
+        let db2_report = report.hosts.iter().find(|h| h.agent == "db2").unwrap();
+        assert!(
+            db2_report.error.contains("connection refused"),
+            "{db2_report:?}"
+        );
+        assert!(db1.live_snapshots().is_empty());
+        let kept = coordinator.catalog().get(&set.id).unwrap().unwrap();
+        assert_eq!(kept.pending_removals.len(), 1, "{kept:?}");
+        assert_eq!(kept.pending_removals[0].agent, "db2");
+        // The reconciler finishes it and forgets the set.
+        db2.heal(Phase::Delete);
+        coordinator
+            .catalog()
+            .removal_retry(&set.id, "db2", 0, 0, "due now")
+            .unwrap();
+        assert_eq!(coordinator.reconcile_due().await, 1);
+        assert!(coordinator.catalog().get(&set.id).unwrap().is_none());
+        assert!(db2.live_snapshots().is_empty());
+    }
+
+    #[test]
+    fn a_guardian_thaw_reported_by_a_restarted_agent_keeps_its_stall() {
+        let host = SetHost {
+            freeze_started_at_ms: 10_000,
+            ..Default::default()
+        };
+        let restarted = agent_pb::ThawVolumesResponse {
+            end: agent_pb::FreezeEnd::Guardian.into(),
+            thawed_at_ms: 17_000,
+            ..Default::default()
+        };
+        assert_eq!(agent_stall_ms(&restarted, &host), 7_000);
+        let measured = agent_pb::ThawVolumesResponse {
+            write_stall_ms: 6_900,
+            ..restarted.clone()
+        };
+        assert_eq!(
+            agent_stall_ms(&measured, &host),
+            6_900,
+            "the agent's figure wins"
+        );
+        let unknown = agent_pb::ThawVolumesResponse {
+            end: agent_pb::FreezeEnd::UnknownSet.into(),
+            ..Default::default()
+        };
+        assert_eq!(agent_stall_ms(&unknown, &host), 0, "unknown stays unknown");
     }
 
     #[tokio::test]

@@ -323,7 +323,8 @@ async fn ebs_sets_against_moto_capture_only_the_group_tagged_then_restore_and_de
 
     // Delete.
     let deleted = coordinator.delete_set(&set.id).await.unwrap();
-    assert_eq!(deleted, 4);
+    assert_eq!(deleted.snapshots_deleted, 4);
+    assert!(deleted.forgotten, "{deleted:?}");
     assert!(
         provider
             .find_by_tag(&set.id, None)

@@ -168,6 +168,9 @@ fn run(path: &Path, insecure: bool) -> anyhow::Result<ExitCode> {
             }
         }
         tokio::spawn(coordinator.clone().run_schedules(std::future::pending()));
+        // Leftovers of failed and deleted sets (persisted in the catalog), retried until each
+        // agent answers.
+        tokio::spawn(coordinator.clone().run_reconciler(std::future::pending()));
         let tracking = coordinator.resume_completion_tracking()?;
         if tracking > 0 {
             tracing::info!(sets = tracking, "tracking completion of committed sets");

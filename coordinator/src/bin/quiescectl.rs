@@ -138,9 +138,31 @@ enum SetsCommand {
     },
 }
 
+/// `quiescectl pki …` parses on its own: it is local and takes none of the connection options
+/// (so its `--help` does not list them).
+#[derive(Parser)]
+#[command(
+    name = "quiescectl pki",
+    about = "Make a CA and certificates for coordinators, agents and operators (local, no server)"
+)]
+struct PkiCli {
+    #[command(subcommand)]
+    command: PkiCommand,
+}
+
 fn main() -> ExitCode {
-    let cli = Cli::parse();
-    if let Command::Pki(cmd) = cli.command {
+    let mut args: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    let pki_command = if args.get(1).is_some_and(|a| a == "pki") {
+        args.drain(..2);
+        Some(PkiCli::parse_from(std::iter::once("quiescectl pki".into()).chain(args)).command)
+    } else {
+        let cli = Cli::parse();
+        match cli.command {
+            Command::Pki(cmd) => Some(cmd),
+            command => return connect_and_run(cli.conn, command, cli.json),
+        }
+    };
+    if let Some(cmd) = pki_command {
         return match pki::run(cmd) {
             Ok(summary) => {
                 println!("{summary}");
@@ -152,6 +174,10 @@ fn main() -> ExitCode {
             }
         };
     }
+    ExitCode::SUCCESS
+}
+
+fn connect_and_run(conn: Connection, command: Command, json: bool) -> ExitCode {
     let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -163,14 +189,14 @@ fn main() -> ExitCode {
         }
     };
     runtime.block_on(async move {
-        let client = match connect(&cli.conn).await {
+        let client = match connect(&conn).await {
             Ok(client) => client,
             Err(message) => {
                 eprintln!("quiescectl: {message}");
                 return ExitCode::from(EXIT_UNREACHABLE);
             }
         };
-        match run(client, cli.command, cli.json).await {
+        match run(client, command, json).await {
             Ok(code) => code,
             Err(status) => {
                 let message = status_message(&status);
@@ -300,9 +326,9 @@ async fn run(
                 println!("{set_id}");
                 return Ok(ExitCode::SUCCESS);
             }
-            let mut set = wait_for(&mut client, &set_id, json).await?;
+            let mut set = wait_for(&mut client, &set_id).await?;
             if wait_complete && set.state == "consistent" && set.completion == "pending" {
-                set = wait_complete_for(&mut client, &set_id, json).await?;
+                set = wait_complete_for(&mut client, &set_id).await?;
             }
             if json {
                 print_json(&set);
@@ -312,9 +338,7 @@ async fn run(
             Ok(if set.state == "consistent" {
                 ExitCode::SUCCESS
             } else {
-                if !json {
-                    eprintln!("quiescectl: set {} is {}: {}", set.id, set.state, set.error);
-                }
+                eprintln!("quiescectl: set {} is {}: {}", set.id, set.state, set.error);
                 ExitCode::from(EXIT_FAILED)
             })
         }
@@ -372,12 +396,16 @@ async fn run(
             if json {
                 print_json(&reply);
             } else {
-                println!(
-                    "deleted set {set} ({} snapshots removed)",
-                    reply.snapshots_deleted
-                );
+                print_removal(&set, &reply);
             }
-            Ok(ExitCode::SUCCESS)
+            Ok(if reply.forgotten {
+                ExitCode::SUCCESS
+            } else {
+                eprintln!(
+                    "quiescectl: set {set}: not everything could be removed yet; the coordinator retries and forgets the set when nothing of it is left (see `quiescectl sets show {set}`)"
+                );
+                ExitCode::from(EXIT_FAILED)
+            })
         }
         Command::Restore {
             set,
@@ -485,6 +513,15 @@ async fn run(
                     &["AGENT", "ENDPOINT", "STATE", "HOST", "VERSION", "FROZEN"],
                     rows,
                 );
+                let pending: Vec<pb::PendingRemoval> = reply
+                    .agents
+                    .iter()
+                    .flat_map(|a| a.pending_removals.iter().cloned())
+                    .collect();
+                if !pending.is_empty() {
+                    println!();
+                    print_pending(&pending);
+                }
                 for a in reply.agents.iter().filter(|a| a.reachable) {
                     println!();
                     let rows = a
@@ -595,6 +632,15 @@ async fn run(
                     ],
                     rows,
                 );
+                let pending: Vec<pb::PendingRemoval> = reply
+                    .groups
+                    .iter()
+                    .flat_map(|g| g.pending_removals.iter().cloned())
+                    .collect();
+                if !pending.is_empty() {
+                    println!();
+                    print_pending(&pending);
+                }
             }
             Ok(ExitCode::SUCCESS)
         }
@@ -619,25 +665,21 @@ async fn get_set(
 async fn wait_for(
     client: &mut CoordinatorClient<Channel>,
     id: &str,
-    json: bool,
 ) -> Result<pb::SnapshotSet, tonic::Status> {
+    // Progress goes to stderr also with --json: stdout carries only the JSON.
     let mut shown = 0;
-    if !json {
-        eprintln!("set {id}");
-    }
+    eprintln!("set {id}");
     loop {
         let set = get_set(client, id).await?;
-        if !json {
-            let start = set.created_at_ms;
-            for mark in set.phases.iter().skip(shown) {
-                eprintln!(
-                    "  {:>6} ms  {}",
-                    mark.at_ms.saturating_sub(start),
-                    mark.phase
-                );
-            }
-            let _ = std::io::stderr().flush();
+        let start = set.created_at_ms;
+        for mark in set.phases.iter().skip(shown) {
+            eprintln!(
+                "  {:>6} ms  {}",
+                mark.at_ms.saturating_sub(start),
+                mark.phase
+            );
         }
+        let _ = std::io::stderr().flush();
         shown = set.phases.len();
         if set.state != "running" {
             return Ok(set);
@@ -651,11 +693,10 @@ async fn wait_for(
 async fn wait_complete_for(
     client: &mut CoordinatorClient<Channel>,
     id: &str,
-    json: bool,
 ) -> Result<pb::SnapshotSet, tonic::Status> {
     loop {
         let set = get_set(client, id).await?;
-        if !json {
+        {
             let total: u32 = set.volumes.iter().map(|v| v.snapshot_progress).sum();
             let percent = total / (set.volumes.len().max(1) as u32);
             let done = set
@@ -671,9 +712,7 @@ async fn wait_complete_for(
             let _ = std::io::stderr().flush();
         }
         if set.completion != "pending" {
-            if !json {
-                eprintln!();
-            }
+            eprintln!();
             return Ok(set);
         }
         tokio::time::sleep(Duration::from_millis(500)).await;
@@ -808,6 +847,19 @@ fn print_set(set: &pb::SnapshotSet) {
         rows,
     );
     println!("(C) coordinator clock, (A) the agent's clock; ms after the set was created");
+    for h in set.hosts.iter().filter(|h| h.lease_bound_at_ms > 0) {
+        println!(
+            "{}: thawed — {}; last lease grant sent {} ms, lease bound {} ms (C)",
+            h.agent,
+            thaw_evidence_text(h.thaw_evidence()),
+            rel(h.lease_sent_at_ms),
+            rel(h.lease_bound_at_ms)
+        );
+    }
+    if !set.pending_removals.is_empty() {
+        println!();
+        print_pending(&set.pending_removals);
+    }
     println!();
     if set.volumes.iter().any(|v| !v.ebs_volume_id.is_empty()) {
         let rows = set
@@ -895,6 +947,86 @@ fn print_set(set: &pb::SnapshotSet) {
         })
         .collect();
     table(&["PHASE", "AT"], rows);
+}
+
+/// What says a member thawed (`sets show`).
+fn thaw_evidence_text(evidence: pb::ThawEvidence) -> &'static str {
+    match evidence {
+        pb::ThawEvidence::Unspecified => "not decided",
+        pb::ThawEvidence::Answered => "it answered the thaw",
+        pb::ThawEvidence::LeaseBound => {
+            "no answer; decided when its lease bound passed (its lease must have thawed it)"
+        }
+        pb::ThawEvidence::AnsweredLate => {
+            "no answer at the time; decided by its lease bound, and its agent's report came later"
+        }
+        pb::ThawEvidence::Unconfirmed => {
+            "NOT CONFIRMED: no answer within the phase timeout; its lease ends the freeze by the bound"
+        }
+    }
+}
+
+/// Leftovers still to be removed, per host.
+fn print_pending(pending: &[pb::PendingRemoval]) {
+    println!("pending removals (the coordinator retries until each agent answers):");
+    let rows = pending
+        .iter()
+        .map(|p| {
+            vec![
+                p.agent.clone(),
+                p.set_id.clone(),
+                ago(p.since_ms),
+                p.attempts.to_string(),
+                if p.next_attempt_at_ms == 0 {
+                    "-".into()
+                } else {
+                    at(p.next_attempt_at_ms)
+                },
+                if p.thaw_unconfirmed { "yes" } else { "no" }.into(),
+                dash(&p.last_error),
+            ]
+        })
+        .collect();
+    table(
+        &[
+            "HOST",
+            "SET",
+            "SINCE",
+            "ATTEMPTS",
+            "NEXT",
+            "THAW FIRST",
+            "LAST ERROR",
+        ],
+        rows,
+    );
+}
+
+/// What `sets delete` removed and what it could not, per host.
+fn print_removal(set: &str, reply: &pb::DeleteSetResponse) {
+    if reply.forgotten {
+        println!(
+            "deleted set {set} ({} snapshots removed)",
+            reply.snapshots_deleted
+        );
+    } else {
+        println!(
+            "set {set}: {} snapshots removed; removal pending on some hosts",
+            reply.snapshots_deleted
+        );
+    }
+    for host in &reply.hosts {
+        if !host.error.is_empty() {
+            println!("  {}: NOT DONE: {}", host.agent, host.error);
+        } else {
+            println!("  {}: {} removed", host.agent, host.removed.len());
+        }
+        for path in &host.removed {
+            println!("    removed      {path}");
+        }
+        for n in &host.not_removed {
+            println!("    NOT removed  {}: {}", n.path, n.error);
+        }
+    }
 }
 
 /// Writes `backup_label` and, when not empty, `tablespace_map` (mode 0600) into `data_dir`.

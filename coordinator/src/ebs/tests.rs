@@ -456,7 +456,8 @@ async fn delete_removes_every_snapshot_and_counts_missing_ones_as_done() {
         .await
         .unwrap();
     let deleted = f.coordinator.delete_set(&set.id).await.unwrap();
-    assert_eq!(deleted, 4);
+    assert_eq!(deleted.snapshots_deleted, 4);
+    assert!(deleted.forgotten, "{deleted:?}");
     assert!(f.ec2.snapshots().is_empty());
     assert!(f.coordinator.catalog().get(&set.id).unwrap().is_none());
 }
