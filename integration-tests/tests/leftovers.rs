@@ -437,3 +437,159 @@ async fn an_agent_killed_or_terminated_mid_clone_leaves_nothing_once_it_is_back(
         assert_eq!(next.state, "consistent", "{how}: {next:?}");
     }
 }
+
+fn quiescectl(endpoint: &str, args: &[&str]) -> std::process::Output {
+    std::process::Command::new(quiesce_integration_tests::multihost::bin("quiescectl"))
+        .args(["--insecure", "--endpoint", endpoint])
+        .args(args)
+        .output()
+        .expect("run quiescectl")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sets_delete_says_per_host_what_it_removed_and_the_rest_follows_when_the_member_is_back() {
+    if !have_root("sets_delete_says_per_host") {
+        return;
+    }
+    let _serial = serial().await;
+    let mut lab = Lab::new("setsdelete", 512);
+    let a = lab.volume("a", 64);
+    let b = lab.volume("b", 64);
+    let agent_extra = "default-lease = \"10s\"\nmax-freeze = \"60s\"";
+    lab.spawn_agent("db1", 2, std::slice::from_ref(&a), agent_extra);
+    lab.spawn_agent("db2", 3, std::slice::from_ref(&b), agent_extra);
+    lab.start_coordinator(Some(&group("10s", "5s", "10s", &a, &b)), &[]);
+    let endpoint = lab.coordinator().endpoint();
+    let mut client = lab.coordinator().client().await;
+
+    // `--json backup`: the JSON alone on stdout, the progress on stderr.
+    let out = quiescectl(&endpoint, &["--json", "backup", "g"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    let set: serde_json::Value = serde_json::from_slice(&out.stdout).expect("stdout is JSON");
+    let id = set["id"].as_str().unwrap().to_owned();
+    assert_eq!(set["state"], "consistent");
+    assert!(stderr.contains(&format!("set {id}")), "{stderr}");
+    for phase in [
+        "preparing",
+        "freezing",
+        "snapshotting",
+        "thawing",
+        "committed",
+    ] {
+        assert!(
+            stderr.contains(phase),
+            "no progress line for {phase}: {stderr}"
+        );
+    }
+    let files = set_files(&lab, &id);
+    assert_eq!(
+        files.len(),
+        4,
+        "a clone and its directory per member: {files:?}"
+    );
+
+    // db2 is down: db1's part is removed and listed, db2's is pending and named.
+    lab.agent("db2").proc.kill9();
+    let out = quiescectl(&endpoint, &["--json", "sets", "delete", &id]);
+    assert_eq!(out.status.code(), Some(1), "not everything removed: exit 1");
+    let reply: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON");
+    println!("{reply:#}");
+    assert_eq!(reply["forgotten"], false);
+    let hosts = reply["hosts"].as_array().unwrap();
+    let host = |name: &str| hosts.iter().find(|h| h["agent"] == name).unwrap().clone();
+    let db1 = host("db1");
+    let removed: Vec<&str> = db1["removed"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p.as_str().unwrap())
+        .collect();
+    let db1_dir = lab.agent("db1").snapshot_dir.join(&id);
+    assert!(
+        removed.contains(&db1_dir.to_str().unwrap()),
+        "the set's directory is reported: {removed:?}"
+    );
+    assert_eq!(removed.len(), 2, "the clone and the directory: {removed:?}");
+    assert!(
+        db1["error"].as_str().unwrap_or_default().is_empty(),
+        "{db1}"
+    );
+    let db2 = host("db2");
+    assert!(
+        db2["error"].as_str().unwrap().contains("db2"),
+        "names the host it could not reach: {db2}"
+    );
+    assert!(!db1_dir.exists());
+    assert_eq!(
+        set_files(&lab, &id).len(),
+        2,
+        "db2's clone and directory remain"
+    );
+    let shown = get_set(&mut client, &id).await;
+    assert_eq!(shown.pending_removals.len(), 1, "{shown:?}");
+    assert_eq!(shown.pending_removals[0].agent, "db2");
+    let text = quiescectl(&endpoint, &["sets", "show", &id]);
+    let text = String::from_utf8_lossy(&text.stdout);
+    assert!(text.contains("pending removals"), "{text}");
+
+    // db2 back: the reconciler removes the rest and forgets the set, without an operator.
+    lab.restart_agent("db2");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let gone = client
+            .get_set(pb::GetSetRequest { set_id: id.clone() })
+            .await
+            .is_err_and(|s| s.code() == tonic::Code::NotFound);
+        if gone {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the set was never forgotten");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(
+        set_files(&lab, &id).is_empty(),
+        "{:?}",
+        set_files(&lab, &id)
+    );
+
+    // The text report of a delete that removed everything.
+    let set = backup(&mut client, "g").await;
+    assert_eq!(set.state, "consistent", "{set:?}");
+    let out = quiescectl(&endpoint, &["sets", "delete", &set.id]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}");
+    assert!(
+        text.contains(&format!("deleted set {} (2 snapshots removed)", set.id)),
+        "{text}"
+    );
+    assert!(
+        text.contains("db1: 2 removed") && text.contains("db2: 2 removed"),
+        "{text}"
+    );
+    assert!(set_files(&lab, &set.id).is_empty());
+}
+
+#[test]
+fn pki_help_lists_no_connection_options() {
+    for args in [&["pki", "--help"][..], &["pki", "issue", "--help"][..]] {
+        let out =
+            std::process::Command::new(quiesce_integration_tests::multihost::bin("quiescectl"))
+                .args(args)
+                .output()
+                .expect("run quiescectl");
+        let help = String::from_utf8_lossy(&out.stdout);
+        assert!(out.status.success(), "{args:?}: {help}");
+        assert!(help.contains("Usage: quiescectl pki"), "{args:?}: {help}");
+        for option in [
+            "--endpoint",
+            "--ca",
+            "--cert",
+            "--server-name",
+            "--insecure",
+            "--json",
+        ] {
+            assert!(!help.contains(option), "{args:?} lists {option}: {help}");
+        }
+    }
+}
