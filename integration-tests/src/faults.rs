@@ -78,6 +78,9 @@ pub struct Outcome {
     pub thaw_latency: Duration,
     /// How long the volume had been frozen when the fault hit (set froze → fault).
     pub frozen_before_fault: Duration,
+    /// Fault injected → the set seen decided (no longer `running`) by the test's polling; for a
+    /// killed coordinator this includes its restart and recovery.
+    pub decided: Duration,
     /// The set's final state and error.
     pub state: String,
     pub error: String,
@@ -278,6 +281,7 @@ pub fn run(fault: Fault, lease: Duration) -> Outcome {
     let frozen_before_fault = asked.elapsed();
 
     let fault_ns = unix_ns();
+    let fault_at = Instant::now();
     match fault {
         Fault::CoordinatorKilled => rig.coordinator.as_mut().expect("coordinator").kill_hard(),
         Fault::CoordinatorStalled => rig.coordinator().signal(Signal::SIGSTOP),
@@ -311,11 +315,13 @@ pub fn run(fault: Fault, lease: Duration) -> Outcome {
         Fault::NetworkCut | Fault::AgentKilled => {}
     }
     let (state, error) = rig.wait_for_end(&id, Duration::from_secs(30));
+    let decided = fault_at.elapsed();
     Outcome {
         fault,
         lease: set_lease,
         thaw_latency,
         frozen_before_fault,
+        decided,
         state,
         error,
     }

@@ -219,6 +219,23 @@ mod direct {
             "{}",
             rig.agent.log()
         );
+        // The stall the agent reports is what its guardian measured (first FIFREEZE → the
+        // guardian's FITHAW), close to what the writer felt — not the later moment the
+        // continued agent looked at it.
+        let thawed = client
+            .thaw_volumes(pb::ThawVolumesRequest {
+                set_id: "hung-1".into(),
+            })
+            .await
+            .expect("thaw")
+            .into_inner();
+        assert_eq!(thawed.end(), pb::FreezeEnd::Guardian, "{thawed:?}");
+        let reported = Duration::from_millis(thawed.write_stall_ms);
+        println!("hung agent: the agent reports a {reported:?} stall, writers felt ≈{blocked:?}");
+        assert!(
+            reported.abs_diff(blocked) < Duration::from_millis(400),
+            "reported {reported:?}, writers blocked {blocked:?}"
+        );
     }
 
     #[test]

@@ -3,7 +3,8 @@
 //! (median and max over the runs), as the markdown table in docs/fault-latencies.md.
 //!
 //! Needs root (loop devices) and the built binaries (`cargo build --workspace --bins`).
-//! Run: `cargo run -p quiesce-integration-tests --bin fault-latencies -- --runs 5`
+//! Run (after `cargo build --workspace --all-targets`):
+//! `QUIESCE_BIN_DIR=$CARGO_TARGET_DIR/debug $CARGO_TARGET_DIR/debug/fault-latencies --runs 5`
 
 use std::time::Duration;
 
@@ -30,11 +31,14 @@ fn main() {
         std::process::exit(1);
     }
     let lease = Duration::from_millis(lease_ms);
-    println!("| fault | thawed by | set lease | runs | median | max | set state |");
-    println!("|---|---|---|---|---|---|---|");
+    println!(
+        "| fault | thawed by | set lease | runs | median | max | set decided (median / max) | set state |"
+    );
+    println!("|---|---|---|---|---|---|---|---|");
     for fault in Fault::ALL {
         let mut latencies = Vec::new();
         let mut states = Vec::new();
+        let mut decided = Vec::new();
         let mut set_lease = lease;
         for _ in 0..runs {
             let outcome = faults::run(fault, lease);
@@ -45,18 +49,22 @@ fn main() {
                 outcome.error
             );
             set_lease = outcome.lease;
+            decided.push(outcome.decided);
             latencies.push(outcome.thaw_latency);
             states.push(outcome.state);
         }
         states.sort();
         states.dedup();
         let (median, max) = median_max(&mut latencies);
+        let (decided_median, decided_max) = median_max(&mut decided);
         println!(
-            "| {fault} | {} | {} ms | {runs} | {} ms | {} ms | {} |",
+            "| {fault} | {} | {} ms | {runs} | {} ms | {} ms | {} ms / {} ms | {} |",
             fault.thawed_by(),
             set_lease.as_millis(),
             median.as_millis(),
             max.as_millis(),
+            decided_median.as_millis(),
+            decided_max.as_millis(),
             states.join(", ")
         );
     }
