@@ -12,13 +12,16 @@ pub mod freeze;
 pub mod freezer;
 pub mod guardian;
 pub mod hooks;
+pub mod lease;
 pub mod metrics;
 pub mod mounts;
 pub mod records;
 pub mod recovery;
 pub mod reflink;
+pub mod safepath;
 pub mod server;
 pub mod service;
+pub mod startup;
 pub mod volumes;
 pub mod watchdog;
 

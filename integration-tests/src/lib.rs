@@ -1023,10 +1023,6 @@ impl GuardedFreezer {
 }
 
 impl Freezer for GuardedFreezer {
-    fn open(&self, mount_point: &Path) -> std::io::Result<OwnedFd> {
-        IoctlFreezer.open(mount_point)
-    }
-
     fn syncfs(&self, fd: std::os::fd::BorrowedFd<'_>) -> std::io::Result<()> {
         IoctlFreezer.syncfs(fd)
     }
