@@ -31,6 +31,7 @@
 pub mod faults;
 pub mod multihost;
 pub mod proxy;
+pub mod safety;
 
 use std::collections::BTreeMap;
 use std::fs::{self, File};
