@@ -62,6 +62,7 @@ pub mod pki;
 pub mod probes;
 pub mod process;
 pub mod proxy;
+pub mod safety;
 pub mod scratch;
 pub mod writer;
 
