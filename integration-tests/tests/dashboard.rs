@@ -166,9 +166,10 @@ fn dashboard_shows_groups_sets_agents_and_backs_up_for_permitted_operators_only(
         pool.add_volume(name, 128, &mount);
         mounts.insert(name, mount);
     }
-    // db1 holds a (group g) and c (group stale); db2 holds b (group g).
+    // db1 holds a, db2 holds b (group g). c is mounted on db1's host but not in its agent's
+    // config: group stale, which names it, fails at plan time (a failure with a cause).
     let mut agents = Vec::new();
-    for (agent, volumes) in [(AGENT, vec!["a", "c"]), (SECOND_AGENT, vec!["b"])] {
+    for (agent, volumes) in [(AGENT, vec!["a"]), (SECOND_AGENT, vec!["b"])] {
         let dir = scratch.mkdir(agent);
         let state_dir = state.join(agent);
         fs::create_dir_all(&state_dir).unwrap();
@@ -215,6 +216,8 @@ fn dashboard_shows_groups_sets_agents_and_backs_up_for_permitted_operators_only(
             coordinator.log()
         );
     }
+    let output = ctl.run(&["backup", "stale"]);
+    assert_eq!(output.status.code(), Some(1), "{}", describe(&output));
     let before = sets_of(&ctl, "g");
     assert_eq!(before.len(), BACKUPS);
     let known_set = before[BACKUPS - 1]["id"].as_str().unwrap().to_owned(); // the oldest
@@ -320,13 +323,25 @@ fn dashboard_shows_groups_sets_agents_and_backs_up_for_permitted_operators_only(
         "oldest on the left: {charted:?}"
     );
     browser.screenshot(&shots.join("group.png"));
+    // The failed group: its one set marked failed in the chart, the cause in the table.
+    browser.navigate(&dashboard.page("/groups/stale"));
+    let failed = browser.eval(
+        "({ marked: document.querySelectorAll('#history g.set.failed rect.failure').length, \
+            cause: (document.querySelector('table.failures td.cause') || {}).textContent || '' })",
+    );
+    assert_eq!(failed["marked"], 1, "{failed}");
+    assert!(
+        failed["cause"].as_str().unwrap().contains(AGENT),
+        "the cause names the member: {failed}"
+    );
+    browser.screenshot(&shots.join("group-failed.png"));
     browser.navigate(&dashboard.page("/agents"));
     let agents_seen = browser.eval(
         "Array.from(document.querySelectorAll('tr.agent')).map(r => [r.dataset.agent, r.dataset.reachable, r.querySelectorAll('.volume').length])",
     );
     assert_eq!(
         agents_seen,
-        serde_json::json!([[AGENT, "true", 2], [SECOND_AGENT, "true", 1]]),
+        serde_json::json!([[AGENT, "true", 1], [SECOND_AGENT, "true", 1]]),
         "{agents_seen}"
     );
     browser.screenshot(&shots.join("agents.png"));

@@ -300,7 +300,8 @@ fn history_chart(sets: &[pb::SnapshotSet], budget_ms: u64) -> String {
         .unwrap_or(0);
     let max = (tallest as f64 * 1.25).max(1.0);
     let y = |v: u64| TOP + plot_h - (v as f64 / max) * plot_h;
-    let slot = plot_w / sets.len().max(1) as f64;
+    // A few sets do not make bars wider than 1/24 of the plot.
+    let slot = plot_w / sets.len().max(24) as f64;
     let mut svg = format!(
         "<svg class=\"history\" id=\"history\" viewBox=\"0 0 {W} {H}\" width=\"{W}\" height=\"{H}\" role=\"img\" aria-label=\"freeze window and write stall per set\">"
     );
@@ -415,7 +416,7 @@ pub async fn group(client: &mut Client, token: &str, name: &str) -> Result<Strin
     );
     let _ = write!(
         body,
-        "<h2>Freeze window and longest write stall, last {} sets</h2>\
+        "<h2>Freeze window and longest write stall, last {} set(s)</h2>\
 <p class=\"legend\"><span class=\"key window\"></span> freeze window (first freeze sent → last thaw returned) \
 <span class=\"key stall\"></span> longest write stall on one host \
 <span class=\"key failure\"></span> failed (hover for the cause) \
