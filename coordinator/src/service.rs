@@ -58,8 +58,9 @@ impl CoordinatorApi for OperatorService {
         request: Request<pb::CreateSetRequest>,
     ) -> Result<Response<pb::CreateSetResponse>, Status> {
         let group = required(&request.get_ref().group, "group")?.to_owned();
-        self.coordinator.group(&group)?;
+        // Authorized first: an operator without a grant learns nothing about other groups.
         self.authorize(&request, pb::Action::Backup, &group)?;
+        self.coordinator.group(&group)?;
         let set_id = self.coordinator.start_set(&group)?;
         Ok(Response::new(pb::CreateSetResponse { set_id }))
     }
@@ -91,8 +92,8 @@ impl CoordinatorApi for OperatorService {
         let who = caller(&request);
         let req = request.into_inner();
         if !req.group.is_empty() {
-            self.coordinator.group(&req.group)?;
             self.policy().check(&who, pb::Action::View, &req.group)?;
+            self.coordinator.group(&req.group)?;
         } else {
             self.policy().check_any(&who, pb::Action::View)?;
         }

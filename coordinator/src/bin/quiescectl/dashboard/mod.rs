@@ -201,10 +201,11 @@ fn same_secret(a: &[u8], b: &[u8]) -> bool {
 fn form_value(body: &[u8], key: &str) -> Option<String> {
     std::str::from_utf8(body).ok()?.split('&').find_map(|pair| {
         let (k, v) = pair.split_once('=')?;
-        (k == key).then(|| percent_decode(v))
+        (k == key).then(|| percent_decode(&v.replace('+', " ")))
     })
 }
 
+/// `%XX` escapes decoded (a `%` not followed by two hex digits is kept as it is).
 fn percent_decode(value: &str) -> String {
     fn hex(b: u8) -> Option<u8> {
         (b as char).to_digit(16).map(|d| d as u8)
@@ -214,7 +215,6 @@ fn percent_decode(value: &str) -> String {
     let mut i = 0;
     while i < bytes.len() {
         match bytes[i] {
-            b'+' => out.push(b' '),
             b'%' if i + 2 < bytes.len() => match (hex(bytes[i + 1]), hex(bytes[i + 2])) {
                 (Some(hi), Some(lo)) => {
                     out.push(hi << 4 | lo);
