@@ -1,14 +1,15 @@
 //! `quiescectl dashboard` against a real coordinator and two real agents (mTLS, loop volumes in
 //! a reflink pool), driven by headless Chromium over the DevTools protocol: the groups page
 //! lists every group with the overdue one badged, a set's timeline has each host's bars in time
-//! order, the group page charts every set, the agents page shows both agents, and "Back up now"
-//! clicked in the browser makes a new consistent set. An operator the coordinator grants only
+//! order, the group page charts every set (a failed one marked with its cause), the agents page
+//! shows both agents, and "Back up now" clicked in the browser makes a new consistent set whose
+//! page follows its phases live. An operator the coordinator grants only
 //! `viewer` sees no action button, and every forged action is refused: no CSRF token, a
 //! foreign Origin, a foreign Host, and (by the coordinator itself) the viewer's own request.
 //!
 //! Screenshots of each page go to `$CARGO_TARGET_TMPDIR/dashboard/` (docs/dashboard.md shows
 //! copies). Needs root (loop devices) and Debian's `chromium` (scripts/test installs it).
-//! Costs about 20 s.
+//! Costs about 25 s (every set pauses 1 s after planning, see below).
 
 use std::collections::BTreeMap;
 use std::fs;
@@ -202,7 +203,14 @@ fn dashboard_shows_groups_sets_agents_and_backs_up_for_permitted_operators_only(
         b = toml_str(&mounts["b"]),
         c = toml_str(&mounts["c"]),
     ));
-    let coordinator = CoordinatorProcess::start(&scratch.mkdir("coordinator"), &pki, &body);
+    // Every set pauses 1 s once planned (nothing prepared or frozen yet), so that the set page
+    // of "Back up now" is seen running and then follows its phases live.
+    let coordinator = CoordinatorProcess::start_with_env(
+        &scratch.mkdir("coordinator"),
+        &pki,
+        &body,
+        &[("QUIESCE_TEST_PAUSE_AFTER", "planned:1s")],
+    );
     let ctl = coordinator.ctl();
     let viewer_ctl = coordinator.ctl_as(&pki.ca(), &pki.cert(VIEWER), &pki.key(VIEWER));
 
@@ -355,10 +363,22 @@ fn dashboard_shows_groups_sets_agents_and_backs_up_for_permitted_operators_only(
         Duration::from_secs(20),
         "location.href + ' ' + document.body.innerText.slice(0, 300)",
     );
+    // Still paused after planning: the page shows the set running. The marker survives only
+    // if the page is never reloaded: what follows arrives in place.
+    let landed = browser
+        .eval("window.__quiesceTestMarker = true; document.getElementById('set').dataset.state");
+    assert_eq!(landed, "running", "the new set's page opens while it runs");
     browser.wait_for(
         "document.getElementById('set').dataset.state === 'consistent'",
         Duration::from_secs(60),
         "document.getElementById('set').dataset.state + ' ' + document.body.innerText.slice(0, 400)",
+    );
+    assert_eq!(
+        browser.eval(
+            "window.__quiesceTestMarker === true && document.getElementById('timeline') !== null"
+        ),
+        true,
+        "phases, verdict and timeline came into the page without a reload"
     );
     let new_set = browser.eval("document.getElementById('set').dataset.set");
     let phases = browser

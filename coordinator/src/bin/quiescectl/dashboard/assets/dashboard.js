@@ -10,8 +10,21 @@
     return reply.json();
   }
 
-  // A set page while its set runs: append each phase as it is reached, then reload for the
-  // finished page (timeline, verdict).
+  // Replaces the page's <main> with a fresh render of this address, in place (no navigation):
+  // the finished set's timeline and verdict appear where the live phases were.
+  async function refreshMain() {
+    const reply = await fetch(window.location.href, { cache: "no-store" });
+    if (!reply.ok) throw new Error(window.location.href + ": " + reply.status);
+    const doc = new DOMParser().parseFromString(await reply.text(), "text/html");
+    const fresh = doc.querySelector("main");
+    const main = document.querySelector("main");
+    if (!fresh || !main) throw new Error("no <main> in the page");
+    main.replaceWith(document.adoptNode(fresh));
+    start();
+  }
+
+  // A set page while its set runs: append each phase as it is reached, then show the finished
+  // page (timeline, verdict) in place.
   function followSet(list) {
     const id = list.dataset.liveSet;
     const created = Number(list.dataset.createdMs || 0);
@@ -33,7 +46,7 @@
         const state = document.getElementById("set-state");
         if (state && set.state) state.textContent = set.state + " (" + set.phase + ")";
         if (set.state && set.state !== "running") {
-          window.location.reload();
+          await refreshMain();
           return;
         }
       } catch (e) {
