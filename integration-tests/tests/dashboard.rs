@@ -478,6 +478,35 @@ fn dashboard_shows_groups_sets_agents_and_backs_up_for_permitted_operators_only(
     let (status, text) = viewer.get(&format!("/api/sets/{known_set}"));
     assert_eq!(status, 200, "{text}");
 
+    // The groups page follows a running set: its live phase, then (reloaded when it ends) the
+    // set as the group's last consistent one.
+    let output = ctl.run(&["backup", "g", "--no-wait"]);
+    assert!(output.status.success(), "{}", describe(&output));
+    let running = String::from_utf8_lossy(&output.stdout).trim().to_owned();
+    browser.navigate(&dashboard.url);
+    let badge = browser.eval(
+        "(() => { const b = document.querySelector('tr[data-group=\"g\"] span[data-live-set]'); \
+                  return b ? [b.dataset.liveSet, b.textContent] : null; })()",
+    );
+    assert_eq!(
+        badge[0],
+        running.as_str(),
+        "the running set is shown: {badge}"
+    );
+    assert!(
+        badge[1].as_str().is_some_and(|p| p.starts_with("plan")),
+        "with its phase (paused after planning): {badge}"
+    );
+    browser.wait_for(
+        &format!(
+            "document.querySelector('tr[data-group=\"g\"]').dataset.last === {:?} && \
+             document.querySelector('tr[data-group=\"g\"]').dataset.running === ''",
+            running
+        ),
+        Duration::from_secs(30),
+        "document.querySelector('tr[data-group=\"g\"]').outerHTML.slice(0, 600)",
+    );
+
     drop(browser);
     drop(viewer);
     drop(dashboard);
