@@ -38,6 +38,9 @@ pub struct Config {
     /// Deadline of one FIFREEZE ioctl (it syncs dirty data first and can block).
     #[serde(default = "default_freeze_timeout", with = "humantime_serde")]
     pub freeze_timeout: Duration,
+    /// Most mount points one request may name (bounds what a request can cost the agent).
+    #[serde(default = "default_max_volumes_per_request")]
+    pub max_volumes_per_request: usize,
     /// The only filesystems this agent will ever freeze.
     #[serde(default, rename = "volume")]
     pub volumes: Vec<VolumeConfig>,
@@ -120,6 +123,14 @@ fn default_max_freeze() -> Duration {
     Duration::from_secs(60)
 }
 
+/// Upper bound of `max-volumes-per-request`: the guardian receives a set's descriptors in one
+/// SCM_RIGHTS message, which carries at most 253.
+pub const MAX_VOLUMES_PER_REQUEST: usize = 250;
+
+fn default_max_volumes_per_request() -> usize {
+    64
+}
+
 fn default_freeze_timeout() -> Duration {
     Duration::from_secs(10)
 }
@@ -193,6 +204,12 @@ impl Config {
         if self.freeze_timeout.is_zero() {
             problems.push("freeze-timeout must be longer than 0s".into());
         }
+        if !(1..=MAX_VOLUMES_PER_REQUEST).contains(&self.max_volumes_per_request) {
+            problems.push(format!(
+                "max-volumes-per-request ({}) must be between 1 and {MAX_VOLUMES_PER_REQUEST}",
+                self.max_volumes_per_request
+            ));
+        }
         let mut seen = HashSet::new();
         for volume in &self.volumes {
             let mount = &volume.mount;
@@ -203,6 +220,16 @@ impl Config {
                 ));
             } else if mount == Path::new("/") {
                 problems.push("volume / is the root filesystem, which is never frozen".into());
+            } else if mount.components().any(|c| {
+                matches!(
+                    c,
+                    std::path::Component::CurDir | std::path::Component::ParentDir
+                )
+            }) {
+                problems.push(format!(
+                    "volume {} must not contain `.` or `..` components",
+                    mount.display()
+                ));
             }
             if !seen.insert(mount) {
                 problems.push(format!("volume {} is listed twice", mount.display()));

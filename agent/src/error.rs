@@ -14,8 +14,29 @@ pub enum Error {
     InvalidArgument(String),
     #[error("{mount} is not an allowed volume of this agent (allowed: {allowed})")]
     NotAllowed { mount: PathBuf, allowed: String },
+    #[error("request over a limit: {got} {what}, at most {max} ({limit})")]
+    OverLimit {
+        what: &'static str,
+        got: usize,
+        max: usize,
+        limit: &'static str,
+    },
     #[error("{mount} is not a mount point right now")]
     NotMounted { mount: PathBuf },
+    #[error("{mount} is refused: its path is not safe")]
+    UnsafePath {
+        mount: PathBuf,
+        #[source]
+        source: crate::safepath::PathError,
+    },
+    #[error(
+        "cannot tell which filesystem holds the agent's {what} ({path}): {why}; refusing every freeze until it can"
+    )]
+    AgentFileUnknown {
+        what: &'static str,
+        path: PathBuf,
+        why: String,
+    },
     #[error("{mount} is the root filesystem, which is never frozen")]
     RootFilesystem { mount: PathBuf },
     #[error(
@@ -84,6 +105,9 @@ impl From<Error> for Status {
     fn from(err: Error) -> Status {
         let code = match &err {
             Error::InvalidArgument(_) => Code::InvalidArgument,
+            Error::OverLimit { .. } => Code::InvalidArgument,
+            Error::UnsafePath { .. } => Code::PermissionDenied,
+            Error::AgentFileUnknown { .. } => Code::FailedPrecondition,
             Error::NotAllowed { .. } => Code::PermissionDenied,
             Error::RootFilesystem { .. } => Code::PermissionDenied,
             Error::HoldsAgentFile { .. } => Code::PermissionDenied,
@@ -106,6 +130,26 @@ impl From<Error> for Status {
         };
         Status::new(code, error_chain(&err))
     }
+}
+
+/// Longest piece of a request an error message echoes back.
+pub const ECHO_MAX_BYTES: usize = 256;
+
+/// `text` cut to [`ECHO_MAX_BYTES`] (on a character boundary), marked when cut.
+pub fn capped(text: &str) -> String {
+    if text.len() <= ECHO_MAX_BYTES {
+        return text.to_owned();
+    }
+    let mut end = ECHO_MAX_BYTES;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}… ({} bytes)", &text[..end], text.len())
+}
+
+/// A requested path, capped for an error message.
+pub fn capped_path(path: &std::path::Path) -> PathBuf {
+    PathBuf::from(capped(&path.to_string_lossy()))
 }
 
 /// The error and all its sources on one line, for the edge (gRPC status, CLI, logs).

@@ -2,26 +2,32 @@
 //!
 //! Per set: `Freezing` → `Frozen` → `Ended(report)`. A set's own async mutex serialises its
 //! transitions; the short-lived `Inner` mutex only guards the maps (set id → session,
-//! filesystem → holder). Blocking ioctls run on the blocking pool, never on the async runtime.
+//! superblock → holder). Blocking work — resolving and checking paths, ioctls — runs on the
+//! blocking pool, never on the async runtime, and at most `VALIDATIONS` requests resolve paths
+//! at once, so a flood of requests costs bounded CPU.
 //!
-//! Nothing in here writes to a frozen filesystem: mount descriptors are opened before the first
-//! FIFREEZE, the freeze record lives on tmpfs, and log lines go to stderr.
+//! Lease and max-freeze expiry do not depend on the runtime at all: once frozen, a set's
+//! descriptors are armed on the [`LeaseTimer`]'s own thread, which thaws at the deadline
+//! whatever the runtime is doing. The async side only learns of it afterwards.
+//!
+//! Nothing in here writes to a frozen filesystem: mount descriptors are opened (and checked)
+//! before the first FIFREEZE, the freeze record lives on tmpfs, and log lines go to stderr.
 
 use std::collections::{HashMap, VecDeque};
 use std::io;
 use std::os::fd::{AsFd, OwnedFd};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use tokio::sync::Mutex as AsyncMutex;
-use tokio::time::Instant;
+use tokio::sync::{Mutex as AsyncMutex, Semaphore};
 use tracing::{error, info, warn};
 
 use crate::config::Config;
 use crate::error::Error;
 use crate::freezer::Freezer;
 use crate::hooks::{HookContext, HookError, HookOutput, HookRegistry, HookSet, PreparedSets};
+use crate::lease::{Disarmed, Expired, LeaseTimer};
 use crate::mounts::{DevId, MountTable};
 use crate::records::{FreezeRecord, RecordStore, RecordedVolume};
 use crate::volumes::{AgentFiles, Volume, resolve_all};
@@ -29,6 +35,13 @@ use crate::watchdog::Watchdog;
 
 /// How many ended sets are remembered, so that a repeated thaw gets the same answer.
 const REMEMBERED_ENDINGS: usize = 256;
+
+/// How many requests resolve and check their paths at the same time (the rest wait, costing
+/// nothing but their place in the queue).
+const VALIDATIONS: usize = 4;
+
+/// Most hooks one request may name.
+pub const MAX_HOOKS_PER_REQUEST: usize = 32;
 
 /// How a freeze ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -120,12 +133,27 @@ pub struct HeldFreeze {
     pub hard_deadline_ms: u64,
 }
 
+/// One frozen superblock, known by the descriptor that was checked and frozen.
 #[derive(Debug)]
 struct HeldVolume {
     mount_point: PathBuf,
+    /// Every path of the request that named this superblock.
+    aliases: Vec<PathBuf>,
     dev: DevId,
     backing_file: Option<PathBuf>,
     fd: Arc<OwnedFd>,
+}
+
+impl HeldVolume {
+    fn from_volume(volume: &Volume) -> Self {
+        HeldVolume {
+            mount_point: volume.mount_point.clone(),
+            aliases: volume.aliases.clone(),
+            dev: volume.dev(),
+            backing_file: volume.backing_file.clone(),
+            fd: volume.fd.clone(),
+        }
+    }
 }
 
 #[derive(Debug)]
@@ -190,6 +218,8 @@ pub struct FreezeManager {
     agent_files: AgentFiles,
     records: RecordStore,
     watchdog: Arc<dyn Watchdog>,
+    timer: LeaseTimer,
+    validations: Semaphore,
     inner: Mutex<Inner>,
     hooks: HookRegistry,
     prepared: Arc<PreparedSets>,
@@ -223,11 +253,13 @@ impl FreezeManager {
         }
         Arc::new(FreezeManager {
             config,
+            timer: LeaseTimer::new(freezer.clone()),
             freezer,
             mounts,
             agent_files,
             records,
             watchdog,
+            validations: Semaphore::new(VALIDATIONS),
             inner: Mutex::new(Inner::default()),
             hooks,
             prepared: Arc::default(),
@@ -250,13 +282,25 @@ impl FreezeManager {
         &self.agent_files
     }
 
-    pub fn resolve(&self, mounts: &[PathBuf]) -> Result<Vec<Volume>, Error> {
-        resolve_all(
-            &self.config,
-            self.mounts.as_ref(),
-            &self.agent_files,
-            mounts,
-        )
+    /// Resolves and checks `mounts` (see `volumes::resolve_all`) on the blocking pool, at most
+    /// `VALIDATIONS` requests at a time. The checks that cost nothing (how many, how long,
+    /// listed at all) are made first, before waiting for a turn.
+    pub async fn resolve(&self, mounts: &[PathBuf]) -> Result<Vec<Volume>, Error> {
+        crate::volumes::check_request(&self.config, mounts)?;
+        let _turn = self
+            .validations
+            .acquire()
+            .await
+            .map_err(|_| Error::ShuttingDown)?;
+        let config = self.config.clone();
+        let table = self.mounts.clone();
+        let files = self.agent_files.clone();
+        let mounts = mounts.to_vec();
+        tokio::task::spawn_blocking(move || resolve_all(&config, table.as_ref(), &files, &mounts))
+            .await
+            .unwrap_or_else(|join| {
+                Err(Error::InvalidArgument(format!("resolution failed: {join}")))
+            })
     }
 
     /// Outside any freeze: syncfs each volume so that FIFREEZE has little left to flush.
@@ -265,7 +309,8 @@ impl FreezeManager {
     }
 
     /// `prepare`, then the prepare phase of every named hook: their sessions wait, keyed by
-    /// set id, for the freeze (or are dropped after max-freeze if it never comes).
+    /// set id, for the freeze (or are dropped after max-freeze if it never comes). A volume
+    /// some set holds frozen is refused (never a syncfs on a frozen filesystem).
     pub async fn prepare_with_hooks(
         &self,
         set_id: &str,
@@ -273,13 +318,22 @@ impl FreezeManager {
         hooks: &[String],
     ) -> Result<Duration, Error> {
         validate_set_id(set_id)?;
+        validate_hook_names(hooks)?;
         let started = Instant::now();
+        let volumes = self.resolve(mounts).await?;
+        for volume in &volumes {
+            if let Some(holder) = self.holder_of(volume.dev()) {
+                return Err(Error::Busy {
+                    mount: volume.mount_point.clone(),
+                    holder,
+                });
+            }
+        }
         if !hooks.is_empty() {
             let ctx = HookContext {
                 set_id: set_id.to_owned(),
                 mounts: mounts.to_vec(),
             };
-            self.resolve(mounts)?;
             let set = HookSet::prepare(&self.hooks, hooks, &ctx).await?;
             let ttl = self.config.max_freeze;
             for mut stale in self.prepared.insert(set, ttl) {
@@ -297,15 +351,12 @@ impl FreezeManager {
                 }
             });
         }
-        for volume in self.resolve(mounts)? {
+        for volume in volumes {
             let freezer = self.freezer.clone();
-            let mount = volume.mount_point.clone();
-            let result = tokio::task::spawn_blocking(move || {
-                let fd = freezer.open(&mount)?;
-                freezer.syncfs(fd.as_fd())
-            })
-            .await
-            .unwrap_or_else(|join| Err(io::Error::other(join)));
+            let fd = volume.fd.clone();
+            let result = tokio::task::spawn_blocking(move || freezer.syncfs(fd.as_fd()))
+                .await
+                .unwrap_or_else(|join| Err(io::Error::other(join)));
             result.map_err(|source| Error::Sync {
                 mount: volume.mount_point.clone(),
                 source,
@@ -335,34 +386,19 @@ impl FreezeManager {
         hooks: &[String],
     ) -> Result<FreezeInfo, Error> {
         validate_set_id(set_id)?;
-        let volumes = self.resolve(mounts)?;
+        validate_hook_names(hooks)?;
+        // Every mount point is opened and checked here, before anything is frozen; from now on
+        // the descriptors are all the agent uses.
+        let volumes = self.resolve(mounts).await?;
         let lease = lease
             .filter(|lease| !lease.is_zero())
             .unwrap_or(self.config.default_lease)
             .min(self.config.max_freeze);
 
-        // Open every mount point before anything is frozen.
-        let mut held = Vec::with_capacity(volumes.len());
-        for volume in &volumes {
-            let fd = self
-                .freezer
-                .open(&volume.mount_point)
-                .map_err(|source| Error::Open {
-                    mount: volume.mount_point.clone(),
-                    source,
-                })?;
-            held.push(HeldVolume {
-                mount_point: volume.mount_point.clone(),
-                dev: volume.dev(),
-                backing_file: volume.backing_file.clone(),
-                fd: Arc::new(fd),
-            });
-        }
-
         let now = Instant::now();
         let session = Arc::new(AsyncMutex::new(Session {
             set_id: set_id.to_owned(),
-            volumes: held,
+            volumes: volumes.iter().map(HeldVolume::from_volume).collect(),
             phase: Phase::Freezing,
             freeze_started: now,
             freeze_started_at_ms: unix_ms(),
@@ -463,6 +499,14 @@ impl FreezeManager {
         guard.hard_deadline = freeze_started + self.config.max_freeze;
         guard.lease_deadline = (frozen + lease).min(guard.hard_deadline);
         guard.phase = Phase::Frozen;
+        // From here on the lease thread holds the deadlines: it thaws at the first of them
+        // whatever this runtime is doing.
+        let expired = self.timer.arm(
+            set_id,
+            guard.volumes.iter().map(|v| v.fd.clone()).collect(),
+            guard.lease_deadline,
+            guard.hard_deadline,
+        );
         crate::metrics::METRICS.frozen(frozen.duration_since(freeze_started));
         let info = guard.info();
         drop(guard);
@@ -472,7 +516,7 @@ impl FreezeManager {
             lease_ms = lease.as_millis() as u64,
             "frozen"
         );
-        self.spawn_lease_timer(session);
+        self.watch_expiry(session, expired);
         Ok(info)
     }
 
@@ -489,7 +533,7 @@ impl FreezeManager {
                 .iter()
                 .all(|v| session.volumes.iter().any(|h| h.dev == v.dev()));
         match session.phase {
-            Phase::Frozen if same => Ok(session.info()),
+            Phase::Frozen if same && self.timer.is_armed(set_id) => Ok(session.info()),
             _ => Err(Error::SetConflict {
                 set_id: set_id.to_owned(),
             }),
@@ -599,23 +643,42 @@ impl FreezeManager {
             .unwrap_or_else(|join| Err(io::Error::other(join)))
     }
 
-    /// Thaws every volume of a frozen session in reverse order and ends it.
-    async fn end(&self, session: &mut Session, end: FreezeEnd) -> ThawReport {
+    /// Ends a frozen session: takes it back from the lease thread and thaws every volume in
+    /// reverse order — or, if the lease thread got there first, reports the expiry it thawed
+    /// at. Then resumes the hooks and releases the set.
+    async fn end(&self, session: &mut Session, asked: FreezeEnd) -> ThawReport {
         let thaw_started = Instant::now();
-        let mut external = false;
-        let mut failed = false;
-        for volume in session.volumes.iter().rev() {
-            match self.thaw_one(volume).await {
-                Ok(()) => {}
-                Err(e) if e.raw_os_error() == Some(libc::EINVAL) => external = true,
-                Err(e) => {
-                    failed = true;
-                    error!(set_id = %session.set_id, mount = %volume.mount_point.display(), error = %e, "FITHAW failed");
-                }
+        let (end, external, failed, thawed_at, thawed_at_ms) = match self
+            .timer
+            .disarm(&session.set_id)
+        {
+            Disarmed::Fired(expiry) => {
+                let end = match expiry.why {
+                    Expired::Lease => FreezeEnd::LeaseExpired,
+                    Expired::MaxFreeze => FreezeEnd::MaxFreeze,
+                };
+                let at = expiry.thawed_at;
+                (end, expiry.external, expiry.failed, at, expiry.thawed_at_ms)
             }
-        }
-        let mut thawed_at_ms = unix_ms();
-        let mut write_stall_ms = session.freeze_started.elapsed().as_millis() as u64;
+            Disarmed::Armed | Disarmed::Unknown => {
+                let (mut external, mut failed) = (false, false);
+                for volume in session.volumes.iter().rev() {
+                    match self.thaw_one(volume).await {
+                        Ok(()) => {}
+                        Err(e) if e.raw_os_error() == Some(libc::EINVAL) => external = true,
+                        Err(e) => {
+                            failed = true;
+                            error!(set_id = %session.set_id, mount = %volume.mount_point.display(), error = %e, "FITHAW failed");
+                        }
+                    }
+                }
+                (asked, external, failed, Instant::now(), unix_ms())
+            }
+        };
+        let mut thawed_at_ms = thawed_at_ms;
+        let mut write_stall_ms = thawed_at
+            .saturating_duration_since(session.freeze_started)
+            .as_millis() as u64;
         // The guardian thawed first (this agent hung past max-freeze): its FITHAW ended the
         // stall, not this late look at it.
         let guardian = crate::thaw_marks::take(self.records.dir(), &session.set_id);
@@ -652,8 +715,7 @@ impl FreezeManager {
             report.write_stall_ms,
         );
         self.forget(&session.set_id.clone(), session);
-        // Close the mount descriptors now: an ended set must not keep its filesystems busy
-        // (umount would fail with EBUSY until the lease timer task wakes up).
+        // Close the mount descriptors now: an ended set must not keep its filesystems busy.
         session.volumes.clear();
         match end {
             FreezeEnd::Thawed => {
@@ -666,31 +728,22 @@ impl FreezeManager {
         report
     }
 
-    fn spawn_lease_timer(self: &Arc<Self>, session: Arc<AsyncMutex<Session>>) {
+    /// Once the lease thread has thawed a set (its receiver fires), finish it here: resume
+    /// hooks, release the set. A set disarmed first drops the sender and this task ends.
+    fn watch_expiry(
+        self: &Arc<Self>,
+        session: Arc<AsyncMutex<Session>>,
+        expired: tokio::sync::oneshot::Receiver<()>,
+    ) {
         let manager = self.clone();
         tokio::spawn(async move {
-            loop {
-                let deadline = {
-                    let s = session.lock().await;
-                    if !matches!(s.phase, Phase::Frozen) {
-                        return;
-                    }
-                    s.lease_deadline.min(s.hard_deadline)
-                };
-                tokio::time::sleep_until(deadline).await;
-                let mut s = session.lock().await;
-                if !matches!(s.phase, Phase::Frozen) {
-                    return;
-                }
-                let now = Instant::now();
-                if now >= s.hard_deadline {
-                    manager.end(&mut s, FreezeEnd::MaxFreeze).await;
-                    return;
-                }
-                if now >= s.lease_deadline {
-                    manager.end(&mut s, FreezeEnd::LeaseExpired).await;
-                    return;
-                }
+            if expired.await.is_err() {
+                return;
+            }
+            let mut s = session.lock().await;
+            if matches!(s.phase, Phase::Frozen) {
+                // `end` finds the expiry the lease thread recorded.
+                manager.end(&mut s, FreezeEnd::LeaseExpired).await;
             }
         });
     }
@@ -742,8 +795,12 @@ impl FreezeManager {
         Ok(prepared.filter(|set| !set.is_empty()))
     }
 
-    /// Pushes the lease out by `lease` from now, never past the hard deadline.
-    pub async fn renew(&self, set_id: &str, lease: Option<Duration>) -> Result<FreezeInfo, Error> {
+    /// A frozen session, or why not. A set the lease thread has thawed (but the async side
+    /// has not finished yet) is finished here and refused.
+    async fn frozen_session(
+        &self,
+        set_id: &str,
+    ) -> Result<tokio::sync::OwnedMutexGuard<Session>, Error> {
         let not_frozen = |state: String| Error::NotFrozen {
             set_id: set_id.to_owned(),
             state,
@@ -751,14 +808,34 @@ impl FreezeManager {
         let Some(session) = self.session(set_id) else {
             return Err(not_frozen(self.ended_state(set_id)));
         };
-        let mut s = session.lock().await;
+        let mut s = session.lock_owned().await;
         if !matches!(s.phase, Phase::Frozen) {
             return Err(not_frozen(s.state_name()));
         }
+        if !self.timer.is_armed(set_id) {
+            self.end(&mut s, FreezeEnd::LeaseExpired).await;
+            return Err(not_frozen(s.state_name()));
+        }
+        Ok(s)
+    }
+
+    /// Pushes the lease out by `lease` from now, never past the hard deadline.
+    pub async fn renew(&self, set_id: &str, lease: Option<Duration>) -> Result<FreezeInfo, Error> {
+        validate_set_id(set_id)?;
+        let mut s = self.frozen_session(set_id).await?;
         let lease = lease
             .filter(|lease| !lease.is_zero())
             .unwrap_or(self.config.default_lease);
-        s.lease_deadline = (Instant::now() + lease).min(s.hard_deadline);
+        let deadline = (Instant::now() + lease).min(s.hard_deadline);
+        if self.timer.renew(set_id, deadline).is_err() {
+            // The lease thread thawed it a moment ago.
+            self.end(&mut s, FreezeEnd::LeaseExpired).await;
+            return Err(Error::NotFrozen {
+                set_id: set_id.to_owned(),
+                state: s.state_name(),
+            });
+        }
+        s.lease_deadline = deadline;
         Ok(s.info())
     }
 
@@ -792,57 +869,51 @@ impl FreezeManager {
     }
 
     /// The mount points (and loop backing files) a frozen set holds, checking `mounts` is a
-    /// subset of them.
+    /// subset of the paths its freeze named.
     pub async fn frozen_volumes(
         &self,
         set_id: &str,
         mounts: &[PathBuf],
     ) -> Result<Vec<(PathBuf, DevId, Option<PathBuf>)>, Error> {
-        let not_frozen = |state: String| Error::NotFrozen {
-            set_id: set_id.to_owned(),
-            state,
-        };
-        let session = self
-            .session(set_id)
-            .ok_or_else(|| not_frozen(self.ended_state(set_id)))?;
-        let s = session.lock().await;
-        if !matches!(s.phase, Phase::Frozen) {
-            return Err(not_frozen(s.state_name()));
-        }
-        let all: Vec<_> = s
-            .volumes
-            .iter()
-            .map(|v| (v.mount_point.clone(), v.dev, v.backing_file.clone()))
-            .collect();
+        validate_set_id(set_id)?;
+        check_paths(
+            "mount points in one request",
+            mounts,
+            self.config.max_volumes_per_request,
+        )?;
+        let s = self.frozen_session(set_id).await?;
         if mounts.is_empty() {
-            return Ok(all);
+            return Ok(s
+                .volumes
+                .iter()
+                .map(|v| (v.mount_point.clone(), v.dev, v.backing_file.clone()))
+                .collect());
         }
         mounts
             .iter()
             .map(|mount| {
-                let dev = self
-                    .mounts
-                    .at(mount)?
-                    .map(|entry| entry.dev)
-                    .ok_or_else(|| Error::NotMounted {
-                        mount: mount.clone(),
-                    })?;
-                let (_, dev, backing) =
-                    all.iter().find(|(_, d, _)| *d == dev).ok_or_else(|| {
+                let held = s
+                    .volumes
+                    .iter()
+                    .find(|v| v.aliases.contains(mount))
+                    .ok_or_else(|| {
                         Error::InvalidArgument(format!(
                             "{} is not frozen by set {set_id}",
-                            mount.display()
+                            crate::error::capped_path(mount).display()
                         ))
                     })?;
-                Ok((mount.clone(), *dev, backing.clone()))
+                Ok((mount.clone(), held.dev, held.backing_file.clone()))
             })
             .collect()
     }
 
-    /// Whether the set still holds its freeze (checked after a snapshot returns).
+    /// Whether the set still holds its freeze (checked after a snapshot returns): frozen, and
+    /// its deadline has not passed on the lease thread.
     pub async fn is_frozen(&self, set_id: &str) -> bool {
         match self.session(set_id) {
-            Some(session) => matches!(session.lock().await.phase, Phase::Frozen),
+            Some(session) => {
+                matches!(session.lock().await.phase, Phase::Frozen) && self.timer.is_armed(set_id)
+            }
             None => false,
         }
     }
@@ -861,7 +932,7 @@ impl FreezeManager {
         let mut held = Vec::new();
         for session in sessions {
             let s = session.lock().await;
-            if matches!(s.phase, Phase::Frozen) {
+            if matches!(s.phase, Phase::Frozen) && self.timer.is_armed(&s.set_id) {
                 let info = s.info();
                 held.push(HeldFreeze {
                     set_id: s.set_id.clone(),
@@ -907,8 +978,58 @@ pub fn validate_set_id(set_id: &str) -> Result<(), Error> {
         Ok(())
     } else {
         Err(Error::InvalidArgument(format!(
-            "set id {set_id:?} must be 1-128 characters of [A-Za-z0-9._-], not starting with '.'"
+            "set id {:?} must be 1-128 characters of [A-Za-z0-9._-], not starting with '.'",
+            crate::error::capped(set_id)
         )))
+    }
+}
+
+/// Hook names in a request: at most [`MAX_HOOKS_PER_REQUEST`], each a valid hook name.
+pub fn validate_hook_names(hooks: &[String]) -> Result<(), Error> {
+    if hooks.len() > MAX_HOOKS_PER_REQUEST {
+        return Err(Error::OverLimit {
+            what: "hooks in one request",
+            got: hooks.len(),
+            max: MAX_HOOKS_PER_REQUEST,
+            limit: "hooks per request",
+        });
+    }
+    if let Some(bad) = hooks.iter().find(|h| !crate::hooks::valid_hook_name(h)) {
+        return Err(Error::InvalidArgument(format!(
+            "hook name {:?} must be 1-64 characters of [A-Za-z0-9_-]",
+            crate::error::capped(bad)
+        )));
+    }
+    Ok(())
+}
+
+/// Paths in a request (snapshot ids, target directories): at most `max`, each at most
+/// PATH_MAX bytes.
+pub fn check_paths(what: &'static str, paths: &[PathBuf], max: usize) -> Result<(), Error> {
+    if paths.len() > max {
+        return Err(Error::OverLimit {
+            what,
+            got: paths.len(),
+            max,
+            limit: "max-volumes-per-request",
+        });
+    }
+    check_path_lengths(paths.iter().map(|p| p.as_os_str().len()))
+}
+
+/// Every length at most PATH_MAX.
+pub fn check_path_lengths(lengths: impl IntoIterator<Item = usize>) -> Result<(), Error> {
+    match lengths
+        .into_iter()
+        .find(|len| *len > crate::safepath::MAX_PATH_BYTES)
+    {
+        Some(got) => Err(Error::OverLimit {
+            what: "bytes in a path",
+            got,
+            max: crate::safepath::MAX_PATH_BYTES,
+            limit: "PATH_MAX",
+        }),
+        None => Ok(()),
     }
 }
 
@@ -984,7 +1105,7 @@ mod tests {
                 .iter()
                 .enumerate()
                 .map(|(i, (path, dev))| MountEntry {
-                    mount_id: i as u32,
+                    mount_id: i as u64,
                     dev: *dev,
                     root: "/".into(),
                     mount_point: path.clone(),
@@ -995,6 +1116,12 @@ mod tests {
         }
         fn loop_backing_file(&self, _dev: DevId) -> Option<PathBuf> {
             None
+        }
+        fn open_mount(
+            &self,
+            path: &std::path::Path,
+        ) -> Result<crate::mounts::OpenedMount, crate::safepath::PathError> {
+            crate::volumes::tests::fake_open(&self.entries().unwrap(), &[], path)
         }
     }
 
@@ -1241,6 +1368,85 @@ mod tests {
         assert_eq!(report.end, FreezeEnd::MaxFreeze);
         assert!(!f.freezer.is_frozen(&f.mounts[0]));
         assert!(started.elapsed() < Duration::from_millis(900));
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_stalled_runtime_does_not_delay_the_lease() {
+        let f = fixture(1, |_| {});
+        f.manager
+            .freeze("s1", &f.mounts, Some(Duration::from_millis(100)))
+            .await
+            .unwrap();
+        // Block the only runtime thread well past the lease, as a flood of request work would.
+        std::thread::sleep(Duration::from_millis(400));
+        assert!(
+            !f.freezer.is_frozen(&f.mounts[0]),
+            "the lease thread thawed while the runtime was stalled"
+        );
+        let report = f.manager.thaw("s1").await;
+        assert_eq!(report.end, FreezeEnd::LeaseExpired);
+        assert!(!report.held_continuously);
+        assert!(
+            report.write_stall_ms < 350,
+            "stall measured to the lease thread's FITHAW: {}",
+            report.write_stall_ms
+        );
+        let thaws = f
+            .freezer
+            .calls()
+            .into_iter()
+            .filter(|c| matches!(c, Call::Thaw(_)))
+            .count();
+        assert_eq!(thaws, 1, "thawed once, by the lease thread");
+    }
+
+    #[tokio::test]
+    async fn a_renewal_or_snapshot_check_after_expiry_is_refused() {
+        let f = fixture(1, |_| {});
+        f.manager
+            .freeze("s1", &f.mounts, Some(Duration::from_millis(50)))
+            .await
+            .unwrap();
+        std::thread::sleep(Duration::from_millis(200));
+        assert!(!f.manager.is_frozen("s1").await);
+        let err = f.manager.frozen_volumes("s1", &[]).await.unwrap_err();
+        assert!(err.to_string().contains("lease-expired"), "{err}");
+        assert!(f.manager.held().await.is_empty());
+    }
+
+    #[tokio::test]
+    async fn prepare_refuses_a_volume_another_set_holds_frozen() {
+        let f = fixture(2, |_| {});
+        f.manager.freeze("s1", &f.mounts[..1], None).await.unwrap();
+        let err = f.manager.prepare("s2", &f.mounts).await.unwrap_err();
+        assert!(matches!(err, Error::Busy { .. }), "{err}");
+        assert!(
+            !f.freezer.calls().iter().any(|c| matches!(c, Call::Sync(_))),
+            "no syncfs on a frozen filesystem"
+        );
+        f.manager.thaw("s1").await;
+    }
+
+    #[tokio::test]
+    async fn oversized_requests_are_refused_before_any_work() {
+        let f = fixture(1, |config| config.max_volumes_per_request = 3);
+        let many = vec![f.mounts[0].clone(); 4];
+        let err = f.manager.freeze("s1", &many, None).await.unwrap_err();
+        assert!(err.to_string().contains("max-volumes-per-request"), "{err}");
+        let hooks: Vec<String> = (0..40).map(|i| format!("h{i}")).collect();
+        let err = f
+            .manager
+            .prepare_with_hooks("s1", &f.mounts, &hooks)
+            .await
+            .unwrap_err();
+        assert!(err.to_string().contains("hooks per request"), "{err}");
+        let err = f
+            .manager
+            .renew(&"x".repeat(10_000), None)
+            .await
+            .unwrap_err();
+        assert!(err.to_string().len() < 600, "the echo is capped");
+        assert!(f.freezer.calls().is_empty());
     }
 
     #[tokio::test]

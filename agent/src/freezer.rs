@@ -11,15 +11,10 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use nix::fcntl::{OFlag, open};
-use nix::sys::stat::Mode;
-
-/// Opens, syncs, freezes and thaws filesystems through a descriptor of their mount point.
+/// Syncs, freezes and thaws filesystems through a descriptor of their mount point — the one
+/// `volumes::resolve_all` opened and checked; nothing here opens anything by name.
 /// Implementations block; callers run them off the async runtime.
 pub trait Freezer: Send + Sync + 'static {
-    /// Opens the mount point directory. Done before any freeze: nothing is opened on a frozen
-    /// filesystem.
-    fn open(&self, mount_point: &Path) -> io::Result<OwnedFd>;
     fn syncfs(&self, fd: BorrowedFd<'_>) -> io::Result<()>;
     fn freeze(&self, fd: BorrowedFd<'_>) -> io::Result<()>;
     fn thaw(&self, fd: BorrowedFd<'_>) -> io::Result<()>;
@@ -31,16 +26,11 @@ mod ioctl {
     nix::ioctl_readwrite!(fithaw, b'X', 120, libc::c_int);
 }
 
-/// Opens a mount point for the ioctls: a read-only directory descriptor, no atime update.
+/// Opens a mount point for the ioctls (a read-only directory descriptor, no atime update) the
+/// way the agent does: no symlink anywhere on the path, every directory above it safe from
+/// non-root users (`safepath::open_mount_point`).
 pub fn open_mount_point(mount_point: &Path) -> io::Result<OwnedFd> {
-    let flags = OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC | OFlag::O_NOATIME;
-    match open(mount_point, flags, Mode::empty()) {
-        // O_NOATIME is refused for files we do not own (EPERM) outside root.
-        Err(nix::errno::Errno::EPERM) => {
-            Ok(open(mount_point, flags - OFlag::O_NOATIME, Mode::empty())?)
-        }
-        other => Ok(other?),
-    }
+    crate::safepath::open_mount_point(mount_point).map_err(io::Error::other)
 }
 
 /// Issues FITHAW on `fd`. Shared with the guardian process, which must thaw with nothing but
@@ -58,10 +48,6 @@ pub fn fithaw(fd: BorrowedFd<'_>) -> io::Result<()> {
 pub struct IoctlFreezer;
 
 impl Freezer for IoctlFreezer {
-    fn open(&self, mount_point: &Path) -> io::Result<OwnedFd> {
-        open_mount_point(mount_point)
-    }
-
     fn syncfs(&self, fd: BorrowedFd<'_>) -> io::Result<()> {
         // SAFETY: `fd` is a valid descriptor for the duration of the call.
         let rc = unsafe { libc::syncfs(fd.as_raw_fd()) };
@@ -93,8 +79,9 @@ pub enum Call {
     Thaw(PathBuf),
 }
 
-/// A hand-written fake: records calls, keeps a frozen flag per mount point with the kernel's
-/// EBUSY/EINVAL semantics, and injects errors and delays.
+/// A hand-written fake: records calls, keeps a frozen flag per mount point (the path its
+/// descriptor names in `/proc/self/fd`) with the kernel's EBUSY/EINVAL semantics, and injects
+/// errors and delays.
 #[derive(Debug, Default, Clone)]
 pub struct FakeFreezer {
     inner: Arc<Mutex<FakeState>>,
@@ -102,7 +89,6 @@ pub struct FakeFreezer {
 
 #[derive(Debug, Default)]
 struct FakeState {
-    by_fd: HashMap<i32, PathBuf>,
     frozen: HashMap<PathBuf, bool>,
     calls: Vec<Call>,
     fail_freeze: HashMap<PathBuf, i32>,
@@ -142,23 +128,12 @@ impl FakeFreezer {
     }
 
     fn path_of(&self, fd: BorrowedFd<'_>) -> PathBuf {
-        let state = self.inner.lock().unwrap();
-        state
-            .by_fd
-            .get(&fd.as_raw_fd())
-            .cloned()
-            .unwrap_or_else(|| PathBuf::from(format!("<fd {}>", fd.as_raw_fd())))
+        std::fs::read_link(format!("/proc/self/fd/{}", fd.as_raw_fd()))
+            .unwrap_or_else(|_| PathBuf::from(format!("<fd {}>", fd.as_raw_fd())))
     }
 }
 
 impl Freezer for FakeFreezer {
-    fn open(&self, mount_point: &Path) -> io::Result<OwnedFd> {
-        let fd = open_mount_point(mount_point)?;
-        let mut state = self.inner.lock().unwrap();
-        state.by_fd.insert(fd.as_raw_fd(), mount_point.to_owned());
-        Ok(fd)
-    }
-
     fn syncfs(&self, fd: BorrowedFd<'_>) -> io::Result<()> {
         let path = self.path_of(fd);
         self.inner.lock().unwrap().calls.push(Call::Sync(path));

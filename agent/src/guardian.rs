@@ -28,8 +28,9 @@ use crate::freezer::fithaw;
 use crate::records::RecordStore;
 use crate::watchdog::Watchdog;
 
-/// Most descriptors one message carries (volumes per set).
-const MAX_FDS: usize = 64;
+/// Most descriptors one message carries (volumes per set): `max-volumes-per-request` is
+/// capped at this, below the kernel's SCM_MAX_FD (253).
+const MAX_FDS: usize = crate::config::MAX_VOLUMES_PER_REQUEST;
 
 /// The agent's end: a `Watchdog` that talks to the guardian process.
 pub struct Guardian {

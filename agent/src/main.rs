@@ -12,9 +12,10 @@ use quiesce_agent::freeze::FreezeManager;
 use quiesce_agent::freezer::{Freezer, IoctlFreezer};
 use quiesce_agent::guardian::Guardian;
 use quiesce_agent::mounts::{MountTable, ProcMountTable};
-use quiesce_agent::records::{RecordStore, is_memory_fs};
+use quiesce_agent::records::RecordStore;
 use quiesce_agent::recovery::{self, Outcome};
-use quiesce_agent::volumes::{AgentFiles, resolve};
+use quiesce_agent::startup;
+use quiesce_agent::volumes::AgentFiles;
 use quiesce_proto::systemd;
 use quiesce_proto::tls_reload::ReloadableServerTls;
 
@@ -116,44 +117,6 @@ fn init_logging(format: &str) {
     }
 }
 
-/// Config problems plus host problems (state dir not on tmpfs, volumes that cannot be frozen).
-fn all_problems(config: &Config, insecure: bool) -> Vec<String> {
-    let mut problems = config.problems(insecure);
-    match is_memory_fs(&config.state_dir) {
-        Ok(true) => {}
-        Ok(false) => problems.push(format!(
-            "state-dir {} is not on tmpfs: freeze records must never be written to a disk filesystem",
-            config.state_dir.display()
-        )),
-        Err(e) => problems.push(format!(
-            "state-dir {}: {e}",
-            config.state_dir.display()
-        )),
-    }
-    let table = ProcMountTable::host();
-    let files = AgentFiles::discover(&config.state_dir);
-    for volume in &config.volumes {
-        if let Err(e) = resolve(config, &table, &files, &volume.mount) {
-            problems.push(error_chain(&e));
-        }
-    }
-    for (name, hook) in &config.hooks {
-        problems.extend(hook.file_problems(name));
-    }
-    problems
-}
-
-/// A config that defines hooks names credentials files and scripts: it must be private too.
-fn config_file_problems(path: &Path, config: &Config) -> Vec<String> {
-    if config.hooks.is_empty() {
-        return Vec::new();
-    }
-    match quiesce_agent::hooks::check_private_file(path) {
-        Ok(()) => Vec::new(),
-        Err(e) => vec![format!("config file (it defines hooks): {e}")],
-    }
-}
-
 fn load(path: &Path) -> Result<Config, ExitCode> {
     Config::load(path).map_err(|e| {
         eprintln!("quiesce-agent: {}", error_chain(&e));
@@ -166,14 +129,13 @@ fn check_config(path: &Path, insecure: bool) -> ExitCode {
         Ok(config) => config,
         Err(code) => return code,
     };
-    let mut problems = all_problems(&config, insecure);
-    problems.extend(config_file_problems(path, &config));
-    if problems.is_empty() {
+    let report = startup::check(path, &config, insecure);
+    if report.is_ok() {
         println!("{}: ok ({} volumes)", path.display(), config.volumes.len());
         ExitCode::SUCCESS
     } else {
-        eprintln!("{}: {} problem(s):", path.display(), problems.len());
-        for problem in &problems {
+        eprintln!("{}: {} problem(s):", path.display(), report.problems.len());
+        for problem in &report.problems {
             eprintln!("  - {problem}");
         }
         ExitCode::from(EXIT_CONFIG)
@@ -183,7 +145,7 @@ fn check_config(path: &Path, insecure: bool) -> ExitCode {
 fn thaw(path: &Path, mount: Option<&Path>) -> ExitCode {
     let freezer = IoctlFreezer;
     if let Some(mount) = mount {
-        let outcome = recovery::thaw_path(&freezer, mount);
+        let outcome = recovery::thaw_path(&freezer, &ProcMountTable::host(), mount);
         println!("{}: {:?}", mount.display(), outcome);
         return match outcome {
             Outcome::Failed(_) => ExitCode::FAILURE,
@@ -223,23 +185,13 @@ fn run(path: &Path, insecure: bool) -> anyhow::Result<ExitCode> {
         Ok(config) => config,
         Err(code) => return Ok(code),
     };
-    let mut problems = config.problems(insecure);
-    problems.extend(config_file_problems(path, &config));
-    let tmpfs = is_memory_fs(&config.state_dir).unwrap_or(false);
-    if !problems.is_empty() || !tmpfs {
-        for problem in &problems {
+    // Exactly what `check-config` refuses.
+    let report = startup::check(path, &config, insecure);
+    if !report.is_ok() {
+        for problem in &report.problems {
             tracing::error!("config: {problem}");
         }
-        if !tmpfs {
-            tracing::error!(
-                "state-dir {} must exist on tmpfs",
-                config.state_dir.display()
-            );
-        }
         return Ok(ExitCode::from(EXIT_CONFIG));
-    }
-    for problem in all_problems(&config, insecure) {
-        tracing::warn!("{problem}");
     }
     if insecure {
         tracing::warn!("--insecure: serving plain-text gRPC with no client authentication");
@@ -270,8 +222,7 @@ fn run(path: &Path, insecure: bool) -> anyhow::Result<ExitCode> {
             }
             _ => None,
         };
-        let listener = tokio::net::TcpListener::bind(config.listen)
-            .await
+        let listener = quiesce_agent::server::bind(config.listen)
             .with_context(|| format!("binding {}", config.listen))?;
         tracing::info!(listen = %listener.local_addr()?, volumes = config.volumes.len(), "agent ready");
         if let Some(addr) = config.metrics_listen {

@@ -1,14 +1,22 @@
-//! Which filesystems exist on this host: `/proc/self/mountinfo` and loop device backing files.
+//! Which filesystems exist on this host: `/proc/self/mountinfo` and loop device backing files,
+//! and which mount and superblock a descriptor the agent holds lives on.
 //!
 //! Paths are parameters so that unit tests feed a fake tree from a temp dir.
 
 use std::fmt;
 use std::io;
-use std::os::unix::fs::MetadataExt;
+use std::os::fd::{BorrowedFd, OwnedFd};
 use std::path::{Path, PathBuf};
 
-/// A filesystem's device number, as `st_dev` and mountinfo's `major:minor` name it. Two mounts
-/// with the same `DevId` are one superblock (bind mounts, a device mounted twice): frozen once.
+use crate::safepath::{self, PathError};
+
+/// A superblock: the `major:minor` that `/proc/self/mountinfo` shows for every mount of one
+/// filesystem. Two mounts with the same `DevId` are one superblock (bind mounts, a device
+/// mounted twice, every subvolume of one btrfs): FIFREEZE on either freezes both.
+///
+/// Never compare it with `stat()`'s `st_dev`: btrfs gives every subvolume an anonymous device
+/// number of its own (stat 0:41 where mountinfo says 0:40). [`DevId::of_path`] and
+/// [`DevId::of_fd`] find the mount through `statx(STATX_MNT_ID)` instead.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct DevId {
     pub major: u32,
@@ -16,9 +24,17 @@ pub struct DevId {
 }
 
 impl DevId {
+    /// The superblock holding `path` (symlinks followed): the mountinfo `major:minor` of the
+    /// mount `statx` says the path lives on.
     pub fn of_path(path: &Path) -> io::Result<DevId> {
-        let dev = std::fs::metadata(path)?.dev();
-        Ok(DevId::from_raw(dev))
+        let mount = safepath::mount_of_path(path).map_err(io::Error::other)?;
+        superblock_of(&ProcMountTable::host(), mount.mount_id, path)
+    }
+
+    /// The superblock a descriptor lives on.
+    pub fn of_fd(fd: BorrowedFd<'_>, what: &Path) -> io::Result<DevId> {
+        let mount = safepath::mount_of_fd(fd, what).map_err(io::Error::other)?;
+        superblock_of(&ProcMountTable::host(), mount.mount_id, what)
     }
 
     pub fn from_raw(dev: u64) -> DevId {
@@ -37,6 +53,23 @@ impl DevId {
     }
 }
 
+fn superblock_of(table: &dyn MountTable, mount_id: u64, what: &Path) -> io::Result<DevId> {
+    let entries = table.entries().map_err(io::Error::other)?;
+    by_mount_id(&entries, mount_id)
+        .map(|entry| entry.dev)
+        .ok_or_else(|| {
+            io::Error::other(format!(
+                "{} is on mount {mount_id}, which /proc/self/mountinfo does not list",
+                what.display()
+            ))
+        })
+}
+
+/// The entry of a mount id.
+pub fn by_mount_id(entries: &[MountEntry], mount_id: u64) -> Option<&MountEntry> {
+    entries.iter().find(|entry| entry.mount_id == mount_id)
+}
+
 impl fmt::Display for DevId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{}:{}", self.major, self.minor)
@@ -46,7 +79,7 @@ impl fmt::Display for DevId {
 /// One line of mountinfo.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct MountEntry {
-    pub mount_id: u32,
+    pub mount_id: u64,
     pub dev: DevId,
     /// The directory of the filesystem that is mounted here (not `/` for bind mounts of a subdir).
     pub root: PathBuf,
@@ -74,11 +107,25 @@ pub enum MountError {
     Malformed { path: PathBuf, line: usize },
 }
 
+/// A mount point opened for the ioctls, and what `statx` says about the descriptor.
+#[derive(Debug)]
+pub struct OpenedMount {
+    pub fd: OwnedFd,
+    /// The mount the descriptor lives on (mountinfo's first field).
+    pub mount_id: u64,
+    /// The descriptor is the root of that mount (not a directory below it).
+    pub is_mount_root: bool,
+}
+
 /// The host's mount table.
 pub trait MountTable: Send + Sync {
     fn entries(&self) -> Result<Vec<MountEntry>, MountError>;
     /// For a loop device, the file behind it; `None` for anything else.
     fn loop_backing_file(&self, dev: DevId) -> Option<PathBuf>;
+    /// Opens `path` for FIFREEZE/FITHAW/syncfs with no symlink anywhere on it and every
+    /// directory above it safe from non-root users (see `safepath`), and says which mount the
+    /// descriptor lives on. The caller matches that mount id to [`MountTable::entries`].
+    fn open_mount(&self, path: &Path) -> Result<OpenedMount, PathError>;
 
     /// The entry mounted at exactly `path` (the topmost one if several are stacked).
     fn at(&self, path: &Path) -> Result<Option<MountEntry>, MountError> {
@@ -130,6 +177,16 @@ impl MountTable for ProcMountTable {
         let text = std::fs::read_to_string(path).ok()?;
         let file = text.trim_end_matches('\n');
         (!file.is_empty()).then(|| PathBuf::from(file))
+    }
+
+    fn open_mount(&self, path: &Path) -> Result<OpenedMount, PathError> {
+        let fd = safepath::open_mount_point(path)?;
+        let mount = safepath::mount_of_fd(std::os::fd::AsFd::as_fd(&fd), path)?;
+        Ok(OpenedMount {
+            fd,
+            mount_id: mount.mount_id,
+            is_mount_root: mount.is_mount_root,
+        })
     }
 }
 
@@ -246,6 +303,26 @@ mod tests {
             None
         );
         assert_eq!(table.at(Path::new("/mnt")).unwrap(), None);
+    }
+
+    #[test]
+    fn the_real_table_identifies_a_mount_by_its_descriptor() {
+        let table = ProcMountTable::host();
+        let opened = table.open_mount(Path::new("/")).unwrap();
+        assert!(opened.is_mount_root);
+        let entries = table.entries().unwrap();
+        let entry = by_mount_id(&entries, opened.mount_id).expect("/ is listed");
+        assert_eq!(entry.mount_point, Path::new("/"));
+        assert_eq!(DevId::of_path(Path::new("/")).unwrap(), entry.dev);
+        assert_eq!(
+            DevId::of_fd(std::os::fd::AsFd::as_fd(&opened.fd), Path::new("/")).unwrap(),
+            entry.dev
+        );
+        // A directory below a mount root opens (it is safe) but is no mount root.
+        let here = table.open_mount(Path::new(env!("CARGO_MANIFEST_DIR")));
+        if let Ok(here) = here {
+            assert!(!here.is_mount_root);
+        }
     }
 
     #[test]

@@ -6,7 +6,7 @@ use std::os::fd::AsFd;
 use std::path::Path;
 
 use crate::freezer::Freezer;
-use crate::mounts::{DevId, MountTable};
+use crate::mounts::{DevId, MountTable, by_mount_id};
 use crate::records::RecordStore;
 
 /// What happened to one volume.
@@ -29,8 +29,9 @@ pub struct Recovered {
 }
 
 /// Thaws every volume of every record and removes the records whose volumes are all settled.
-/// Only the filesystem the record names is touched: if the mount point now holds another
-/// device, it is left alone.
+/// Only the filesystem the record names is touched: the mount point is opened as a freeze
+/// opens it (no symlink, safe directories, the root of the mount listed there), and FITHAW
+/// goes through that descriptor only if its superblock is the recorded one.
 pub fn replay(
     records: &RecordStore,
     freezer: &dyn Freezer,
@@ -47,13 +48,10 @@ pub fn replay(
         };
         let mut settled = true;
         for volume in &record.volumes {
-            let outcome = match mounts.at(&volume.mount_point) {
-                Ok(Some(entry)) if entry.dev.to_string() == volume.dev => {
-                    thaw_path(freezer, &volume.mount_point)
-                }
-                Ok(Some(_)) => Outcome::Replaced,
-                Ok(None) => Outcome::NotMounted,
-                Err(e) => Outcome::Failed(e.to_string()),
+            let outcome = match open_mount_root(mounts, &volume.mount_point) {
+                Ok((fd, dev)) if dev.to_string() == volume.dev => thaw_fd(freezer, &fd),
+                Ok(_) => Outcome::Replaced,
+                Err(outcome) => outcome,
             };
             if matches!(outcome, Outcome::Failed(_)) {
                 settled = false;
@@ -71,22 +69,43 @@ pub fn replay(
     Ok(done)
 }
 
-/// FITHAW on one mount point.
-pub fn thaw_path(freezer: &dyn Freezer, mount_point: &Path) -> Outcome {
-    let fd = match freezer.open(mount_point) {
-        Ok(fd) => fd,
-        Err(e) => return Outcome::Failed(format!("cannot open: {e}")),
+/// Opens `mount_point` the way a freeze does and returns the descriptor with its superblock;
+/// `Err` is the outcome to report when it is not the root of a mount, or not safe to open.
+fn open_mount_root(
+    mounts: &dyn MountTable,
+    mount_point: &Path,
+) -> Result<(std::os::fd::OwnedFd, DevId), Outcome> {
+    let opened = match mounts.open_mount(mount_point) {
+        Ok(opened) => opened,
+        Err(e) if e.is_not_found() => return Err(Outcome::NotMounted),
+        Err(e) => return Err(Outcome::Failed(crate::error::error_chain(&e))),
     };
+    let entries = mounts
+        .entries()
+        .map_err(|e| Outcome::Failed(crate::error::error_chain(&e)))?;
+    match by_mount_id(&entries, opened.mount_id) {
+        Some(entry) if opened.is_mount_root && entry.mount_point == mount_point => {
+            Ok((opened.fd, entry.dev))
+        }
+        _ => Err(Outcome::NotMounted),
+    }
+}
+
+/// FITHAW on one mount point (`thaw --mount --force`): opened as a freeze opens it, and only
+/// if it is the root of the mount listed there.
+pub fn thaw_path(freezer: &dyn Freezer, mounts: &dyn MountTable, mount_point: &Path) -> Outcome {
+    match open_mount_root(mounts, mount_point) {
+        Ok((fd, _)) => thaw_fd(freezer, &fd),
+        Err(outcome) => outcome,
+    }
+}
+
+fn thaw_fd(freezer: &dyn Freezer, fd: &std::os::fd::OwnedFd) -> Outcome {
     match freezer.thaw(fd.as_fd()) {
         Ok(()) => Outcome::Thawed,
         Err(e) if e.raw_os_error() == Some(libc::EINVAL) => Outcome::WasNotFrozen,
         Err(e) => Outcome::Failed(e.to_string()),
     }
-}
-
-/// Device of the filesystem mounted at `mount_point`, if it is a mount point.
-pub fn mounted_dev(mounts: &dyn MountTable, mount_point: &Path) -> Option<DevId> {
-    mounts.at(mount_point).ok().flatten().map(|entry| entry.dev)
 }
 
 #[cfg(test)]
@@ -106,7 +125,7 @@ mod tests {
                 .iter()
                 .enumerate()
                 .map(|(i, (path, dev))| MountEntry {
-                    mount_id: i as u32,
+                    mount_id: i as u64,
                     dev: *dev,
                     root: "/".into(),
                     mount_point: path.clone(),
@@ -117,6 +136,12 @@ mod tests {
         }
         fn loop_backing_file(&self, _dev: DevId) -> Option<PathBuf> {
             None
+        }
+        fn open_mount(
+            &self,
+            path: &Path,
+        ) -> Result<crate::mounts::OpenedMount, crate::safepath::PathError> {
+            crate::volumes::tests::fake_open(&self.entries().unwrap(), &[], path)
         }
     }
 

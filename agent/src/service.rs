@@ -12,7 +12,7 @@ use tracing::{Instrument, info_span};
 
 use crate::cloud::{DeviceRoots, imds_instance_id};
 use crate::error::Error;
-use crate::freeze::{FreezeEnd, FreezeManager, validate_set_id};
+use crate::freeze::{FreezeEnd, FreezeManager, check_path_lengths, check_paths, validate_set_id};
 use crate::hooks::HookOutput;
 use crate::reflink::ReflinkProvider;
 
@@ -224,6 +224,7 @@ impl Agent for AgentService {
         request: Request<pb::DescribeHooksRequest>,
     ) -> Result<Response<pb::DescribeHooksResponse>, Status> {
         let req = request.into_inner();
+        crate::freeze::validate_hook_names(&req.hooks)?;
         let described = self
             .manager
             .hooks()
@@ -263,7 +264,11 @@ impl Agent for AgentService {
                 mount_point: volume.mount.display().to_string(),
                 ..Default::default()
             };
-            match self.manager.resolve(std::slice::from_ref(&volume.mount)) {
+            match self
+                .manager
+                .resolve(std::slice::from_ref(&volume.mount))
+                .await
+            {
                 Ok(resolved) => {
                     let resolved = &resolved[0];
                     info.fs_type = resolved.entry.fs_type.clone();
@@ -462,6 +467,11 @@ impl Agent for AgentService {
     ) -> Result<Response<pb::DeleteSnapshotsResponse>, Status> {
         let req = request.into_inner();
         validate_set_id(&req.set_id)?;
+        check_paths(
+            "snapshot ids in one request",
+            &paths(req.snapshot_ids.clone()),
+            self.manager.config().max_volumes_per_request,
+        )?;
         let reflink = self.reflink.clone();
         let backing_files = self.backing_files();
         let set_id = req.set_id.clone();
@@ -495,6 +505,20 @@ impl Agent for AgentService {
     ) -> Result<Response<pb::RestoreSnapshotsResponse>, Status> {
         let req = request.into_inner();
         validate_set_id(&req.set_id)?;
+        if req.snapshots.len() > self.manager.config().max_volumes_per_request {
+            return Err(Error::OverLimit {
+                what: "snapshots in one request",
+                got: req.snapshots.len(),
+                max: self.manager.config().max_volumes_per_request,
+                limit: "max-volumes-per-request",
+            }
+            .into());
+        }
+        check_path_lengths(
+            std::iter::once(req.target_dir.len())
+                .chain(req.snapshots.iter().map(|s| s.snapshot_id.len()))
+                .chain(req.snapshots.iter().map(|s| s.mount_point.len())),
+        )?;
         let target_dir = PathBuf::from(&req.target_dir);
         let backing_files = self.backing_files();
         let mut images = Vec::new();

@@ -24,6 +24,12 @@ pub enum Error {
     Agent { agent: String, message: String },
     #[error("snapshot provider: {message}")]
     Provider { message: String },
+    #[error("{identity} may not {action} on group {group}")]
+    PermissionDenied {
+        identity: String,
+        action: &'static str,
+        group: String,
+    },
     #[error("the coordinator is shutting down")]
     ShuttingDown,
     #[error(transparent)]
@@ -51,6 +57,7 @@ impl From<Error> for Status {
             Error::UnknownAgent { .. } => Code::NotFound,
             Error::Agent { .. } => Code::Unavailable,
             Error::Provider { .. } => Code::Unavailable,
+            Error::PermissionDenied { .. } => Code::PermissionDenied,
             Error::ShuttingDown => Code::Unavailable,
             Error::Catalog(_) => Code::Internal,
         };

@@ -3,9 +3,8 @@
 
 use std::fs::{self, File};
 use std::net::SocketAddr;
-use std::os::fd::OwnedFd;
 use std::os::unix::fs::MetadataExt;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
 use quiesce_agent::config::Config as AgentConfig;
@@ -73,10 +72,6 @@ impl GuardedFreezer {
 }
 
 impl Freezer for GuardedFreezer {
-    fn open(&self, mount_point: &Path) -> std::io::Result<OwnedFd> {
-        IoctlFreezer.open(mount_point)
-    }
-
     fn syncfs(&self, fd: std::os::fd::BorrowedFd<'_>) -> std::io::Result<()> {
         IoctlFreezer.syncfs(fd)
     }

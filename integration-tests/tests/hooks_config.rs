@@ -49,7 +49,7 @@ fn check_config_names_every_readable_secret_and_writable_script_dir() {
     for needle in [
         &format!("hook pg: {} has mode 0644", password.display()),
         &format!(
-            "hook scripts: {} has mode 0777: group- or world-writable hooks are refused",
+            "hook scripts: {0}: {0} has mode 0777: writable by group or others",
             scripts.display()
         ),
         &format!(

@@ -1,6 +1,7 @@
 //! The gRPC contracts of Quiesce, the identity scheme both ends of every channel check, and
 //! the plumbing both daemons share (reloadable server TLS, systemd notification).
 
+pub mod admission;
 pub mod identity;
 pub mod metrics_http;
 pub mod systemd;

@@ -13,6 +13,7 @@
 //! required and verified against the CA, ALPN `h2`, TLS 1.2 and 1.3.
 
 use std::io;
+use std::os::fd::AsFd;
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
@@ -26,13 +27,11 @@ use tokio_rustls::TlsAcceptor;
 use tokio_rustls::server::TlsStream;
 use tokio_stream::wrappers::ReceiverStream;
 
+use crate::admission::{Admit, Counted, LimitedCount, Limits, Pending, Verdict};
 use crate::tls::TlsFiles;
 
-/// How long one client may take over its TLS handshake before the connection is dropped.
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
-
 /// The TLS connections `incoming` yields, ready for `serve_with_incoming_shutdown`.
-pub type TlsIncoming = ReceiverStream<Result<TlsStream<TcpStream>, io::Error>>;
+pub type TlsIncoming = ReceiverStream<Result<Counted<TlsStream<TcpStream>>, io::Error>>;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ReloadError {
@@ -99,12 +98,26 @@ impl ReloadableServerTls {
         )
     }
 
+    /// Accepts on `listener` until the returned stream is dropped, with the default
+    /// [`Limits`] and no admission check: see [`ReloadableServerTls::incoming_with`].
+    pub fn incoming(self: &Arc<Self>, listener: TcpListener) -> TlsIncoming {
+        self.incoming_with(listener, Limits::default(), None)
+    }
+
     /// Accepts on `listener` until the returned stream is dropped. Each handshake runs in its
     /// own task (a slow or silent client delays nobody) with the config current when the
-    /// connection arrived; failed handshakes are logged and dropped, never yielded.
-    pub fn incoming(self: &Arc<Self>, listener: TcpListener) -> TlsIncoming {
+    /// connection arrived, under `limits` (see [`crate::admission`]); failed handshakes, and
+    /// peers `admit` refuses, are logged and dropped, never yielded.
+    pub fn incoming_with(
+        self: &Arc<Self>,
+        listener: TcpListener,
+        limits: Limits,
+        admit: Option<Admit>,
+    ) -> TlsIncoming {
         let (tx, rx) = mpsc::channel(32);
         let tls = self.clone();
+        let pending = Pending::default();
+        let limited = LimitedCount::default();
         tokio::spawn(async move {
             loop {
                 let accepted = tokio::select! {
@@ -115,23 +128,68 @@ impl ReloadableServerTls {
                     Ok(conn) => conn,
                     Err(e) => {
                         // EMFILE and the like: back off instead of spinning.
-                        tracing::warn!(error = %e, "accept failed");
-                        tokio::time::sleep(Duration::from_millis(100)).await;
+                        tracing::warn!(error = %e, pending = pending.len(), "accept failed");
+                        tokio::time::sleep(Duration::from_millis(20)).await;
                         continue;
                     }
                 };
                 let _ = tcp.set_nodelay(true);
                 let acceptor = tls.acceptor();
                 let tx = tx.clone();
-                tokio::spawn(async move {
-                    match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
-                        Ok(Ok(stream)) => {
-                            let _ = tx.send(Ok(stream)).await;
-                        }
-                        Ok(Err(e)) => tracing::debug!(%peer, error = %e, "TLS handshake failed"),
-                        Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
-                    }
+                let admit = admit.clone();
+                let limited = limited.clone();
+                let probe = tcp
+                    .as_fd()
+                    .try_clone_to_owned()
+                    .ok()
+                    .map(std::net::TcpStream::from);
+                let evicted = pending.admit(peer.ip(), probe, &limits, move |slot| {
+                    tokio::spawn(async move {
+                        let handshake = async {
+                            // Idle until the first byte: idle connections are closed first.
+                            tcp.readable().await?;
+                            slot.spoke();
+                            acceptor.accept(tcp).await
+                        };
+                        let stream =
+                            match tokio::time::timeout(limits.handshake_timeout, handshake).await {
+                                Ok(Ok(stream)) => stream,
+                                Ok(Err(e)) => {
+                                    tracing::debug!(%peer, error = %e, "TLS handshake failed");
+                                    return;
+                                }
+                                Err(_) => {
+                                    tracing::debug!(%peer, "TLS handshake timed out");
+                                    return;
+                                }
+                            };
+                        drop(slot);
+                        let certs = stream.get_ref().1.peer_certificates().unwrap_or(&[]);
+                        let verdict = match &admit {
+                            Some(admit) => admit(certs),
+                            None => Verdict::Keep,
+                        };
+                        let limited = match verdict {
+                            Verdict::Keep => None,
+                            Verdict::Limited => match limited.take(limits.max_limited) {
+                                Some(slot) => Some(slot),
+                                None => {
+                                    tracing::debug!(%peer, "too many connections of peers that are refused anyway; closed");
+                                    return;
+                                }
+                            },
+                            Verdict::Refuse(why) => {
+                                tracing::debug!(%peer, why, "connection refused after the handshake");
+                                return;
+                            }
+                        };
+                        let _ = tx.send(Ok(Counted::new(stream, limited))).await;
+                    })
+                    .abort_handle()
                 });
+                if evicted > 0 {
+                    tracing::debug!(%peer, evicted, "pending-connection cap reached; closed idle connections");
+                }
             }
         });
         ReceiverStream::new(rx)

@@ -7,17 +7,27 @@
 //! `QUIESCE_MOUNTS` (colon-separated), `QUIESCE_HOOK`, `PATH`. Working directory `/`. Each call
 //! has its phase's timeout; on timeout the whole process group is killed. A non-zero exit fails
 //! the set. Stdout lines `key=value` are kept as output (`SCRIPT.key`).
+//!
+//! Executed as checked: the directory's whole path (no symlink; every directory up to `/`
+//! owned by root and not writable by group or others) and each script (a regular file owned
+//! by root, not writable by group or others) are checked on descriptors at `check-config`, at
+//! `run`, at prepare and again before every later run of a script, which must still be the
+//! very file checked at prepare. What runs is the descriptor that was checked (`/proc/self/fd/N`,
+//! the way `fexecve` runs a file), never the name looked up again.
 
-use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::Duration;
 
+use nix::sys::stat::FileStat;
 use serde::Deserialize;
 
 use super::{
     DbPath, Hook, HookContext, HookResult, HookSession, HookValues, Timeouts, effective_uid,
 };
+use crate::error::error_chain;
+use crate::safepath;
 
 #[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(rename_all = "kebab-case", deny_unknown_fields)]
@@ -42,55 +52,98 @@ impl ExecConfig {
     }
 }
 
-/// Refuses what someone other than the agent's user could have changed.
-fn check_owner(path: &Path, meta: &std::fs::Metadata) -> Result<(), String> {
-    let uid = effective_uid();
-    if meta.uid() != uid {
+/// One script of a hook directory, checked and held open: what runs is this file.
+struct Script {
+    /// `<dir>/<name>`, for messages and `argv[0]`.
+    path: PathBuf,
+    name: std::ffi::OsString,
+    /// `O_PATH` descriptor of the file that was checked.
+    fd: OwnedFd,
+    /// Identity of that file (device, inode), compared at every later run.
+    id: (u64, u64),
+}
+
+/// Refuses a script someone other than root could have changed (owner, mode).
+fn check_script(path: &Path, stat: &FileStat) -> Result<(), String> {
+    if !(stat.st_uid == 0 || stat.st_uid == effective_uid()) {
         return Err(format!(
-            "{} is owned by uid {}, not by the agent's uid {uid}",
+            "{} is owned by uid {}, not by root (or the agent's uid {})",
             path.display(),
-            meta.uid()
+            stat.st_uid,
+            effective_uid()
         ));
     }
-    let mode = meta.permissions().mode();
+    let mode = stat.st_mode & 0o7777;
     if mode & 0o022 != 0 {
         return Err(format!(
-            "{} has mode {:04o}: group- or world-writable hooks are refused",
-            path.display(),
-            mode & 0o7777
+            "{} has mode {mode:04o}: group- or world-writable hooks are refused",
+            path.display()
         ));
     }
     Ok(())
 }
 
-/// The executables of a hook directory, in name order, after every ownership check.
-/// Hidden files, backups (`~`) and non-executable files are skipped.
-pub fn scripts(dir: &Path) -> Result<Vec<PathBuf>, String> {
-    let meta = std::fs::metadata(dir).map_err(|e| format!("cannot read {}: {e}", dir.display()))?;
-    if !meta.is_dir() {
-        return Err(format!("{} is not a directory", dir.display()));
+fn hidden(name: &str) -> bool {
+    name.starts_with('.') || name.ends_with('~') || name.contains(".dpkg-")
+}
+
+/// Opens the hook directory with its whole path checked (`safepath::open_trusted_dir`: no
+/// symlink, every directory up to `/` owned by root and not writable by group or others), and
+/// every executable in it, checked on the descriptor. In name order; hidden files, backups
+/// (`~`, `.dpkg-*`) and non-executable files are skipped; a symlink is refused.
+fn open_scripts(dir: &Path) -> Result<Vec<Script>, String> {
+    let dir_fd = safepath::open_trusted_dir(dir).map_err(|e| error_chain(&e))?;
+    // Listed through the checked descriptor (its /proc link leads to the open directory),
+    // not by name.
+    let listing = format!("/proc/self/fd/{}", dir_fd.as_raw_fd());
+    let cannot_list = |e: std::io::Error| format!("cannot list {}: {e}", dir.display());
+    let mut names = Vec::new();
+    for entry in std::fs::read_dir(&listing).map_err(cannot_list)? {
+        let name = entry.map_err(cannot_list)?.file_name();
+        if !hidden(&name.to_string_lossy()) {
+            names.push(name);
+        }
     }
-    check_owner(dir, &meta)?;
+    names.sort();
     let mut scripts = Vec::new();
-    let entries =
-        std::fs::read_dir(dir).map_err(|e| format!("cannot list {}: {e}", dir.display()))?;
-    for entry in entries {
-        let entry = entry.map_err(|e| format!("cannot list {}: {e}", dir.display()))?;
-        let name = entry.file_name().to_string_lossy().into_owned();
-        if name.starts_with('.') || name.ends_with('~') || name.contains(".dpkg-") {
+    for name in names {
+        let (fd, stat) =
+            safepath::open_in_dir(dir_fd.as_fd(), dir, &name).map_err(|e| error_chain(&e))?;
+        let path = dir.join(&name);
+        if !safepath::is_regular(&stat) || stat.st_mode & 0o111 == 0 {
             continue;
         }
-        let path = entry.path();
-        let meta =
-            std::fs::metadata(&path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
-        if !meta.is_file() || meta.permissions().mode() & 0o111 == 0 {
-            continue;
-        }
-        check_owner(&path, &meta)?;
-        scripts.push(path);
+        check_script(&path, &stat)?;
+        scripts.push(Script {
+            path,
+            name,
+            fd,
+            id: (stat.st_dev, stat.st_ino),
+        });
     }
-    scripts.sort();
     Ok(scripts)
+}
+
+/// The executables of a hook directory, in name order, after every check (for
+/// `check-config`; a run uses the descriptors of its own check).
+pub fn scripts(dir: &Path) -> Result<Vec<PathBuf>, String> {
+    Ok(open_scripts(dir)?.into_iter().map(|s| s.path).collect())
+}
+
+/// Before every run of a script: the whole path checked again, and the file found there must
+/// be the one checked at prepare. Returns a fresh descriptor of it.
+fn recheck(dir: &Path, script: &Script) -> Result<OwnedFd, String> {
+    let dir_fd = safepath::open_trusted_dir(dir).map_err(|e| error_chain(&e))?;
+    let (fd, stat) =
+        safepath::open_in_dir(dir_fd.as_fd(), dir, &script.name).map_err(|e| error_chain(&e))?;
+    if !safepath::is_regular(&stat) || (stat.st_dev, stat.st_ino) != script.id {
+        return Err(format!(
+            "{} is not the file checked at prepare any more; refusing to run it",
+            script.path.display()
+        ));
+    }
+    check_script(&script.path, &stat)?;
+    Ok(fd)
 }
 
 pub struct ExecHook {
@@ -119,10 +172,11 @@ impl Hook for ExecHook {
 
     async fn prepare(&self, ctx: &HookContext) -> HookResult<Box<dyn HookSession>> {
         // The list is fixed at prepare: nothing is read from disk once the freeze nears.
-        let scripts = scripts(&self.config.dir)?;
+        let scripts = open_scripts(&self.config.dir)?;
         let mut session = ExecSession {
             hook: self.name.clone(),
             ctx: ctx.clone(),
+            dir: self.config.dir.clone(),
             scripts,
             timeouts: self.config.timeouts(),
             frozen: 0,
@@ -138,7 +192,8 @@ impl Hook for ExecHook {
 struct ExecSession {
     hook: String,
     ctx: HookContext,
-    scripts: Vec<PathBuf>,
+    dir: PathBuf,
+    scripts: Vec<Script>,
     timeouts: Timeouts,
     /// How many scripts' `freeze` call started (they get `thaw` or `freeze-fail`).
     frozen: usize,
@@ -147,16 +202,24 @@ struct ExecSession {
 
 impl ExecSession {
     async fn call(&mut self, index: usize, phase: &'static str) -> HookResult<()> {
-        let script = self.scripts[index].clone();
+        let script = &self.scripts[index];
         let timeout = match phase {
             "prepare" => self.timeouts.prepare,
             "freeze" => self.timeouts.quiesce,
             _ => self.timeouts.resume,
         };
-        let script_name = script
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_default();
+        let script_name = script.name.to_string_lossy().into_owned();
+        // The first run (prepare) executes the descriptor just checked; every later one checks
+        // the whole path again and that it still leads to that same file.
+        let fd = if phase == "prepare" {
+            script
+                .fd
+                .try_clone()
+                .map_err(|e| format!("script {script_name}: {e}"))?
+        } else {
+            recheck(&self.dir, script).map_err(|e| format!("script {script_name} {phase}: {e}"))?
+        };
+        let script_path = script.path.clone();
         let mounts = self
             .ctx
             .mounts
@@ -165,7 +228,8 @@ impl ExecSession {
             .collect::<Vec<_>>()
             .join(":");
         let stdout = run(
-            &script,
+            &fd,
+            &script_path,
             phase,
             &self.hook,
             &self.ctx.set_id,
@@ -188,15 +252,33 @@ impl ExecSession {
 }
 
 /// Runs one script call in its own process group; stdout on success.
-pub async fn run(
-    script: &Path,
+///
+/// The file executed is `script`, the descriptor that was checked, never a path looked up
+/// again: the child execs `/proc/self/fd/N` (the kernel follows that link to the open file,
+/// as `fexecve` does), with `N` kept open across the exec so that a `#!` interpreter can read
+/// the script through it. `argv[0]` is `path`; a `#!` script sees `/proc/self/fd/N` as `$0`.
+async fn run(
+    script: &OwnedFd,
+    path: &Path,
     phase: &str,
     hook: &str,
     set_id: &str,
     mounts: &str,
     timeout: Duration,
 ) -> Result<String, String> {
-    let mut command = tokio::process::Command::new(script);
+    let raw = script.as_raw_fd();
+    let mut command = tokio::process::Command::new(format!("/proc/self/fd/{raw}"));
+    command.arg0(path);
+    // SAFETY: the closure runs in the child between fork and exec and calls only fcntl(2),
+    // which is async-signal-safe; `raw` stays open in the parent until `spawn` returns.
+    unsafe {
+        command.pre_exec(move || {
+            if libc::fcntl(raw, libc::F_SETFD, 0) == -1 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
     command
         .arg(phase)
         .env_clear()
@@ -340,6 +422,7 @@ impl HookSession for ExecSession {
 mod tests {
     use super::*;
     use crate::hooks::{HookRegistry, HookSet};
+    use std::os::unix::fs::PermissionsExt;
     use std::sync::Arc;
 
     fn write_script(dir: &Path, name: &str, body: &str) {
@@ -536,6 +619,77 @@ mod tests {
                 .values
                 .contains(&("10-bg.held".into(), "yes".into()))
         );
+    }
+
+    #[tokio::test]
+    async fn a_script_replaced_after_prepare_is_refused_and_does_not_run() {
+        let (dir, registry, log) = setup(Duration::from_secs(5));
+        let hooks = dir.path().join("hooks.d");
+        write_script(
+            &hooks,
+            "10-a",
+            &format!("echo \"a $1\" >> {}", log.display()),
+        );
+        let mut set = HookSet::prepare(&registry, &["scripts".into()], &ctx())
+            .await
+            .unwrap();
+        // Another file (a new inode) under the same name.
+        std::fs::remove_file(hooks.join("10-a")).unwrap();
+        write_script(
+            &hooks,
+            "10-a",
+            &format!("echo \"b $1\" >> {}", log.display()),
+        );
+        // The failed quiesce resumes (`freeze-fail`) what started: refused the same way.
+        let (err, outputs) = set.quiesce().await.unwrap_err();
+        assert!(
+            err.to_string().contains("not the file checked at prepare"),
+            "{err}"
+        );
+        assert!(
+            outputs[0].error.contains("not the file checked"),
+            "{outputs:?}"
+        );
+        assert_eq!(std::fs::read_to_string(&log).unwrap(), "a prepare\n");
+    }
+
+    #[tokio::test]
+    async fn a_parent_made_writable_after_prepare_stops_every_later_run() {
+        let (dir, registry, log) = setup(Duration::from_secs(5));
+        let hooks = dir.path().join("hooks.d");
+        write_script(
+            &hooks,
+            "10-a",
+            &format!("echo \"a $1\" >> {}", log.display()),
+        );
+        let mut set = HookSet::prepare(&registry, &["scripts".into()], &ctx())
+            .await
+            .unwrap();
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o777)).unwrap();
+        let (err, _) = set.quiesce().await.unwrap_err();
+        assert!(
+            err.to_string().contains("writable by group or others"),
+            "{err}"
+        );
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+        assert_eq!(std::fs::read_to_string(&log).unwrap(), "a prepare\n");
+    }
+
+    #[tokio::test]
+    async fn a_symlinked_hook_dir_is_refused() {
+        let (dir, _registry, _log) = setup(Duration::from_secs(5));
+        let link = dir.path().join("link.d");
+        std::os::unix::fs::symlink(dir.path().join("hooks.d"), &link).unwrap();
+        let err = scripts(&link).unwrap_err();
+        assert!(err.contains("is a symbolic link"), "{err}");
+        write_script(&dir.path().join("hooks.d"), "10-a", "exit 0");
+        std::os::unix::fs::symlink(
+            dir.path().join("hooks.d/10-a"),
+            dir.path().join("hooks.d/20-link"),
+        )
+        .unwrap();
+        let err = scripts(&dir.path().join("hooks.d")).unwrap_err();
+        assert!(err.contains("20-link is a symbolic link"), "{err}");
     }
 
     #[test]

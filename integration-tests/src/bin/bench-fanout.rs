@@ -105,6 +105,24 @@ impl MountTable for Table {
     fn loop_backing_file(&self, _dev: DevId) -> Option<PathBuf> {
         None
     }
+    /// Its one directory, as the kernel would answer for a mount root.
+    fn open_mount(
+        &self,
+        path: &std::path::Path,
+    ) -> Result<quiesce_agent::mounts::OpenedMount, quiesce_agent::safepath::PathError> {
+        let fd = quiesce_agent::freezer::open_mount_point(path).map_err(|source| {
+            quiesce_agent::safepath::PathError::Open {
+                path: path.to_owned(),
+                component: path.to_owned(),
+                source,
+            }
+        })?;
+        Ok(quiesce_agent::mounts::OpenedMount {
+            fd,
+            mount_id: 1,
+            is_mount_root: path == self.0,
+        })
+    }
 }
 
 /// The real agent service for everything about freezing; snapshots are a sleep (FICLONE).
