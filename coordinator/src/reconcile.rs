@@ -113,7 +113,10 @@ impl Attempt<'_> {
         let Some(client) = &self.client else {
             return Err(format!("{agent}: no longer configured"));
         };
-        if pending.status.thaw_unconfirmed {
+        // A thaw first when the member never confirmed one. A provider that removes without
+        // the agent (EBS) removes whatever the thaw answered; one that removes through the agent
+        // (reflink) waits for the thaw. Either way the row stays until the thaw is confirmed.
+        let thaw_error = if pending.status.thaw_unconfirmed {
             let req = agent_pb::ThawVolumesRequest {
                 set_id: set_id.to_owned(),
             };
@@ -124,18 +127,24 @@ impl Attempt<'_> {
                     self.catalog
                         .removal_thaw_confirmed(set_id, agent)
                         .map_err(|e| format!("{agent}: {e}"))?;
+                    None
                 }
-                Ok(Err(status)) => return Err(format!("thaw: {}", agent_error(agent, &status))),
-                Err(_) => {
-                    return Err(format!(
-                        "{agent}: no answer to the thaw within {}",
-                        humantime::format_duration(CALL_TIMEOUT)
-                    ));
-                }
+                Ok(Err(status)) => Some(format!("thaw: {}", agent_error(agent, &status))),
+                Err(_) => Some(format!(
+                    "{agent}: no answer to the thaw within {}",
+                    humantime::format_duration(CALL_TIMEOUT)
+                )),
             }
+        } else {
+            None
+        };
+        if let Some(thaw) = &thaw_error
+            && provider.name() == "reflink"
+        {
+            return Err(thaw.clone());
         }
         let removal = provider.remove(set_id, agent, client.as_ref(), &pending.snapshot_ids);
-        match tokio::time::timeout(CALL_TIMEOUT, removal).await {
+        let removed = match tokio::time::timeout(CALL_TIMEOUT, removal).await {
             Ok(Ok(removed)) => {
                 report.deleted = removed.deleted;
                 report.removed = removed.removed;
@@ -151,6 +160,11 @@ impl Attempt<'_> {
                 "{agent}: no answer to the removal within {}",
                 humantime::format_duration(CALL_TIMEOUT)
             )),
+        };
+        match (thaw_error, removed) {
+            (None, removed) => removed,
+            (Some(thaw), Ok(())) => Err(thaw),
+            (Some(thaw), Err(e)) => Err(format!("{thaw}; removal: {e}")),
         }
     }
 }

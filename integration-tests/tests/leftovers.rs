@@ -246,10 +246,20 @@ async fn a_black_holed_member_fails_its_set_by_its_lease_and_the_group_keeps_wor
         "{metrics}"
     );
     assert!(metrics.contains("quiesce_pending_removals{agent=\"db1\"} 0"));
-    let pending = get_set(&mut client, &id).await.pending_removals;
+    // Retried during the cut (each attempt gives up after its 10 s call timeout).
+    let deadline = Instant::now() + Duration::from_secs(25);
+    let mut pending = get_set(&mut client, &id).await.pending_removals;
+    while pending[0].attempts == 0 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        pending = get_set(&mut client, &id).await.pending_removals;
+    }
     assert!(
         pending[0].attempts >= 1,
         "retried during the cut: {pending:?}"
+    );
+    assert!(
+        pending[0].last_error.contains("db2"),
+        "names the member: {pending:?}"
     );
     assert!(!set_files(&lab, &id).is_empty(), "nothing reached db2");
 
