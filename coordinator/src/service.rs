@@ -28,6 +28,23 @@ fn required<'a>(value: &'a str, what: &str) -> Result<&'a str, Status> {
     }
 }
 
+/// Longest set id accepted (the coordinator's own are far shorter; agents accept 128).
+const MAX_SET_ID_CHARS: usize = 128;
+
+/// A set id from a request: present and of a sane length, so no error echoes a huge one.
+fn set_id(value: &str) -> Result<&str, Status> {
+    let value = required(value, "set id")?;
+    let chars = value.chars().count();
+    if chars > MAX_SET_ID_CHARS {
+        return Err(Error::InvalidArgument(format!(
+            "set id {} is {chars} characters long; set ids have at most {MAX_SET_ID_CHARS}",
+            quiesce_proto::echo::Capped(value)
+        ))
+        .into());
+    }
+    Ok(value)
+}
+
 #[tonic::async_trait]
 impl CoordinatorApi for OperatorService {
     async fn create_set(
@@ -44,7 +61,7 @@ impl CoordinatorApi for OperatorService {
         request: Request<pb::GetSetRequest>,
     ) -> Result<Response<pb::GetSetResponse>, Status> {
         let req = request.into_inner();
-        let id = required(&req.set_id, "set id")?;
+        let id = set_id(&req.set_id)?;
         let set = self
             .coordinator
             .catalog()
@@ -75,10 +92,7 @@ impl CoordinatorApi for OperatorService {
         request: Request<pb::DeleteSetRequest>,
     ) -> Result<Response<pb::DeleteSetResponse>, Status> {
         let req = request.into_inner();
-        let deleted = self
-            .coordinator
-            .delete_set(required(&req.set_id, "set id")?)
-            .await?;
+        let deleted = self.coordinator.delete_set(set_id(&req.set_id)?).await?;
         Ok(Response::new(pb::DeleteSetResponse {
             snapshots_deleted: deleted,
         }))
@@ -89,7 +103,7 @@ impl CoordinatorApi for OperatorService {
         request: Request<pb::RestoreSetRequest>,
     ) -> Result<Response<pb::RestoreSetResponse>, Status> {
         let req = request.into_inner();
-        required(&req.set_id, "set id")?;
+        set_id(&req.set_id)?;
         let volumes = self.coordinator.restore(&req).await?;
         Ok(Response::new(pb::RestoreSetResponse { volumes }))
     }
