@@ -113,7 +113,10 @@ mod tests {
         if is_memory_fs(shm).unwrap_or(false) {
             let dir = shm.join(format!("quiesce-state-test-{}", std::process::id()));
             let _ = std::fs::remove_dir(&dir);
-            assert!(state_dir_fs(&dir).unwrap(), "a missing dir on tmpfs will be made");
+            assert!(
+                state_dir_fs(&dir).unwrap(),
+                "a missing dir on tmpfs will be made"
+            );
             assert!(ensure_state_dir(&dir).unwrap());
             assert!(dir.is_dir());
             assert!(!ensure_state_dir(&dir).unwrap(), "made once");

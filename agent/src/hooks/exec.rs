@@ -772,7 +772,11 @@ mod tests {
             "45-x~",
             "46-x.dpkg-old",
         ] {
-            write_script(&hooks, skipped, &format!("echo {skipped} >> {}", log.display()));
+            write_script(
+                &hooks,
+                skipped,
+                &format!("echo {skipped} >> {}", log.display()),
+            );
         }
         let config = ExecConfig {
             dir: hooks.clone(),
