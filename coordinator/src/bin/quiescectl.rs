@@ -787,7 +787,12 @@ fn print_set(set: &pb::SnapshotSet) {
                 if h.held_continuously { "yes" } else { "no" }.into(),
                 dash(&h.freeze_end),
                 ms(h.write_stall_ms),
-                dash(&h.error),
+                // The set's error names the host and says it already: print it once.
+                if !h.error.is_empty() && set.error.contains(&h.error) {
+                    "(error above)".to_string()
+                } else {
+                    dash(&h.error)
+                },
             ]
         })
         .collect();
