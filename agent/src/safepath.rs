@@ -337,6 +337,10 @@ pub struct MountOf {
     pub mount_id: u64,
     /// The descriptor is the root of that mount.
     pub is_mount_root: bool,
+    /// `st_dev` as statx reports it (`stx_dev_major:stx_dev_minor`). It is the superblock's
+    /// own number on most filesystems, but not on btrfs (one anonymous number per subvolume)
+    /// nor on overlayfs (the underlying layer's): use it only where the mount id cannot be.
+    pub st_dev: (u32, u32),
 }
 
 impl fmt::Display for MountOf {
@@ -375,6 +379,7 @@ fn statx_raw(
     Ok(MountOf {
         mount_id: buf.stx_mnt_id,
         is_mount_root: buf.stx_attributes & root_attr != 0,
+        st_dev: (buf.stx_dev_major, buf.stx_dev_minor),
     })
 }
 

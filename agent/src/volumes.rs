@@ -142,19 +142,48 @@ impl AgentFiles {
                                     why: source.to_string(),
                                 }
                             })?;
-                        by_mount_id(entries, mount.mount_id)
-                            .map(|entry| entry.dev)
-                            .ok_or_else(|| Error::AgentFileUnknown {
-                                what: file.what,
-                                path: file.path.clone(),
-                                why: format!("mount {} is not in mountinfo", mount.mount_id),
-                            })?
+                        match by_mount_id(entries, mount.mount_id) {
+                            Some(entry) => entry.dev,
+                            // A descriptor inherited from another mount namespace (a log file
+                            // opened by whoever started the agent) lives on a mount this
+                            // namespace does not list. Its st_dev then names its superblock,
+                            // except on btrfs, whose st_dev is per subvolume: there, fail safe.
+                            None => foreign_superblock(fd.as_fd(), mount.st_dev).map_err(
+                                |why| Error::AgentFileUnknown {
+                                    what: file.what,
+                                    path: file.path.clone(),
+                                    why: format!(
+                                        "mount {} is not in this namespace's mountinfo, and {why}",
+                                        mount.mount_id
+                                    ),
+                                },
+                            )?,
+                        }
                     }
                 };
                 Ok((file, dev))
             })
             .collect()
     }
+}
+
+/// The superblock of a file whose mount is not in this namespace, from its `st_dev`, on
+/// filesystems where `st_dev` is the superblock's number. Err says why it cannot be told.
+fn foreign_superblock(
+    fd: std::os::fd::BorrowedFd<'_>,
+    (major, minor): (u32, u32),
+) -> Result<DevId, String> {
+    let fs = nix::sys::statfs::fstatfs(fd).map_err(|e| format!("fstatfs failed: {e}"))?;
+    let magic = fs.filesystem_type();
+    if magic == nix::sys::statfs::BTRFS_SUPER_MAGIC
+        || magic == nix::sys::statfs::OVERLAYFS_SUPER_MAGIC
+    {
+        return Err(format!(
+            "its st_dev {major}:{minor} does not name a superblock on that filesystem type (0x{:x})",
+            magic.0
+        ));
+    }
+    Ok(DevId { major, minor })
 }
 
 fn refuse_agent_files(mount: &Path, dev: DevId, own: &[(&AgentFile, DevId)]) -> Result<(), Error> {
@@ -294,6 +323,23 @@ pub(crate) mod tests {
     use super::*;
     use crate::mounts::{MountError, OpenedMount, parse_mountinfo};
     use crate::safepath::PathError;
+
+    #[test]
+    fn a_file_outside_this_namespace_is_known_by_its_st_dev_except_on_btrfs() {
+        use std::os::unix::fs::MetadataExt;
+        let file = tempfile::NamedTempFile::new().unwrap();
+        let meta = file.as_file().metadata().unwrap();
+        let fs = nix::sys::statfs::fstatfs(file.as_file()).unwrap();
+        let st_dev = (libc::major(meta.dev()), libc::minor(meta.dev()));
+        let got = foreign_superblock(file.as_file().as_fd(), st_dev);
+        if fs.filesystem_type() == nix::sys::statfs::BTRFS_SUPER_MAGIC {
+            let why = got.unwrap_err();
+            assert!(why.contains("does not name a superblock"), "{why}");
+        } else {
+            let dev = got.unwrap();
+            assert_eq!((dev.major, dev.minor), st_dev);
+        }
+    }
 
     /// A mount table whose mount points are real directories (so they can be opened) and whose
     /// mount ids are the entries'. `open_mount` opens by name: the fake stands in for the

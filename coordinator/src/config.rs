@@ -29,6 +29,9 @@ pub struct Config {
     pub agents: Vec<AgentConfig>,
     #[serde(default, rename = "group")]
     pub groups: Vec<GroupConfig>,
+    /// `[[grant]]`: roles per group (see `authz`). None: every operator may do everything.
+    #[serde(default, rename = "grant")]
+    pub grants: Vec<crate::authz::Grant>,
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
@@ -336,6 +339,7 @@ impl Config {
                 }
             }
         }
+        problems.extend(crate::authz::problems(self));
         problems
     }
 }

@@ -33,6 +33,12 @@ pub enum Error {
     },
     #[error("snapshot provider: {message}")]
     Provider { message: String },
+    #[error("{identity} may not {action} on group {group}")]
+    PermissionDenied {
+        identity: String,
+        action: &'static str,
+        group: String,
+    },
     #[error("the coordinator is shutting down")]
     ShuttingDown,
     #[error(transparent)]
@@ -61,6 +67,7 @@ impl From<Error> for Status {
             Error::Agent { .. } => Code::Unavailable,
             Error::AgentRefused { code, .. } => agent_answer_code(*code),
             Error::Provider { .. } => Code::Unavailable,
+            Error::PermissionDenied { .. } => Code::PermissionDenied,
             Error::ShuttingDown => Code::Unavailable,
             Error::Catalog(_) => Code::Internal,
         };

@@ -7,8 +7,9 @@ use quiesce_proto::coordinator::v1::coordinator_server::Coordinator as Coordinat
 use quiesce_proto::identity::{Identity, Role};
 use tonic::{Request, Response, Status};
 
+use crate::authz::{Caller, Policy};
 use crate::error::Error;
-use crate::workflow::Coordinator;
+use crate::workflow::{Coordinator, group_of_set};
 
 pub struct OperatorService {
     coordinator: Arc<Coordinator>,
@@ -17,6 +18,28 @@ pub struct OperatorService {
 impl OperatorService {
     pub fn new(coordinator: Arc<Coordinator>) -> Self {
         OperatorService { coordinator }
+    }
+
+    fn policy(&self) -> Policy<'_> {
+        Policy::new(self.coordinator.config())
+    }
+
+    /// `Ok` if the caller of `request` may do `action` on `group` (see `authz`).
+    fn authorize<T>(
+        &self,
+        request: &Request<T>,
+        action: pb::Action,
+        group: &str,
+    ) -> Result<(), Status> {
+        Ok(self.policy().check(&caller(request), action, group)?)
+    }
+}
+
+/// The operator calling, by its certificate (the interceptor admitted only operators).
+fn caller<T>(request: &Request<T>) -> Caller {
+    match Identity::of_peer(request) {
+        Some(id) => Caller::Operator(id.name),
+        None => Caller::Unauthenticated,
     }
 }
 
@@ -51,8 +74,11 @@ impl CoordinatorApi for OperatorService {
         &self,
         request: Request<pb::CreateSetRequest>,
     ) -> Result<Response<pb::CreateSetResponse>, Status> {
-        let req = request.into_inner();
-        let set_id = self.coordinator.start_set(required(&req.group, "group")?)?;
+        let group = required(&request.get_ref().group, "group")?.to_owned();
+        // Authorized first: an operator without a grant learns nothing about other groups.
+        self.authorize(&request, pb::Action::Backup, &group)?;
+        self.coordinator.group(&group)?;
+        let set_id = self.coordinator.start_set(&group)?;
         Ok(Response::new(pb::CreateSetResponse { set_id }))
     }
 
@@ -60,6 +86,11 @@ impl CoordinatorApi for OperatorService {
         &self,
         request: Request<pb::GetSetRequest>,
     ) -> Result<Response<pb::GetSetResponse>, Status> {
+        self.authorize(
+            &request,
+            pb::Action::View,
+            group_of_set(&request.get_ref().set_id),
+        )?;
         let req = request.into_inner();
         let id = set_id(&req.set_id)?;
         let set = self
@@ -75,15 +106,21 @@ impl CoordinatorApi for OperatorService {
         &self,
         request: Request<pb::ListSetsRequest>,
     ) -> Result<Response<pb::ListSetsResponse>, Status> {
+        let who = caller(&request);
         let req = request.into_inner();
         if !req.group.is_empty() {
+            self.policy().check(&who, pb::Action::View, &req.group)?;
             self.coordinator.group(&req.group)?;
+        } else {
+            self.policy().check_any(&who, pb::Action::View)?;
         }
-        let sets = self
+        let policy = self.policy();
+        let mut sets = self
             .coordinator
             .catalog()
             .list(&req.group, req.limit)
             .map_err(Error::from)?;
+        sets.retain(|s| policy.allows(&who, pb::Action::View, &s.group));
         Ok(Response::new(pb::ListSetsResponse { sets }))
     }
 
@@ -91,6 +128,11 @@ impl CoordinatorApi for OperatorService {
         &self,
         request: Request<pb::DeleteSetRequest>,
     ) -> Result<Response<pb::DeleteSetResponse>, Status> {
+        self.authorize(
+            &request,
+            pb::Action::Delete,
+            group_of_set(&request.get_ref().set_id),
+        )?;
         let req = request.into_inner();
         let deleted = self.coordinator.delete_set(set_id(&req.set_id)?).await?;
         Ok(Response::new(pb::DeleteSetResponse {
@@ -102,6 +144,11 @@ impl CoordinatorApi for OperatorService {
         &self,
         request: Request<pb::RestoreSetRequest>,
     ) -> Result<Response<pb::RestoreSetResponse>, Status> {
+        self.authorize(
+            &request,
+            pb::Action::Restore,
+            group_of_set(&request.get_ref().set_id),
+        )?;
         let req = request.into_inner();
         set_id(&req.set_id)?;
         let volumes = self.coordinator.restore(&req).await?;
@@ -110,18 +157,30 @@ impl CoordinatorApi for OperatorService {
 
     async fn list_agents(
         &self,
-        _request: Request<pb::ListAgentsRequest>,
+        request: Request<pb::ListAgentsRequest>,
     ) -> Result<Response<pb::ListAgentsResponse>, Status> {
+        self.policy()
+            .check_any(&caller(&request), pb::Action::View)?;
         let agents = self.coordinator.agent_statuses().await;
         Ok(Response::new(pb::ListAgentsResponse { agents }))
     }
 
     async fn list_groups(
         &self,
-        _request: Request<pb::ListGroupsRequest>,
+        request: Request<pb::ListGroupsRequest>,
     ) -> Result<Response<pb::ListGroupsResponse>, Status> {
-        let groups = self.coordinator.group_infos()?;
+        let who = caller(&request);
+        let policy = self.policy();
+        let mut groups = self.coordinator.group_infos()?;
+        groups.retain(|g| policy.allows(&who, pb::Action::View, &g.name));
         Ok(Response::new(pb::ListGroupsResponse { groups }))
+    }
+
+    async fn get_permissions(
+        &self,
+        request: Request<pb::GetPermissionsRequest>,
+    ) -> Result<Response<pb::GetPermissionsResponse>, Status> {
+        Ok(Response::new(self.policy().permissions(&caller(&request))))
     }
 }
 

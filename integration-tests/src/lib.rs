@@ -50,6 +50,7 @@
 //! - [`multihost`]: a [`multihost::Lab`] of several agents on 127.0.0.x (also the hooks tests'
 //!   lab); [`faults`]: fault scenarios; [`proxy`]: a black-hole TCP proxy.
 
+pub mod browser;
 pub mod cluster;
 pub mod env;
 pub mod faults;

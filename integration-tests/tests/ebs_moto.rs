@@ -120,16 +120,26 @@ mounts = ["/data", "/wal"]
 
 /// One instance with (group data, group wal, outside) volumes attached as sdf, sdg, sdh.
 async fn instance_with_volumes(ec2: &aws_sdk_ec2::Client) -> (String, [String; 3]) {
-    let run = ec2
-        .run_instances()
-        .image_id("ami-12345678")
-        .min_count(1)
-        .max_count(1)
-        .instance_type(InstanceType::T3Micro)
-        .placement(Placement::builder().availability_zone("us-east-1a").build())
-        .send()
-        .await
-        .unwrap();
+    // moto's first RunInstances loads its AMI catalogue, which can take longer than the
+    // product's 5 s request timeout on a loaded machine: this is test setup, so it is retried.
+    let mut attempt = 0;
+    let run = loop {
+        attempt += 1;
+        let sent = ec2
+            .run_instances()
+            .image_id("ami-12345678")
+            .min_count(1)
+            .max_count(1)
+            .instance_type(InstanceType::T3Micro)
+            .placement(Placement::builder().availability_zone("us-east-1a").build())
+            .send()
+            .await;
+        match sent {
+            Ok(run) => break run,
+            Err(aws_sdk_ec2::error::SdkError::TimeoutError(_)) if attempt < 5 => continue,
+            Err(e) => panic!("RunInstances against moto (attempt {attempt}): {e:?}"),
+        }
+    };
     let instance = run.instances()[0].instance_id().unwrap().to_owned();
     let mut volumes = Vec::new();
     for device in ["/dev/sdf", "/dev/sdg", "/dev/sdh"] {

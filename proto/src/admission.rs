@@ -5,7 +5,10 @@
 //! - At most [`Limits::max_pending`] connections are in their handshake at once, and at most
 //!   [`Limits::max_pending_per_ip`] from one address. Past either cap the listener does not
 //!   stop accepting (that would leave a real peer waiting in the kernel's backlog); it closes
-//!   a pending connection instead: one that has sent nothing yet, oldest first, else the
+//!   a pending connection instead. Past the global cap it is taken from the address holding
+//!   the most pending connections, so a burst from a few flooding addresses cannot push out a
+//!   peer that connected just before it and has not spoken yet; within that address (and past
+//!   the per-address cap), one that has sent nothing yet goes first, oldest first, else the
 //!   oldest. Whether a peer has sent anything is read from the socket itself (`MSG_PEEK` on a
 //!   duplicate descriptor), not from whether its task got to run: a peer with something to
 //!   say (a ClientHello) is never the first to go, so idle connections — however many, however
@@ -288,7 +291,8 @@ impl Pending {
             }
         }
         while table.conns.len() > limits.max_pending {
-            match evict(&mut table, None, id) {
+            let busiest = busiest_address(&table, id);
+            match busiest.and_then(|ip| evict(&mut table, Some(ip), id)) {
                 Some(conn) => evicted.push(conn),
                 None => break,
             }
@@ -302,6 +306,24 @@ impl Pending {
         }
         evicted.len()
     }
+}
+
+/// The address holding the most pending connections that can be closed (any but `newest`);
+/// ties go to the one whose oldest such connection is oldest.
+fn busiest_address(table: &Table, newest: u64) -> Option<IpAddr> {
+    let mut per_ip: HashMap<IpAddr, (usize, Instant)> = HashMap::new();
+    for (id, conn) in &table.conns {
+        if *id == newest {
+            continue;
+        }
+        let entry = per_ip.entry(conn.ip).or_insert((0, conn.since));
+        entry.0 += 1;
+        entry.1 = entry.1.min(conn.since);
+    }
+    per_ip
+        .into_iter()
+        .max_by(|(_, (n1, t1)), (_, (n2, t2))| n1.cmp(n2).then(t2.cmp(t1)))
+        .map(|(ip, _)| ip)
 }
 
 /// Takes one pending connection out (of `ip`, if given), never `newest`: the oldest of those
@@ -404,6 +426,27 @@ mod tests {
         let table = lock(&pending.table);
         assert_eq!(table.conns.len(), 3);
         assert!(table.conns.contains_key(&1), "the peer that spoke is kept");
+    }
+
+    #[tokio::test]
+    async fn a_burst_from_other_addresses_does_not_push_out_a_peer_that_has_not_spoken_yet() {
+        let pending = Pending::default();
+        let flags = Arc::new(Mutex::new(Vec::new()));
+        let coordinator: IpAddr = "127.0.0.1".parse().unwrap();
+        let lim = limits(16, 8);
+        // The coordinator's connection is accepted; its ClientHello is still on the way.
+        pending.admit(coordinator, None, &lim, idle(&flags));
+        // A burst far past the cap from 4 flooding addresses.
+        for k in 0..200u8 {
+            let ip = IpAddr::from([127, 0, 0, 2 + k % 4]);
+            pending.admit(ip, None, &lim, idle(&flags));
+        }
+        let table = lock(&pending.table);
+        assert_eq!(table.conns.len(), 16);
+        assert!(
+            table.conns.contains_key(&0),
+            "the silent coordinator connection was pushed out by the burst"
+        );
     }
 
     #[tokio::test]

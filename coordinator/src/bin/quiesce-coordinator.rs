@@ -76,6 +76,11 @@ fn main() -> ExitCode {
                     config_ok.agents.len(),
                     config_ok.groups.len()
                 );
+                if config_ok.grants.is_empty() {
+                    eprintln!(
+                        "warning: no [[grant]]: every operator certificate may back up, restore and delete on every group"
+                    );
+                }
                 ExitCode::SUCCESS
             }
             Err(code) => code,

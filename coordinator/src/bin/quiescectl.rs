@@ -17,6 +17,9 @@ use quiesce_proto::coordinator::v1::coordinator_client::CoordinatorClient;
 use quiesce_proto::tls::TlsFiles;
 use tonic::transport::{Channel, Endpoint};
 
+#[path = "quiescectl/dashboard/mod.rs"]
+mod dashboard;
+
 const EXIT_FAILED: u8 = 1;
 const EXIT_UNREACHABLE: u8 = 3;
 
@@ -104,6 +107,13 @@ enum Command {
     Agents,
     /// Groups: members, running set, last consistent set.
     Groups,
+    /// Serve a local web dashboard (groups, sets, agents, "back up now") that talks to the
+    /// coordinator with this operator's credentials. Loopback only.
+    Dashboard {
+        /// Where the dashboard listens (a loopback address; port 0 picks a free one).
+        #[arg(long, default_value = "127.0.0.1:8740")]
+        listen: std::net::SocketAddr,
+    },
     /// Make a CA and certificates for coordinators, agents and operators (local, no server).
     #[command(subcommand)]
     Pki(PkiCommand),
@@ -170,6 +180,9 @@ fn main() -> ExitCode {
                 return ExitCode::from(EXIT_UNREACHABLE);
             }
         };
+        if let Command::Dashboard { listen } = cli.command {
+            return run_dashboard(client, listen).await;
+        }
         match run(client, cli.command, cli.json).await {
             Ok(code) => code,
             Err(status) => {
@@ -193,6 +206,42 @@ fn main() -> ExitCode {
             }
         }
     })
+}
+
+/// Checks that the coordinator answers this operator, then serves the dashboard.
+async fn run_dashboard(
+    mut client: CoordinatorClient<Channel>,
+    listen: std::net::SocketAddr,
+) -> ExitCode {
+    if let Err(message) = dashboard::check_listen(listen) {
+        eprintln!("quiescectl: {message}");
+        return ExitCode::from(EXIT_FAILED);
+    }
+    match client.get_permissions(pb::GetPermissionsRequest {}).await {
+        Ok(reply) => {
+            let reply = reply.into_inner();
+            if !reply.identity.is_empty() {
+                eprintln!(
+                    "quiescectl: the coordinator knows you as {}",
+                    reply.identity
+                );
+            }
+        }
+        Err(status) => {
+            eprintln!(
+                "quiescectl: the coordinator did not answer this operator: {}",
+                status_message(&status)
+            );
+            return ExitCode::from(EXIT_UNREACHABLE);
+        }
+    }
+    match dashboard::serve(client, listen).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(message) => {
+            eprintln!("quiescectl: {message}");
+            ExitCode::from(EXIT_FAILED)
+        }
+    }
 }
 
 enum Failure {
@@ -599,6 +648,7 @@ async fn run(
             Ok(ExitCode::SUCCESS)
         }
         Command::Pki(_) => unreachable!("handled before connecting"),
+        Command::Dashboard { .. } => unreachable!("handled after connecting"),
     }
 }
 
