@@ -99,6 +99,8 @@ pub enum Error {
     Reflink(#[from] crate::reflink::ReflinkError),
     #[error(transparent)]
     Hook(#[from] crate::hooks::HookError),
+    #[error(transparent)]
+    Restore(#[from] crate::restore::RestoreError),
 }
 
 impl From<Error> for Status {
@@ -127,6 +129,7 @@ impl From<Error> for Status {
             Error::GuardianGone => Code::Unavailable,
             Error::Reflink(e) => e.code(),
             Error::Hook(e) => e.code(),
+            Error::Restore(e) => e.code(),
         };
         Status::new(code, error_chain(&err))
     }

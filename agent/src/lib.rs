@@ -18,6 +18,7 @@ pub mod mounts;
 pub mod records;
 pub mod recovery;
 pub mod reflink;
+pub mod restore;
 pub mod safepath;
 pub mod server;
 pub mod service;

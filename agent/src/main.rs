@@ -185,6 +185,16 @@ fn run(path: &Path, insecure: bool) -> anyhow::Result<ExitCode> {
         Ok(config) => config,
         Err(code) => return Ok(code),
     };
+    // A missing state directory is made first, on tmpfs only (a missing one whose parent is
+    // on tmpfs is what `check-config` accepts).
+    match startup::ensure_state_dir(&config.state_dir) {
+        Ok(true) => tracing::info!(
+            state_dir = %config.state_dir.display(),
+            "made the missing state directory (on tmpfs)"
+        ),
+        Ok(false) => {}
+        Err(e) => tracing::error!("cannot make state-dir {}: {e}", config.state_dir.display()),
+    }
     // Exactly what `check-config` refuses.
     let report = startup::check(path, &config, insecure);
     if !report.is_ok() {

@@ -188,8 +188,6 @@ pub enum ReflinkError {
     ForeignSnapshot { path: PathBuf, set_id: String },
     #[error("snapshot {path} does not exist")]
     Missing { path: PathBuf },
-    #[error("restore target {path} must be an absolute path")]
-    RelativeTarget { path: PathBuf },
     #[error("{op} {path}")]
     Io {
         op: &'static str,
@@ -209,7 +207,6 @@ impl ReflinkError {
             ReflinkError::Exists { .. } => Code::AlreadyExists,
             ReflinkError::ForeignSnapshot { .. } => Code::PermissionDenied,
             ReflinkError::Missing { .. } => Code::NotFound,
-            ReflinkError::RelativeTarget { .. } => Code::InvalidArgument,
             ReflinkError::Io { .. } => Code::Internal,
         }
     }
@@ -422,36 +419,24 @@ impl ReflinkProvider {
     }
 
     /// Materialises a snapshot as a new image in `target_dir`: a reflink clone where the
-    /// filesystem allows, a full copy otherwise. Returns the image and whether it was cloned.
+    /// filesystem allows, a full copy otherwise, each only after every check of
+    /// [`crate::restore`] passed.
     pub fn restore(
         &self,
         set_id: &str,
         snapshot: &Path,
         target_dir: &Path,
         backing_files: &[PathBuf],
-    ) -> Result<(PathBuf, bool), ReflinkError> {
+        guard: &crate::restore::Guard,
+    ) -> Result<crate::restore::Restored, crate::error::Error> {
         self.check_owned(set_id, snapshot, backing_files)?;
-        if !target_dir.is_absolute() {
-            return Err(ReflinkError::RelativeTarget {
-                path: target_dir.to_owned(),
-            });
-        }
         if !snapshot.exists() {
             return Err(ReflinkError::Missing {
                 path: snapshot.to_owned(),
-            });
-        }
-        std::fs::create_dir_all(target_dir).map_err(io_err("cannot create", target_dir))?;
-        let name = snapshot.file_name().unwrap_or_default();
-        let target = target_dir.join(name);
-        match clone_file(snapshot, &target) {
-            Ok(_) => Ok((target, true)),
-            Err(ReflinkError::NotCloneable { .. }) => {
-                copy_new(snapshot, &target)?;
-                Ok((target, false))
             }
-            Err(e) => Err(e),
+            .into());
         }
+        Ok(crate::restore::restore_image(snapshot, target_dir, guard)?)
     }
 }
 
@@ -655,14 +640,6 @@ fn create_new(target: &Path) -> Result<File, ReflinkError> {
             },
             _ => io_err("cannot create", target)(e),
         })
-}
-
-fn copy_new(source: &Path, target: &Path) -> Result<(), ReflinkError> {
-    let mut src = File::open(source).map_err(io_err("cannot open", source))?;
-    let mut dst = create_new(target)?;
-    io::copy(&mut src, &mut dst).map_err(io_err("cannot copy into", target))?;
-    dst.sync_all().map_err(io_err("cannot sync", target))?;
-    Ok(())
 }
 
 #[cfg(test)]

@@ -86,6 +86,37 @@ impl AgentService {
         self.devices.volume_id(device)
     }
 
+    /// What a restore must not write to: every volume of this agent's config (so every
+    /// volume of every group on this host) and the snapshot's own source mount, each by the
+    /// superblock mountinfo gives its mount; and what this agent holds frozen.
+    fn restore_guard(&self, source_mount: &std::path::Path) -> crate::restore::Guard {
+        let mounts = self.manager.mounts();
+        let mut protected = Vec::new();
+        let volumes = self.manager.config().volumes.iter().map(|v| {
+            (
+                v.mount.clone(),
+                format!("volume {} of this agent", v.mount.display()),
+            )
+        });
+        let source = std::iter::once((
+            source_mount.to_owned(),
+            format!("the snapshot's source volume {}", source_mount.display()),
+        ));
+        for (mount, what) in volumes.chain(source) {
+            if let Ok(Some(entry)) = mounts.at(&mount) {
+                protected.push(crate::restore::Protected {
+                    dev: entry.dev,
+                    what,
+                });
+            }
+        }
+        crate::restore::Guard {
+            protected,
+            frozen: self.manager.frozen_devs(),
+            frozen_probe: None,
+        }
+    }
+
     fn backing_files(&self) -> Vec<PathBuf> {
         let mounts = self.manager.mounts();
         self.manager
@@ -528,16 +559,29 @@ impl Agent for AgentService {
             let target_dir = target_dir.clone();
             let backing_files = backing_files.clone();
             let id = PathBuf::from(&snapshot.snapshot_id);
-            let (image, cloned) = tokio::task::spawn_blocking(move || {
-                reflink.restore(&set_id, &id, &target_dir, &backing_files)
+            let guard = self.restore_guard(std::path::Path::new(&snapshot.mount_point));
+            let result = tokio::task::spawn_blocking(move || {
+                reflink.restore(&set_id, &id, &target_dir, &backing_files, &guard)
             })
             .await
-            .map_err(|e| Status::internal(e.to_string()))?
-            .map_err(Error::from)?;
+            .map_err(|e| Status::internal(e.to_string()))
+            .and_then(|r| r.map_err(Status::from));
+            let restored = match result {
+                Ok(restored) => restored,
+                Err(status) => {
+                    // All or nothing on this host: the images this request made go too.
+                    for image in &images {
+                        let image: &pb::RestoredImage = image;
+                        let _ = std::fs::remove_file(&image.image_path);
+                    }
+                    return Err(status);
+                }
+            };
             images.push(pb::RestoredImage {
                 mount_point: snapshot.mount_point,
-                image_path: image.display().to_string(),
-                cloned,
+                image_path: restored.path.display().to_string(),
+                cloned: restored.cloned,
+                fs_type: restored.fs_type,
             });
         }
         Ok(Response::new(pb::RestoreSnapshotsResponse { images }))

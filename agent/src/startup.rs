@@ -28,15 +28,54 @@ impl Report {
     }
 }
 
+/// Whether the state directory is (or, once `run` makes it, will be) on tmpfs: a missing
+/// directory counts as its parent's filesystem, since [`ensure_state_dir`] makes it there.
+fn state_dir_fs(dir: &Path) -> std::io::Result<bool> {
+    match dir.try_exists() {
+        Ok(false) => match dir.parent() {
+            Some(parent) => is_memory_fs(parent).map_err(|e| {
+                std::io::Error::new(
+                    e.kind(),
+                    format!("does not exist, and neither does a tmpfs at its parent {} to make it on ({e})", parent.display()),
+                )
+            }),
+            None => Ok(false),
+        },
+        _ => is_memory_fs(dir),
+    }
+}
+
+/// Makes the state directory (0700) when it is missing and its parent is on tmpfs — `/run`
+/// after a reboot on a host without systemd's `RuntimeDirectory=`. Never on a disk
+/// filesystem: there the start is refused instead (see [`check`]). Returns whether it made it.
+pub fn ensure_state_dir(dir: &Path) -> std::io::Result<bool> {
+    if dir.try_exists()? {
+        return Ok(false);
+    }
+    let Some(parent) = dir.parent() else {
+        return Ok(false);
+    };
+    if !is_memory_fs(parent)? {
+        return Ok(false);
+    }
+    use std::os::unix::fs::DirBuilderExt;
+    match std::fs::DirBuilder::new().mode(0o700).create(dir) {
+        Ok(()) => Ok(true),
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(false),
+        Err(e) => Err(e),
+    }
+}
+
 /// Checks `config` (read from `config_path`) against this host.
 pub fn check(config_path: &Path, config: &Config, insecure: bool) -> Report {
     let mut report = Report {
         problems: config.problems(insecure),
     };
-    match is_memory_fs(&config.state_dir) {
+    match state_dir_fs(&config.state_dir) {
         Ok(true) => {}
         Ok(false) => report.problems.push(format!(
-            "state-dir {} is not on tmpfs: freeze records must never be written to a disk filesystem",
+            "state-dir {} is not on tmpfs: freeze records must never be written to a disk filesystem (on a host whose /run is not tmpfs, mount one: `mount -t tmpfs -o mode=0700,size=8m tmpfs {}`, or set state-dir to a directory on a tmpfs)",
+            config.state_dir.display(),
             config.state_dir.display()
         )),
         Err(e) => report
@@ -61,4 +100,37 @@ pub fn check(config_path: &Path, config: &Config, insecure: bool) -> Report {
             .push(format!("config file (it defines hooks): {e}"));
     }
     report
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_missing_state_dir_is_made_only_on_tmpfs() {
+        // /dev/shm is a tmpfs on Linux hosts; the work tree is on a disk filesystem.
+        let shm = Path::new("/dev/shm");
+        if is_memory_fs(shm).unwrap_or(false) {
+            let dir = shm.join(format!("quiesce-state-test-{}", std::process::id()));
+            let _ = std::fs::remove_dir(&dir);
+            assert!(
+                state_dir_fs(&dir).unwrap(),
+                "a missing dir on tmpfs will be made"
+            );
+            assert!(ensure_state_dir(&dir).unwrap());
+            assert!(dir.is_dir());
+            assert!(!ensure_state_dir(&dir).unwrap(), "made once");
+            use std::os::unix::fs::PermissionsExt;
+            let mode = std::fs::metadata(&dir).unwrap().permissions().mode() & 0o777;
+            assert_eq!(mode, 0o700);
+            std::fs::remove_dir(&dir).unwrap();
+        }
+        let disk = tempfile::tempdir_in(env!("CARGO_MANIFEST_DIR")).unwrap();
+        let dir = disk.path().join("state");
+        if !is_memory_fs(disk.path()).unwrap() {
+            assert!(!state_dir_fs(&dir).unwrap(), "refused on disk");
+            assert!(!ensure_state_dir(&dir).unwrap());
+            assert!(!dir.exists(), "never made on a disk filesystem");
+        }
+    }
 }

@@ -1,5 +1,6 @@
 //! The coordinator's one error enum, mapped once to gRPC status codes.
 
+use quiesce_proto::echo::{Capped, status_message};
 use tonic::{Code, Status};
 
 use crate::catalog::CatalogError;
@@ -8,9 +9,9 @@ use crate::catalog::CatalogError;
 pub enum Error {
     #[error("invalid request: {0}")]
     InvalidArgument(String),
-    #[error("unknown group {group} (configured: {known})")]
+    #[error("unknown group {} (configured: {known})", Capped(group))]
     UnknownGroup { group: String, known: String },
-    #[error("unknown set {id}")]
+    #[error("unknown set {}", Capped(id))]
     UnknownSet { id: String },
     #[error("group {group} already has a running set ({running}); wait for it to finish")]
     GroupBusy { group: String, running: String },
@@ -22,6 +23,14 @@ pub enum Error {
     UnknownAgent { agent: String },
     #[error("agent {agent}: {message}")]
     Agent { agent: String, message: String },
+    /// The agent answered, with an error of its own (not: it could not be reached). `code`
+    /// is the agent's, kept where it means the same to an operator.
+    #[error("agent {agent}: {message}")]
+    AgentRefused {
+        agent: String,
+        code: Code,
+        message: String,
+    },
     #[error("snapshot provider: {message}")]
     Provider { message: String },
     #[error("{identity} may not {action} on group {group}")]
@@ -56,12 +65,60 @@ impl From<Error> for Status {
             Error::NotRestorable { .. } => Code::FailedPrecondition,
             Error::UnknownAgent { .. } => Code::NotFound,
             Error::Agent { .. } => Code::Unavailable,
+            Error::AgentRefused { code, .. } => agent_answer_code(*code),
             Error::Provider { .. } => Code::Unavailable,
             Error::PermissionDenied { .. } => Code::PermissionDenied,
             Error::ShuttingDown => Code::Unavailable,
             Error::Catalog(_) => Code::Internal,
         };
-        Status::new(code, error_chain(&err))
+        Status::new(code, status_message(error_chain(&err)))
+    }
+}
+
+/// The code the coordinator answers with when an agent refused a request. The agent's own code
+/// where it says the same thing about the operator's request; never a code that `quiescectl`
+/// reads as "this client is refused" or "the coordinator is unreachable".
+fn agent_answer_code(code: Code) -> Code {
+    match code {
+        Code::InvalidArgument
+        | Code::NotFound
+        | Code::AlreadyExists
+        | Code::FailedPrecondition
+        | Code::ResourceExhausted
+        | Code::DeadlineExceeded
+        | Code::Aborted
+        | Code::OutOfRange
+        | Code::Internal => code,
+        Code::Ok
+        | Code::Cancelled
+        | Code::Unknown
+        | Code::PermissionDenied
+        | Code::Unimplemented
+        | Code::Unavailable
+        | Code::DataLoss
+        | Code::Unauthenticated => Code::FailedPrecondition,
+    }
+}
+
+/// What became of a call to an agent: it answered with an error (`AgentRefused`, the agent's
+/// message once), or it could not be reached (`Agent`).
+pub fn from_agent(agent: &str, status: &Status) -> Error {
+    let answered = std::error::Error::source(status).is_none()
+        && !matches!(
+            status.code(),
+            Code::Unavailable | Code::Unknown | Code::Cancelled
+        );
+    if answered {
+        Error::AgentRefused {
+            agent: agent.to_owned(),
+            code: status.code(),
+            message: status_line(status),
+        }
+    } else {
+        Error::Agent {
+            agent: agent.to_owned(),
+            message: status_line(status),
+        }
     }
 }
 

@@ -23,6 +23,7 @@ pub mod retention;
 pub mod scheduler;
 pub mod server;
 pub mod service;
+pub mod shell;
 pub mod test_hook;
 pub mod workflow;
 

@@ -117,7 +117,8 @@ impl Coordinator {
         }
         if !target_dir.starts_with('/') {
             return Err(Error::InvalidArgument(format!(
-                "--target-dir {target_dir:?} must be an absolute directory on each member host"
+                "--target-dir {:?} must be an absolute directory on each member host",
+                quiesce_proto::echo::capped(target_dir)
             )));
         }
         let mut restored = Vec::new();
@@ -141,16 +142,15 @@ impl Coordinator {
                     target_dir: target_dir.to_owned(),
                 })
                 .await
-                .map_err(|status| Error::Agent {
-                    agent: agent.clone(),
-                    message: agent_error(&agent, &status),
-                })?;
+                .map_err(|status| crate::error::from_agent(&agent, &status))?;
             for image in reply.images {
                 restored.push(pb::RestoredVolume {
-                    attach_hint: format!(
-                        "mount \"$(losetup --find --show {})\" <where {} should appear>",
-                        image.image_path, image.mount_point
+                    attach_hint: crate::shell::attach_image_hint(
+                        &image.image_path,
+                        &image.fs_type,
+                        &image.mount_point,
                     ),
+                    fs_type: image.fs_type,
                     agent: agent.clone(),
                     mount_point: image.mount_point,
                     image_path: image.image_path,

@@ -51,6 +51,23 @@ fn required<'a>(value: &'a str, what: &str) -> Result<&'a str, Status> {
     }
 }
 
+/// Longest set id accepted (the coordinator's own are far shorter; agents accept 128).
+const MAX_SET_ID_CHARS: usize = 128;
+
+/// A set id from a request: present and of a sane length, so no error echoes a huge one.
+fn set_id(value: &str) -> Result<&str, Status> {
+    let value = required(value, "set id")?;
+    let chars = value.chars().count();
+    if chars > MAX_SET_ID_CHARS {
+        return Err(Error::InvalidArgument(format!(
+            "set id {} is {chars} characters long; set ids have at most {MAX_SET_ID_CHARS}",
+            quiesce_proto::echo::Capped(value)
+        ))
+        .into());
+    }
+    Ok(value)
+}
+
 #[tonic::async_trait]
 impl CoordinatorApi for OperatorService {
     async fn create_set(
@@ -75,7 +92,7 @@ impl CoordinatorApi for OperatorService {
             group_of_set(&request.get_ref().set_id),
         )?;
         let req = request.into_inner();
-        let id = required(&req.set_id, "set id")?;
+        let id = set_id(&req.set_id)?;
         let set = self
             .coordinator
             .catalog()
@@ -117,10 +134,7 @@ impl CoordinatorApi for OperatorService {
             group_of_set(&request.get_ref().set_id),
         )?;
         let req = request.into_inner();
-        let report = self
-            .coordinator
-            .delete_set(required(&req.set_id, "set id")?)
-            .await?;
+        let report = self.coordinator.delete_set(set_id(&req.set_id)?).await?;
         Ok(Response::new(report))
     }
 
@@ -134,7 +148,7 @@ impl CoordinatorApi for OperatorService {
             group_of_set(&request.get_ref().set_id),
         )?;
         let req = request.into_inner();
-        required(&req.set_id, "set id")?;
+        set_id(&req.set_id)?;
         let volumes = self.coordinator.restore(&req).await?;
         Ok(Response::new(pb::RestoreSetResponse { volumes }))
     }

@@ -483,6 +483,13 @@ async fn postgres_sets_under_load_restore_consistent_and_every_failure_is_clean(
             .await;
         let at = lab.dir.join(format!("restored-{round}"));
         let mounts = mount_restored(&mut lab, &images, &originals, &at);
+        // As docs/hooks.md says for every restored copy: never archive into production's
+        // archive (a crash-mode copy would write timeline-1 segments under production's names).
+        let mut conf = std::fs::OpenOptions::new()
+            .append(true)
+            .open(at.join("data/pg/postgresql.conf"))
+            .unwrap();
+        std::io::Write::write_all(&mut conf, b"archive_mode = off\n").unwrap();
         let mut restored = Server::start(
             &at.join("data/pg"),
             &lab.dir.join(format!("sock-{round}")),
@@ -503,130 +510,175 @@ async fn postgres_sets_under_load_restore_consistent_and_every_failure_is_clean(
         }
     }
 
-    // Backup mode: the label and tablespace map come back byte for byte from pg_backup_stop.
-    let set = stack.backup("backup").await;
-    assert_eq!(set.state, "consistent", "{}", set.error);
-    let output = &set.hook_outputs[0];
-    assert!(
-        output.backup_label.starts_with("START WAL LOCATION: "),
-        "{:?}",
-        output.backup_label
-    );
-    assert!(
-        output
-            .backup_label
-            .contains(&format!("LABEL: quiesce {}", set.id))
-    );
-    assert!(
-        output
-            .tablespace_map
-            .contains(&ts.join("pg").display().to_string()),
-        "{:?}",
-        output.tablespace_map
-    );
-    let stop_lsn = hook_value(&set, "pg-backup", "backup-stop-lsn").unwrap();
-
-    // Restore it the documented way: label and map written into the restored data directory
-    // (the map's path edited to where the tablespace is now), recovery from the WAL archive.
-    let stop_file: String = admin
-        .query_one("SELECT pg_walfile_name($1::text::pg_lsn)", &[&stop_lsn])
-        .await
-        .unwrap()
-        .get(0);
-    let archived = Instant::now();
-    // pg_backup_stop switched to a new segment; the archiver copies the finished one.
-    while !archive.join(&stop_file).exists() {
-        if archived.elapsed() > Duration::from_secs(20) {
-            let stats = admin
-                .query_one(
-                    "SELECT archived_count, COALESCE(last_archived_wal, ''), failed_count,
-                            COALESCE(last_failed_wal, ''), current_setting('archive_mode')
-                     FROM pg_stat_archiver",
-                    &[],
+    // Backup mode, twice: two successive sets, each restored the documented way (archiving off
+    // on the restored copy). The first copy's promotion must leave the production archive
+    // alone — no timeline-2 history, no WAL of its own — or the second restore fails with
+    // "requested timeline 2 is not a child of this server's history".
+    let listing = |archive: &Path| -> Vec<(String, u64, std::time::SystemTime)> {
+        let mut files: Vec<_> = std::fs::read_dir(archive)
+            .unwrap()
+            .map(|e| {
+                let e = e.unwrap();
+                let meta = e.metadata().unwrap();
+                (
+                    e.file_name().to_string_lossy().into_owned(),
+                    meta.len(),
+                    meta.modified().unwrap(),
                 )
-                .await
-                .unwrap();
-            let log = std::fs::read_to_string(lab.dir.join("pg.log")).unwrap_or_default();
-            panic!(
-                "{stop_file} never archived: archived {} (last {}), failed {} (last {}), archive_mode {}\n{}",
-                stats.get::<_, i64>(0),
-                stats.get::<_, String>(1),
-                stats.get::<_, i64>(2),
-                stats.get::<_, String>(3),
-                stats.get::<_, String>(4),
-                log.lines()
-                    .filter(|l| !l.contains("checkpoint"))
-                    .take(30)
-                    .collect::<Vec<_>>()
-                    .join("\n")
-            );
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    let images = stack.restore(&set, &lab.pool.join("restore-backup")).await;
-    let at = lab.dir.join("restored-backup");
-    let mounts = mount_restored(&mut lab, &images, &originals, &at);
-    let rdata = at.join("data/pg");
-    let map = output.tablespace_map.replace(
-        &ts.display().to_string(),
-        &at.join("ts").display().to_string(),
-    );
-    for (name, content) in [
-        ("backup_label", output.backup_label.as_str()),
-        ("tablespace_map", &map),
-    ] {
-        std::fs::write(rdata.join(name), content).unwrap();
-    }
-    std::fs::write(rdata.join("recovery.signal"), "").unwrap();
-    let mut conf = std::fs::OpenOptions::new()
-        .append(true)
-        .open(rdata.join("postgresql.conf"))
-        .unwrap();
-    std::io::Write::write_all(
-        &mut conf,
-        format!(
-            "restore_command = 'cp {}/%f %p'\narchive_mode = off\n",
-            archive.display()
-        )
-        .as_bytes(),
-    )
-    .unwrap();
-    run(
-        "chown",
-        &["-R", "postgres:postgres", rdata.to_str().unwrap()],
-    );
-    let mut restored = Server::start(
-        &rdata,
-        &lab.dir.join("sock-backup"),
-        &lab.dir.join("restored-backup.log"),
-        &[],
-    )
-    .unwrap_or_else(|e| panic!("backup mode: {e}"));
-    let recovered = Instant::now();
-    loop {
-        let client = restored.connect("postgres", None).await;
-        let in_recovery: bool = client
-            .query_one("SELECT pg_is_in_recovery()", &[])
+            })
+            .collect();
+        files.sort();
+        files
+    };
+    for round in 0..2 {
+        let before = listing(&archive);
+        // Backup mode: the label and tablespace map come back byte for byte from pg_backup_stop.
+        let set = stack.backup("backup").await;
+        assert_eq!(set.state, "consistent", "{}", set.error);
+        let output = &set.hook_outputs[0];
+        assert!(
+            output.backup_label.starts_with("START WAL LOCATION: "),
+            "{:?}",
+            output.backup_label
+        );
+        assert!(
+            output
+                .backup_label
+                .contains(&format!("LABEL: quiesce {}", set.id))
+        );
+        assert!(
+            output
+                .tablespace_map
+                .contains(&ts.join("pg").display().to_string()),
+            "{:?}",
+            output.tablespace_map
+        );
+        let stop_lsn = hook_value(&set, "pg-backup", "backup-stop-lsn").unwrap();
+
+        // Restore it the documented way: label and map written into the restored data directory
+        // (the map's path edited to where the tablespace is now), recovery from the WAL archive.
+        let stop_file: String = admin
+            .query_one("SELECT pg_walfile_name($1::text::pg_lsn)", &[&stop_lsn])
             .await
             .unwrap()
             .get(0);
-        if !in_recovery {
-            break;
+        let archived = Instant::now();
+        // pg_backup_stop switched to a new segment; the archiver copies the finished one.
+        while !archive.join(&stop_file).exists() {
+            if archived.elapsed() > Duration::from_secs(20) {
+                let stats = admin
+                    .query_one(
+                        "SELECT archived_count, COALESCE(last_archived_wal, ''), failed_count,
+                                COALESCE(last_failed_wal, ''), current_setting('archive_mode')
+                         FROM pg_stat_archiver",
+                        &[],
+                    )
+                    .await
+                    .unwrap();
+                let log = std::fs::read_to_string(lab.dir.join("pg.log")).unwrap_or_default();
+                panic!(
+                    "{stop_file} never archived: archived {} (last {}), failed {} (last {}), archive_mode {}\n{}",
+                    stats.get::<_, i64>(0),
+                    stats.get::<_, String>(1),
+                    stats.get::<_, i64>(2),
+                    stats.get::<_, String>(3),
+                    stats.get::<_, String>(4),
+                    log.lines()
+                        .filter(|l| !l.contains("checkpoint"))
+                        .take(30)
+                        .collect::<Vec<_>>()
+                        .join("\n")
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
         }
-        assert!(
-            recovered.elapsed() < Duration::from_secs(60),
-            "backup mode: still in recovery"
+        let images = stack
+            .restore(&set, &lab.pool.join(format!("restore-backup-{round}")))
+            .await;
+        let at = lab.dir.join(format!("restored-backup-{round}"));
+        let mounts = mount_restored(&mut lab, &images, &originals, &at);
+        let rdata = at.join("data/pg");
+        let map = output.tablespace_map.replace(
+            &ts.display().to_string(),
+            &at.join("ts").display().to_string(),
         );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-    check(&restored, Some(&stop_lsn))
-        .await
-        .unwrap_or_else(|e| panic!("backup mode: {e}"));
-    let log = std::fs::read_to_string(lab.dir.join("restored-backup.log")).unwrap();
-    assert!(log.contains("starting backup recovery"), "{log}");
-    restored.stop();
-    for mount in mounts.iter().rev() {
-        lab.unmount(mount);
+        for (name, content) in [
+            ("backup_label", output.backup_label.as_str()),
+            ("tablespace_map", &map),
+        ] {
+            std::fs::write(rdata.join(name), content).unwrap();
+        }
+        std::fs::write(rdata.join("recovery.signal"), "").unwrap();
+        let mut conf = std::fs::OpenOptions::new()
+            .append(true)
+            .open(rdata.join("postgresql.conf"))
+            .unwrap();
+        std::io::Write::write_all(
+            &mut conf,
+            format!(
+                "restore_command = 'cp {}/%f %p'\narchive_mode = off\n",
+                archive.display()
+            )
+            .as_bytes(),
+        )
+        .unwrap();
+        run(
+            "chown",
+            &["-R", "postgres:postgres", rdata.to_str().unwrap()],
+        );
+        let mut restored = Server::start(
+            &rdata,
+            &lab.dir.join(format!("sock-backup-{round}")),
+            &lab.dir.join(format!("restored-backup-{round}.log")),
+            &[],
+        )
+        .unwrap_or_else(|e| panic!("backup mode, restore {round}: {e}"));
+        let recovered = Instant::now();
+        loop {
+            let client = restored.connect("postgres", None).await;
+            let in_recovery: bool = client
+                .query_one("SELECT pg_is_in_recovery()", &[])
+                .await
+                .unwrap()
+                .get(0);
+            if !in_recovery {
+                break;
+            }
+            assert!(
+                recovered.elapsed() < Duration::from_secs(60),
+                "backup mode: still in recovery"
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        check(&restored, Some(&stop_lsn))
+            .await
+            .unwrap_or_else(|e| panic!("backup mode, restore {round}: {e}"));
+        let log =
+            std::fs::read_to_string(lab.dir.join(format!("restored-backup-{round}.log"))).unwrap();
+        assert!(log.contains("starting backup recovery"), "{log}");
+        restored.stop();
+        for mount in mounts.iter().rev() {
+            lab.unmount(mount);
+        }
+        let foreign: Vec<String> = std::fs::read_dir(&archive)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .filter(|name| name.ends_with(".history") || !name.starts_with("00000001"))
+            .collect();
+        assert!(
+            foreign.is_empty(),
+            "restore {round}: the restored copy wrote into the production archive: {foreign:?}"
+        );
+        // Production keeps archiving its own new segments; nothing archived before the
+        // restore changed.
+        let after = listing(&archive);
+        for file in &before {
+            assert!(
+                after.contains(file),
+                "restore {round}: archived {} changed or vanished",
+                file.0
+            );
+        }
     }
 
     // The negative control: WAL snapshotted, then (after more transfers and a checkpoint)

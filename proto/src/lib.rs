@@ -2,6 +2,7 @@
 //! the plumbing both daemons share (reloadable server TLS, systemd notification).
 
 pub mod admission;
+pub mod echo;
 pub mod identity;
 pub mod metrics_http;
 pub mod systemd;

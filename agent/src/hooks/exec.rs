@@ -40,6 +40,23 @@ pub struct ExecConfig {
     pub quiesce_timeout: Duration,
     #[serde(default = "super::default_resume_timeout", with = "humantime_serde")]
     pub resume_timeout: Duration,
+    /// Which calling convention the scripts expect.
+    #[serde(default)]
+    pub convention: Convention,
+}
+
+/// How scripts are called.
+#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub enum Convention {
+    /// Quiesce's own: `prepare`, `freeze`, then `thaw` (or `freeze-fail` when the freeze did
+    /// not happen) in reverse name order, so a script that locked last unlocks first.
+    #[default]
+    Quiesce,
+    /// qemu-guest-agent's `fsfreeze-hook`, exactly: only `freeze` and `thaw` (also when the
+    /// freeze failed, as qemu-ga thaws then), both in name order. For scripts such as qemu's
+    /// `mysql-flush.sh.sample`, which exit 1 on any other argument.
+    Qemu,
 }
 
 impl ExecConfig {
@@ -83,8 +100,16 @@ fn check_script(path: &Path, stat: &FileStat) -> Result<(), String> {
     Ok(())
 }
 
+/// Suffixes of files qemu-ga's `fsfreeze-hook` never runs (backups, package-manager leftovers,
+/// examples), skipped here too.
+const SKIPPED_SUFFIXES: &[&str] = &[
+    "~", ".bak", ".orig", ".rpmnew", ".rpmorig", ".rpmsave", ".sample",
+];
+
 fn hidden(name: &str) -> bool {
-    name.starts_with('.') || name.ends_with('~') || name.contains(".dpkg-")
+    name.starts_with('.')
+        || name.contains(".dpkg-")
+        || SKIPPED_SUFFIXES.iter().any(|suffix| name.ends_with(suffix))
 }
 
 /// Opens the hook directory with its whole path checked (`safepath::open_trusted_dir`: no
@@ -179,11 +204,14 @@ impl Hook for ExecHook {
             dir: self.config.dir.clone(),
             scripts,
             timeouts: self.config.timeouts(),
+            convention: self.config.convention,
             frozen: 0,
             values: HookValues::default(),
         };
-        for index in 0..session.scripts.len() {
-            session.call(index, "prepare").await?;
+        if session.convention == Convention::Quiesce {
+            for index in 0..session.scripts.len() {
+                session.call(index, "prepare").await?;
+            }
         }
         Ok(Box::new(session))
     }
@@ -195,6 +223,7 @@ struct ExecSession {
     dir: PathBuf,
     scripts: Vec<Script>,
     timeouts: Timeouts,
+    convention: Convention,
     /// How many scripts' `freeze` call started (they get `thaw` or `freeze-fail`).
     frozen: usize,
     values: HookValues,
@@ -398,9 +427,15 @@ impl HookSession for ExecSession {
     }
 
     async fn resume(&mut self, froze: bool) -> HookResult<()> {
-        let phase = if froze { "thaw" } else { "freeze-fail" };
         let mut problems = Vec::new();
-        for index in (0..self.frozen).rev() {
+        let (phase, order): (&'static str, Vec<usize>) = match self.convention {
+            Convention::Quiesce => (
+                if froze { "thaw" } else { "freeze-fail" },
+                (0..self.frozen).rev().collect(),
+            ),
+            Convention::Qemu => ("thaw", (0..self.frozen).collect()),
+        };
+        for index in order {
             if let Err(e) = self.call(index, phase).await {
                 problems.push(e);
             }
@@ -443,6 +478,7 @@ mod tests {
             prepare_timeout: Duration::from_secs(5),
             quiesce_timeout: quiesce,
             resume_timeout: Duration::from_secs(5),
+            convention: Convention::Quiesce,
         };
         let mut registry = HookRegistry::default();
         registry.insert(
@@ -710,5 +746,81 @@ mod tests {
                 .unwrap_err()
                 .contains("hooks.d has mode 0777")
         );
+    }
+
+    #[tokio::test]
+    async fn qemu_convention_calls_only_freeze_and_thaw_in_name_order_and_skips_what_qemu_skips() {
+        let (dir, _, log) = setup(Duration::from_secs(5));
+        let hooks = dir.path().join("hooks.d");
+        // Like qemu's mysql-flush.sh.sample: any argument but freeze/thaw is an error.
+        let strict = |name: &str| {
+            format!(
+                "case \"$1\" in freeze|thaw) echo \"{name} $1\" >> {} ;; *) echo \"bad arg $1\" >&2; exit 1 ;; esac",
+                log.display()
+            )
+        };
+        for name in ["20-b", "10-a"] {
+            write_script(&hooks, name, &strict(name));
+        }
+        for skipped in [
+            "30-mysql-flush.sh.sample",
+            "40-x.rpmsave",
+            "41-x.rpmnew",
+            "42-x.rpmorig",
+            "43-x.bak",
+            "44-x.orig",
+            "45-x~",
+            "46-x.dpkg-old",
+        ] {
+            write_script(
+                &hooks,
+                skipped,
+                &format!("echo {skipped} >> {}", log.display()),
+            );
+        }
+        let config = ExecConfig {
+            dir: hooks.clone(),
+            prepare_timeout: Duration::from_secs(5),
+            quiesce_timeout: Duration::from_secs(5),
+            resume_timeout: Duration::from_secs(5),
+            convention: Convention::Qemu,
+        };
+        let mut registry = HookRegistry::default();
+        registry.insert(
+            "qemu",
+            Arc::new(ExecHook::new("qemu", config.clone())),
+            config.timeouts(),
+        );
+        let mut set = HookSet::prepare(&registry, &["qemu".into()], &ctx())
+            .await
+            .unwrap();
+        set.quiesce().await.unwrap();
+        let outputs = set.resume(true).await;
+        assert!(outputs[0].error.is_empty(), "{}", outputs[0].error);
+        assert_eq!(
+            std::fs::read_to_string(&log).unwrap(),
+            "10-a freeze\n20-b freeze\n10-a thaw\n20-b thaw\n"
+        );
+        // A freeze that failed is thawed the qemu way too: `thaw`, never `freeze-fail`.
+        std::fs::remove_file(&log).unwrap();
+        let mut set = HookSet::prepare(&registry, &["qemu".into()], &ctx())
+            .await
+            .unwrap();
+        set.quiesce().await.unwrap();
+        let outputs = set.resume(false).await;
+        assert!(outputs[0].error.is_empty(), "{}", outputs[0].error);
+        assert_eq!(
+            std::fs::read_to_string(&log).unwrap(),
+            "10-a freeze\n20-b freeze\n10-a thaw\n20-b thaw\n"
+        );
+    }
+
+    #[test]
+    fn the_convention_is_read_from_the_config() {
+        let config: ExecConfig =
+            toml::from_str("dir = \"/etc/qemu/fsfreeze-hook.d\"\nconvention = \"qemu\"").unwrap();
+        assert_eq!(config.convention, Convention::Qemu);
+        let config: ExecConfig = toml::from_str("dir = \"/x\"").unwrap();
+        assert_eq!(config.convention, Convention::Quiesce);
     }
 }

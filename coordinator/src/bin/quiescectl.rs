@@ -1,8 +1,8 @@
 //! `quiescectl`: the operator's CLI for the coordinator.
 //!
 //! Exit status: 0 success (for `backup`: the set is consistent), 1 the operation failed or the
-//! set is not consistent, 2 usage errors (clap), 3 cannot reach or authenticate to the
-//! coordinator.
+//! set is not consistent — including an agent's refusal or an agent the coordinator cannot
+//! reach —, 2 usage errors (clap), 3 cannot reach or authenticate to the coordinator.
 
 use std::io::Write;
 use std::os::unix::fs::OpenOptionsExt;
@@ -280,15 +280,15 @@ enum Failure {
     Request,
 }
 
+/// A status made on this side of the connection (tonic attaches the transport error as its
+/// source) is a transport failure; one the coordinator sent is its answer. So an agent the
+/// coordinator could not reach, or an agent's refusal, is an operation failure (exit 1), not a
+/// connection failure (exit 3).
 fn failure_kind(status: &tonic::Status) -> Failure {
+    let local = std::error::Error::source(status).is_some();
     match status.code() {
         tonic::Code::Unauthenticated | tonic::Code::PermissionDenied => Failure::Refused,
-        tonic::Code::Unavailable => Failure::Transport,
-        tonic::Code::Unknown | tonic::Code::Cancelled
-            if std::error::Error::source(status).is_some() =>
-        {
-            Failure::Transport
-        }
+        _ if local => Failure::Transport,
         _ => Failure::Request,
     }
 }
@@ -876,7 +876,12 @@ fn print_set(set: &pb::SnapshotSet) {
                 if h.held_continuously { "yes" } else { "no" }.into(),
                 dash(&h.freeze_end),
                 ms(h.write_stall_ms),
-                dash(&h.error),
+                // The set's error names the host and says it already: print it once.
+                if !h.error.is_empty() && set.error.contains(&h.error) {
+                    "(error above)".to_string()
+                } else {
+                    dash(&h.error)
+                },
             ]
         })
         .collect();

@@ -288,7 +288,9 @@ impl EbsProvider {
                 None => {
                     volume.attach_hint = format!(
                         "aws ec2 attach-volume --volume-id {} --instance-id <INSTANCE> --device {}  # then mount at {}",
-                        volume.volume_id, volume.device, volume.mount_point
+                        crate::shell::quote(&volume.volume_id),
+                        crate::shell::quote(&volume.device),
+                        crate::shell::quote(&volume.mount_point)
                     );
                 }
             }

@@ -96,13 +96,51 @@ where
         }
         SdkError::ConstructionFailure(_) => Ec2Error::Refused {
             code: "ConstructionFailure".into(),
-            message: aws_sdk_ec2::error::DisplayErrorContext(&err).to_string(),
+            message: error_text(&err),
+        },
+        // No credentials: the request was never signed nor sent, so nothing can have happened.
+        SdkError::DispatchFailure(_) if is_missing_credentials(&err) => Ec2Error::Refused {
+            code: "NoCredentials".into(),
+            message: format!(
+                "no AWS credentials found, so no request was sent to EC2 ({}); give the coordinator credentials as docs/ebs.md says",
+                error_text(&err)
+            ),
         },
         // Timeout, dispatch failure, unparseable response: it may have happened.
         _ => Ec2Error::Ambiguous {
-            message: aws_sdk_ec2::error::DisplayErrorContext(&err).to_string(),
+            message: error_text(&err),
         },
     }
+}
+
+/// The error and its causes, each once, by their `Display` only: the SDK's own
+/// `DisplayErrorContext` ends in a `Debug` dump of the whole error, and its layers often
+/// repeat their cause's text.
+pub fn error_text(err: &(dyn std::error::Error + 'static)) -> String {
+    let mut parts: Vec<String> = Vec::new();
+    let mut next: Option<&(dyn std::error::Error + 'static)> = Some(err);
+    while let Some(e) = next {
+        let text = e.to_string();
+        let text = text.trim();
+        if !text.is_empty() && !parts.iter().any(|p| p.contains(text)) {
+            parts.push(text.to_owned());
+        }
+        next = e.source();
+    }
+    parts.join(": ")
+}
+
+/// Whether the failure is the credential chain finding nothing.
+fn is_missing_credentials(err: &(dyn std::error::Error + 'static)) -> bool {
+    let mut next: Option<&(dyn std::error::Error + 'static)> = Some(err);
+    while let Some(e) = next {
+        let text = e.to_string().to_ascii_lowercase();
+        if text.contains("credential") {
+            return true;
+        }
+        next = e.source();
+    }
+    false
 }
 
 fn sdk_tags(tags: &[Tag]) -> Vec<SdkTag> {
@@ -483,5 +521,49 @@ mod tests {
                 .unwrap_err()
                 .is_not_found()
         );
+    }
+}
+
+#[cfg(test)]
+mod error_text_tests {
+    use super::*;
+
+    #[derive(Debug)]
+    struct Layer(&'static str, Option<Box<Layer>>);
+
+    impl std::fmt::Display for Layer {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str(self.0)
+        }
+    }
+
+    impl std::error::Error for Layer {
+        fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+            self.1.as_deref().map(|l| l as _)
+        }
+    }
+
+    #[test]
+    fn error_text_names_each_cause_once_and_never_dumps_debug() {
+        let err = Layer(
+            "dispatch failure",
+            Some(Box::new(Layer(
+                "other",
+                Some(Box::new(Layer(
+                    "no providers in chain provided credentials",
+                    Some(Box::new(Layer(
+                        "no providers in chain provided credentials",
+                        None,
+                    ))),
+                ))),
+            ))),
+        );
+        let text = error_text(&err);
+        assert_eq!(
+            text,
+            "dispatch failure: other: no providers in chain provided credentials"
+        );
+        assert!(is_missing_credentials(&err));
+        assert!(!is_missing_credentials(&Layer("io error", None)));
     }
 }
