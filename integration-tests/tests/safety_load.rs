@@ -143,16 +143,31 @@ async fn a_one_second_lease_ends_on_time_under_a_flood_of_requests() {
     let mut ended = Vec::new();
     for round in 0..3 {
         let set_id = format!("lease-{round}");
-        let reply = client
-            .freeze_volumes(pb::FreezeVolumesRequest {
-                set_id: set_id.clone(),
-                mount_points: vec![mount.clone()],
-                lease_ms: 1000,
-                hooks: Vec::new(),
-            })
-            .await
-            .expect("the 1 s lease freeze")
-            .into_inner();
+        // A flood request naming this volume holds it reserved for the moment the agent takes
+        // to refuse it (its hook was never prepared), and a freeze arriving then is refused as
+        // busy, as any two sets on one volume are: retry those, for at most 2 s.
+        let asked = Instant::now();
+        let reply = loop {
+            let sent = client
+                .freeze_volumes(pb::FreezeVolumesRequest {
+                    set_id: set_id.clone(),
+                    mount_points: vec![mount.clone()],
+                    lease_ms: 1000,
+                    hooks: Vec::new(),
+                })
+                .await;
+            match sent {
+                Ok(reply) => break reply.into_inner(),
+                Err(status)
+                    if status.code() == Code::Aborted
+                        && status.message().contains("busy: set flood-")
+                        && asked.elapsed() < Duration::from_secs(2) =>
+                {
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+                Err(status) => panic!("the 1 s lease freeze: {status:?}"),
+            }
+        };
         let frozen_ns = reply.frozen_at_ms * 1_000_000;
         let writes_back = writer
             .first_write_after(frozen_ns, Duration::from_secs(30))

@@ -151,7 +151,13 @@ async fn a_backup_snapshots_exactly_the_group_volumes_one_call_per_instance() {
     // DescribeInstances ran at plan time, not while frozen.
     only_creates_while_frozen(&f.ec2);
     let snapshot_calls = set.snapshot_calls_ms;
-    assert!(snapshot_calls <= set.freeze_window_ms, "{snapshot_calls}");
+    // Each figure is rounded down to the millisecond on its own: the calls, inside the window,
+    // may read 1 ms more than it when both take less than a millisecond (fakes).
+    assert!(
+        snapshot_calls <= set.freeze_window_ms + 1,
+        "{snapshot_calls} > {}",
+        set.freeze_window_ms
+    );
 }
 
 #[tokio::test]
