@@ -457,7 +457,9 @@ pub fn path(p: &Path) -> &str {
 }
 
 /// Whether the kernel holds `mount` frozen: FIFREEZE answers EBUSY on a frozen filesystem.
-/// A probe that froze it thaws it at once. Only for volumes no set is working on.
+/// A probe that froze it thaws it at once. Meant for volumes no set is working on; while an
+/// agent may still be thawing (its lease thread after its guardian, say), that agent's late
+/// FITHAW can end the probe's own freeze, so the probe's thaw then finds nothing frozen.
 pub fn is_frozen(mount: &Path) -> bool {
     let out = Command::new("fsfreeze")
         .arg("-f")
@@ -465,7 +467,19 @@ pub fn is_frozen(mount: &Path) -> bool {
         .output()
         .expect("fsfreeze");
     if out.status.success() {
-        sh("fsfreeze", &["-u", path(mount)]);
+        let thaw = Command::new("fsfreeze")
+            .arg("-u")
+            .arg(mount)
+            .output()
+            .expect("fsfreeze -u");
+        let err = String::from_utf8_lossy(&thaw.stderr);
+        // EINVAL: someone else's FITHAW already ended the probe's freeze. Either way the
+        // probe's FIFREEZE succeeding proved the volume was not frozen.
+        assert!(
+            thaw.status.success() || err.contains("Invalid argument"),
+            "fsfreeze -u {}: {err}",
+            mount.display()
+        );
         return false;
     }
     let err = String::from_utf8_lossy(&out.stderr);
