@@ -8,7 +8,7 @@ use std::collections::HashMap;
 use std::io;
 use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd};
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
 
 /// Syncs, freezes and thaws filesystems through a descriptor of their mount point — the one
@@ -85,6 +85,8 @@ pub enum Call {
 #[derive(Debug, Default, Clone)]
 pub struct FakeFreezer {
     inner: Arc<Mutex<FakeState>>,
+    /// FIFREEZE calls started so far, for [`FakeFreezer::rendezvous`].
+    started: Arc<(Mutex<usize>, Condvar)>,
 }
 
 #[derive(Debug, Default)]
@@ -93,6 +95,7 @@ struct FakeState {
     calls: Vec<Call>,
     fail_freeze: HashMap<PathBuf, i32>,
     freeze_delay: HashMap<PathBuf, Duration>,
+    rendezvous: Option<(usize, Duration)>,
 }
 
 impl FakeFreezer {
@@ -121,6 +124,13 @@ impl FakeFreezer {
         state.freeze_delay.insert(mount_point.to_owned(), delay);
     }
 
+    /// Makes every FIFREEZE wait until `count` FIFREEZE calls have started, for at most
+    /// `wait`; one that waits in vain fails with ETIMEDOUT and freezes nothing. Freezes issued
+    /// one after another can never meet: this proves they run at once.
+    pub fn rendezvous(&self, count: usize, wait: Duration) {
+        self.inner.lock().unwrap().rendezvous = Some((count, wait));
+    }
+
     /// Freezes or thaws behind the agent's back (another tool, an operator).
     pub fn set_frozen(&self, mount_point: &Path, frozen: bool) {
         let mut state = self.inner.lock().unwrap();
@@ -142,11 +152,21 @@ impl Freezer for FakeFreezer {
 
     fn freeze(&self, fd: BorrowedFd<'_>) -> io::Result<()> {
         let path = self.path_of(fd);
-        let delay = {
+        let (delay, rendezvous) = {
             let mut state = self.inner.lock().unwrap();
             state.calls.push(Call::Freeze(path.clone()));
-            state.freeze_delay.get(&path).copied()
+            (state.freeze_delay.get(&path).copied(), state.rendezvous)
         };
+        if let Some((count, wait)) = rendezvous {
+            let (started, all_in) = &*self.started;
+            let mut n = started.lock().unwrap();
+            *n += 1;
+            all_in.notify_all();
+            let (n, timeout) = all_in.wait_timeout_while(n, wait, |n| *n < count).unwrap();
+            if timeout.timed_out() && *n < count {
+                return Err(io::Error::from_raw_os_error(libc::ETIMEDOUT));
+            }
+        }
         if let Some(delay) = delay {
             std::thread::sleep(delay);
         }
