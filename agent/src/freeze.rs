@@ -359,18 +359,44 @@ impl FreezeManager {
                 }
             });
         }
-        for volume in volumes {
-            let freezer = self.freezer.clone();
-            let fd = volume.fd.clone();
-            let result = tokio::task::spawn_blocking(move || freezer.syncfs(fd.as_fd()))
+        // Every volume at once, each on its own blocking thread: syncfs until quiet, then the
+        // journal checkpoint (`freezer::settle`), bounded by a share of the freeze timeout.
+        let budget = self.config.freeze_timeout / 2;
+        let pending: Vec<_> = volumes
+            .iter()
+            .map(|volume| {
+                let freezer = self.freezer.clone();
+                let fd = volume.fd.clone();
+                tokio::task::spawn_blocking(move || {
+                    crate::freezer::settle(freezer.as_ref(), fd.as_fd(), budget)
+                })
+            })
+            .collect();
+        let mut first_error = None;
+        for (volume, handle) in volumes.iter().zip(pending) {
+            match handle
                 .await
-                .unwrap_or_else(|join| Err(io::Error::other(join)));
-            result.map_err(|source| Error::Sync {
-                mount: volume.mount_point.clone(),
-                source,
-            })?;
+                .unwrap_or_else(|join| Err(io::Error::other(join)))
+            {
+                Ok(settled) => info!(
+                    set_id,
+                    mount = %volume.mount_point.display(),
+                    syncs = settled.syncs,
+                    checkpointed = settled.checkpointed,
+                    "prepared"
+                ),
+                Err(source) => {
+                    first_error.get_or_insert(Error::Sync {
+                        mount: volume.mount_point.clone(),
+                        source,
+                    });
+                }
+            }
         }
-        Ok(started.elapsed())
+        match first_error {
+            Some(err) => Err(err),
+            None => Ok(started.elapsed()),
+        }
     }
 
     /// Freezes every named volume, all or nothing, under a lease.
@@ -1236,7 +1262,7 @@ mod tests {
     fn freezes_and_thaws(calls: Vec<Call>) -> Vec<Call> {
         calls
             .into_iter()
-            .filter(|c| !matches!(c, Call::Sync(_)))
+            .filter(|c| !matches!(c, Call::Sync(_) | Call::Checkpoint(_)))
             .collect()
     }
 
