@@ -156,6 +156,14 @@ impl HeldVolume {
     }
 }
 
+/// How one volume's FIFREEZE went.
+enum FreezeOutcome {
+    Frozen,
+    Failed(Error),
+    /// Past its freeze-timeout, the ioctl still running.
+    TimedOut(Error, tokio::task::JoinHandle<io::Result<()>>),
+}
+
 #[derive(Debug)]
 enum Phase {
     Freezing,
@@ -351,18 +359,44 @@ impl FreezeManager {
                 }
             });
         }
-        for volume in volumes {
-            let freezer = self.freezer.clone();
-            let fd = volume.fd.clone();
-            let result = tokio::task::spawn_blocking(move || freezer.syncfs(fd.as_fd()))
+        // Every volume at once, each on its own blocking thread: syncfs until quiet, then the
+        // journal checkpoint (`freezer::settle`), bounded by a share of the freeze timeout.
+        let budget = self.config.freeze_timeout / 2;
+        let pending: Vec<_> = volumes
+            .iter()
+            .map(|volume| {
+                let freezer = self.freezer.clone();
+                let fd = volume.fd.clone();
+                tokio::task::spawn_blocking(move || {
+                    crate::freezer::settle(freezer.as_ref(), fd.as_fd(), budget)
+                })
+            })
+            .collect();
+        let mut first_error = None;
+        for (volume, handle) in volumes.iter().zip(pending) {
+            match handle
                 .await
-                .unwrap_or_else(|join| Err(io::Error::other(join)));
-            result.map_err(|source| Error::Sync {
-                mount: volume.mount_point.clone(),
-                source,
-            })?;
+                .unwrap_or_else(|join| Err(io::Error::other(join)))
+            {
+                Ok(settled) => info!(
+                    set_id,
+                    mount = %volume.mount_point.display(),
+                    syncs = settled.syncs,
+                    checkpointed = settled.checkpointed,
+                    "prepared"
+                ),
+                Err(source) => {
+                    first_error.get_or_insert(Error::Sync {
+                        mount: volume.mount_point.clone(),
+                        source,
+                    });
+                }
+            }
         }
-        Ok(started.elapsed())
+        match first_error {
+            Some(err) => Err(err),
+            None => Ok(started.elapsed()),
+        }
     }
 
     /// Freezes every named volume, all or nothing, under a lease.
@@ -453,46 +487,78 @@ impl FreezeManager {
         let freeze_started = Instant::now();
         guard.freeze_started = freeze_started;
         guard.freeze_started_at_ms = unix_ms();
-        for index in 0..guard.volumes.len() {
-            if let Err((err, stuck)) = self.freeze_one(&guard.volumes[index]).await {
-                // Thaw what this set froze, in reverse order, before answering.
-                for volume in guard.volumes[..index].iter().rev() {
-                    if let Err(e) = self.thaw_one(volume).await {
-                        error!(set_id, mount = %volume.mount_point.display(), error = %e, "thaw after failed freeze");
-                    }
+        // Every volume at once, each FIFREEZE on its own blocking thread under its own
+        // freeze-timeout: the host's write stall is its slowest volume, not their sum.
+        let targets = guard
+            .volumes
+            .iter()
+            .map(|v| (v.mount_point.clone(), v.fd.clone()))
+            .collect();
+        let outcomes = self.freeze_all(targets).await;
+        if outcomes.iter().any(|o| !matches!(o, FreezeOutcome::Frozen)) {
+            // Thaw everything this set froze, all at once, before answering.
+            let frozen: Vec<usize> = outcomes
+                .iter()
+                .enumerate()
+                .filter(|(_, o)| matches!(o, FreezeOutcome::Frozen))
+                .map(|(i, _)| i)
+                .collect();
+            let thawed = self
+                .thaw_all(
+                    frozen
+                        .iter()
+                        .map(|&i| guard.volumes[i].fd.clone())
+                        .collect(),
+                )
+                .await;
+            for (&i, result) in frozen.iter().zip(thawed) {
+                if let Err(e) = result {
+                    error!(set_id, mount = %guard.volumes[i].mount_point.display(), error = %e, "thaw after failed freeze");
                 }
-                guard.phase = Phase::Ended(ThawReport::unknown());
-                let mut hooks = guard.hooks.take();
-                match stuck {
-                    // The ioctl is still running: keep the filesystem reserved until it returns,
-                    // then thaw it and let the set go.
-                    Some(pending) => {
-                        self.inner.lock().unwrap().sets.remove(set_id);
-                        let manager = self.clone();
-                        let fd = guard.volumes[index].fd.clone();
-                        tokio::spawn(async move {
-                            if let Ok(Ok(())) = pending.await {
-                                let freezer = manager.freezer.clone();
-                                let thawed =
-                                    tokio::task::spawn_blocking(move || freezer.thaw(fd.as_fd()))
-                                        .await;
-                                warn!(set_id = %guard.set_id, ?thawed, "late FIFREEZE returned; thawed");
-                            }
-                            if let Some(hooks) = hooks.as_mut() {
-                                hooks.resume(false).await;
-                            }
-                            manager.forget(&guard.set_id.clone(), &guard);
-                        });
-                    }
-                    None => {
-                        if let Some(hooks) = hooks.as_mut() {
-                            hooks.resume(false).await;
-                        }
-                        self.forget(set_id, &guard)
-                    }
-                }
-                return Err(err);
             }
+            guard.phase = Phase::Ended(ThawReport::unknown());
+            let mut hooks = guard.hooks.take();
+            let mut first_error = None;
+            let mut stuck = Vec::new();
+            for (i, outcome) in outcomes.into_iter().enumerate() {
+                match outcome {
+                    FreezeOutcome::Frozen => {}
+                    FreezeOutcome::Failed(err) => {
+                        first_error.get_or_insert(err);
+                    }
+                    FreezeOutcome::TimedOut(err, pending) => {
+                        first_error.get_or_insert(err);
+                        stuck.push((guard.volumes[i].fd.clone(), pending));
+                    }
+                }
+            }
+            let err = first_error.expect("a failed outcome was seen");
+            if stuck.is_empty() {
+                if let Some(hooks) = hooks.as_mut() {
+                    hooks.resume(false).await;
+                }
+                self.forget(set_id, &guard);
+            } else {
+                // Ioctls still running: keep their filesystems reserved until each returns,
+                // thaw each that froze, then let the set go.
+                self.inner.lock().unwrap().sets.remove(set_id);
+                let manager = self.clone();
+                tokio::spawn(async move {
+                    for (fd, pending) in stuck {
+                        if let Ok(Ok(())) = pending.await {
+                            let freezer = manager.freezer.clone();
+                            let thawed =
+                                tokio::task::spawn_blocking(move || freezer.thaw(fd.as_fd())).await;
+                            warn!(set_id = %guard.set_id, ?thawed, "late FIFREEZE returned; thawed");
+                        }
+                    }
+                    if let Some(hooks) = hooks.as_mut() {
+                        hooks.resume(false).await;
+                    }
+                    manager.forget(&guard.set_id.clone(), &guard);
+                });
+            }
+            return Err(err);
         }
         let frozen = Instant::now();
         guard.frozen_at_ms = unix_ms();
@@ -602,49 +668,66 @@ impl FreezeManager {
         }
     }
 
-    /// FIFREEZE with a deadline. On timeout the still-running ioctl is handed back so the
-    /// caller can thaw it when it returns.
-    async fn freeze_one(
-        &self,
-        volume: &HeldVolume,
-    ) -> Result<(), (Error, Option<tokio::task::JoinHandle<io::Result<()>>>)> {
-        let freezer = self.freezer.clone();
-        let fd = volume.fd.clone();
-        let mut pending = tokio::task::spawn_blocking(move || freezer.freeze(fd.as_fd()));
-        let mount = volume.mount_point.clone();
-        match tokio::time::timeout(self.config.freeze_timeout, &mut pending).await {
-            Ok(Ok(Ok(()))) => Ok(()),
-            Ok(Ok(Err(e))) if e.raw_os_error() == Some(libc::EBUSY) => {
-                Err((Error::FrozenByOther { mount }, None))
-            }
-            Ok(Ok(Err(source))) => Err((Error::Freeze { mount, source }, None)),
-            Ok(Err(join)) => Err((
-                Error::Freeze {
-                    mount,
-                    source: io::Error::other(join),
+    /// FIFREEZE of every volume at once, each on its own blocking thread and each under its
+    /// own `freeze-timeout` (counted from its own start). A timed-out ioctl is handed back
+    /// still running, so the caller can thaw it when it returns.
+    async fn freeze_all(&self, volumes: Vec<(PathBuf, Arc<OwnedFd>)>) -> Vec<FreezeOutcome> {
+        let timeout = self.config.freeze_timeout;
+        let started: Vec<_> = volumes
+            .iter()
+            .map(|(_, fd)| {
+                let freezer = self.freezer.clone();
+                let fd = fd.clone();
+                let deadline = tokio::time::Instant::now() + timeout;
+                let pending = tokio::task::spawn_blocking(move || freezer.freeze(fd.as_fd()));
+                (deadline, pending)
+            })
+            .collect();
+        let mut outcomes = Vec::with_capacity(volumes.len());
+        for ((mount, _), (deadline, mut pending)) in volumes.into_iter().zip(started) {
+            outcomes.push(
+                match tokio::time::timeout_at(deadline, &mut pending).await {
+                    Ok(Ok(Ok(()))) => FreezeOutcome::Frozen,
+                    Ok(Ok(Err(e))) if e.raw_os_error() == Some(libc::EBUSY) => {
+                        FreezeOutcome::Failed(Error::FrozenByOther { mount })
+                    }
+                    Ok(Ok(Err(source))) => FreezeOutcome::Failed(Error::Freeze { mount, source }),
+                    Ok(Err(join)) => FreezeOutcome::Failed(Error::Freeze {
+                        mount,
+                        source: io::Error::other(join),
+                    }),
+                    Err(_elapsed) => {
+                        FreezeOutcome::TimedOut(Error::FreezeTimedOut { mount, timeout }, pending)
+                    }
                 },
-                None,
-            )),
-            Err(_elapsed) => Err((
-                Error::FreezeTimedOut {
-                    mount,
-                    timeout: self.config.freeze_timeout,
-                },
-                Some(pending),
-            )),
+            );
         }
+        outcomes
     }
 
-    async fn thaw_one(&self, volume: &HeldVolume) -> io::Result<()> {
-        let freezer = self.freezer.clone();
-        let fd = volume.fd.clone();
-        tokio::task::spawn_blocking(move || freezer.thaw(fd.as_fd()))
-            .await
-            .unwrap_or_else(|join| Err(io::Error::other(join)))
+    /// FITHAW of every given volume at once, each on its own blocking thread; the results in
+    /// the order given.
+    async fn thaw_all(&self, fds: Vec<Arc<OwnedFd>>) -> Vec<io::Result<()>> {
+        let pending: Vec<_> = fds
+            .into_iter()
+            .map(|fd| {
+                let freezer = self.freezer.clone();
+                tokio::task::spawn_blocking(move || freezer.thaw(fd.as_fd()))
+            })
+            .collect();
+        let mut results = Vec::with_capacity(pending.len());
+        for handle in pending {
+            results.push(
+                handle
+                    .await
+                    .unwrap_or_else(|join| Err(io::Error::other(join))),
+            );
+        }
+        results
     }
 
-    /// Ends a frozen session: takes it back from the lease thread and thaws every volume in
-    /// reverse order — or, if the lease thread got there first, reports the expiry it thawed
+    /// Ends a frozen session: takes it back from the lease thread and thaws every volume at
+    /// once — or, if the lease thread got there first, reports the expiry it thawed
     /// at. Then resumes the hooks and releases the set.
     async fn end(&self, session: &mut Session, asked: FreezeEnd) -> ThawReport {
         let thaw_started = Instant::now();
@@ -662,8 +745,11 @@ impl FreezeManager {
             }
             Disarmed::Armed | Disarmed::Unknown => {
                 let (mut external, mut failed) = (false, false);
-                for volume in session.volumes.iter().rev() {
-                    match self.thaw_one(volume).await {
+                let results = self
+                    .thaw_all(session.volumes.iter().map(|v| v.fd.clone()).collect())
+                    .await;
+                for (volume, result) in session.volumes.iter().zip(results) {
+                    match result {
                         Ok(()) => {}
                         Err(e) if e.raw_os_error() == Some(libc::EINVAL) => external = true,
                         Err(e) => {
@@ -1176,12 +1262,32 @@ mod tests {
     fn freezes_and_thaws(calls: Vec<Call>) -> Vec<Call> {
         calls
             .into_iter()
-            .filter(|c| !matches!(c, Call::Sync(_)))
+            .filter(|c| !matches!(c, Call::Sync(_) | Call::Checkpoint(_)))
             .collect()
     }
 
+    /// The calls as (sorted freezes, sorted thaws), each step in order: volumes of one step
+    /// run at once, so their order within it is the scheduler's.
+    fn steps(calls: Vec<Call>) -> Vec<Vec<Call>> {
+        let mut steps: Vec<Vec<Call>> = Vec::new();
+        for call in freezes_and_thaws(calls) {
+            let same = steps.last().is_some_and(|last| {
+                std::mem::discriminant(&last[0]) == std::mem::discriminant(&call)
+            });
+            if same {
+                steps.last_mut().unwrap().push(call);
+            } else {
+                steps.push(vec![call]);
+            }
+        }
+        for step in &mut steps {
+            step.sort_by_key(|c| format!("{c:?}"));
+        }
+        steps
+    }
+
     #[tokio::test]
-    async fn freeze_then_thaw_holds_and_thaws_in_reverse_order() {
+    async fn freeze_then_thaw_holds_and_thaws_every_volume() {
         let f = fixture(2, |_| {});
         f.manager.freeze("s1", &f.mounts, None).await.unwrap();
         assert!(f.mounts.iter().all(|m| f.freezer.is_frozen(m)));
@@ -1191,40 +1297,67 @@ mod tests {
         assert_eq!(report.end, FreezeEnd::Thawed);
         let (a, b) = (f.mounts[0].clone(), f.mounts[1].clone());
         assert_eq!(
-            freezes_and_thaws(f.freezer.calls()),
+            steps(f.freezer.calls()),
             vec![
-                Call::Freeze(a.clone()),
-                Call::Freeze(b.clone()),
-                Call::Thaw(b),
-                Call::Thaw(a)
+                vec![Call::Freeze(a.clone()), Call::Freeze(b.clone())],
+                vec![Call::Thaw(a), Call::Thaw(b)]
             ]
         );
         assert!(f.manager.held().await.is_empty());
     }
 
-    #[tokio::test]
-    async fn freeze_writes_the_record_first_and_thaw_removes_it() {
-        let f = fixture(1, |_| {});
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_hosts_volumes_are_frozen_at_once_each_on_its_own_thread() {
+        let f = fixture(4, |_| {});
+        // Each FIFREEZE waits until all four have started: one after another, the first would
+        // wait in vain and fail.
+        f.freezer.rendezvous(4, Duration::from_secs(5));
         f.manager.freeze("s1", &f.mounts, None).await.unwrap();
-        let store = RecordStore::new(&f.manager.config().state_dir);
-        assert_eq!(store.list().unwrap().len(), 1);
+        assert!(f.mounts.iter().all(|m| f.freezer.is_frozen(m)));
         f.manager.thaw("s1").await;
-        assert!(store.list().unwrap().is_empty());
+        assert!(f.mounts.iter().all(|m| !f.freezer.is_frozen(m)));
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn one_failed_fifreeze_thaws_every_volume_that_froze_at_the_same_time() {
+        let f = fixture(3, |_| {});
+        f.freezer.rendezvous(3, Duration::from_secs(5));
+        f.freezer.fail_freeze(&f.mounts[1], libc::EIO);
+        let err = f.manager.freeze("s1", &f.mounts, None).await.unwrap_err();
+        assert!(
+            err.to_string().contains(&f.mounts[1].display().to_string()),
+            "{err}"
+        );
+        assert!(f.mounts.iter().all(|m| !f.freezer.is_frozen(m)));
+        let steps = steps(f.freezer.calls());
+        assert_eq!(steps.len(), 2, "{steps:?}");
+        assert_eq!(steps[0].len(), 3, "every FIFREEZE started: {steps:?}");
+        assert_eq!(
+            steps[1],
+            vec![
+                Call::Thaw(f.mounts[0].clone()),
+                Call::Thaw(f.mounts[2].clone())
+            ],
+            "exactly the volumes that froze are thawed"
+        );
+        // The set left nothing reserved.
+        f.manager.freeze("s2", &f.mounts[..1], None).await.unwrap();
+        f.manager.thaw("s2").await;
     }
 
     #[tokio::test]
-    async fn partial_failure_thaws_what_was_frozen_in_reverse() {
+    async fn partial_failure_thaws_what_was_frozen() {
         let f = fixture(3, |_| {});
         f.freezer.fail_freeze(&f.mounts[2], libc::EIO);
         let err = f.manager.freeze("s1", &f.mounts, None).await.unwrap_err();
         assert!(err.to_string().contains("FIFREEZE on"), "{err}");
         assert!(f.mounts.iter().all(|m| !f.freezer.is_frozen(m)));
-        let calls = freezes_and_thaws(f.freezer.calls());
+        let steps = steps(f.freezer.calls());
         assert_eq!(
-            calls[3..],
+            steps[1],
             [
-                Call::Thaw(f.mounts[1].clone()),
-                Call::Thaw(f.mounts[0].clone())
+                Call::Thaw(f.mounts[0].clone()),
+                Call::Thaw(f.mounts[1].clone())
             ]
         );
         // The set left nothing reserved: a new set can freeze the same volumes.
@@ -1477,6 +1610,34 @@ mod tests {
             "thawed once FIFREEZE returned"
         );
         f.freezer.delay_freeze(&f.mounts[0], Duration::ZERO);
+        f.manager.freeze("s3", &f.mounts, None).await.unwrap();
+        f.manager.thaw("s3").await;
+    }
+
+    #[tokio::test]
+    async fn a_slow_fifreeze_among_others_thaws_them_at_once_and_it_when_it_returns() {
+        let f = fixture(3, |config| {
+            config.freeze_timeout = Duration::from_millis(100);
+        });
+        f.freezer
+            .delay_freeze(&f.mounts[1], Duration::from_millis(400));
+        let err = f.manager.freeze("s1", &f.mounts, None).await.unwrap_err();
+        assert!(matches!(err, Error::FreezeTimedOut { .. }), "{err}");
+        // The others froze at once and are thawed before the answer; the slow one still runs.
+        assert!(!f.freezer.is_frozen(&f.mounts[0]));
+        assert!(!f.freezer.is_frozen(&f.mounts[2]));
+        let busy = f
+            .manager
+            .freeze("s2", &f.mounts[1..2], None)
+            .await
+            .unwrap_err();
+        assert!(matches!(busy, Error::Busy { .. }), "{busy}");
+        tokio::time::sleep(Duration::from_millis(700)).await;
+        assert!(
+            f.mounts.iter().all(|m| !f.freezer.is_frozen(m)),
+            "thawed once FIFREEZE returned"
+        );
+        f.freezer.delay_freeze(&f.mounts[1], Duration::ZERO);
         f.manager.freeze("s3", &f.mounts, None).await.unwrap();
         f.manager.thaw("s3").await;
     }

@@ -96,6 +96,9 @@ pub trait SnapshotProvider: Send + Sync {
     /// While every member is frozen: snapshot one member's volumes. The point in time is fixed
     /// when this returns.
     async fn snapshot(&self, call: &SnapshotCall<'_>) -> Result<Vec<Snapshot>, String>;
+    /// Once every member's thaw has returned (whatever the set's outcome): the provider work
+    /// that must not run while the group is frozen, which only the snapshot calls may.
+    async fn after_thaw(&self, _set_id: &str) {}
     /// Removes snapshots; missing ones count as removed. No ids: everything this provider made
     /// for the set on that agent (after an ambiguous failure).
     async fn delete(

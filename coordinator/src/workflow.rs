@@ -80,7 +80,7 @@ struct Run<'a> {
     set_id: String,
     group: &'a GroupConfig,
     provider: Arc<dyn SnapshotProvider>,
-    catalog: &'a Catalog,
+    catalog: Arc<Catalog>,
     members: Vec<Member>,
     first_freeze_sent: Option<Instant>,
     /// Coordinator clock, ms: first snapshot call sent, last snapshot call returned.
@@ -90,6 +90,16 @@ struct Run<'a> {
     clock: &'a dyn Clock,
     phase_started: Instant,
     current_phase: &'static str,
+    /// From the first freeze sent until every thaw returned: nothing is written to the
+    /// catalog meanwhile (no fsync while the group is frozen). The `freezing` phase, written
+    /// before the first freeze, is the intent record recovery needs: the set, its member
+    /// hosts (saved after prepare) and volumes (saved at plan time); recovery thaws every
+    /// member and removes everything of the set whatever happened after it.
+    window_open: bool,
+    /// Phases entered while the window was open, (phase, at ms), written after the thaw.
+    deferred_phases: Vec<(&'static str, u64)>,
+    /// Snapshots made, (agent, mount point, snapshot id, size), written after the thaw.
+    made: Vec<(String, String, String, u64)>,
 }
 
 impl Coordinator {
@@ -291,7 +301,7 @@ impl Coordinator {
             set_id: set_id.to_owned(),
             group,
             provider: self.provider(group),
-            catalog: &self.catalog,
+            catalog: self.catalog.clone(),
             members,
             first_freeze_sent: None,
             first_snapshot_started_at_ms: 0,
@@ -300,6 +310,9 @@ impl Coordinator {
             clock: self.clock.as_ref(),
             phase_started: Instant::now(),
             current_phase: "planning",
+            window_open: false,
+            deferred_phases: Vec::new(),
+            made: Vec::new(),
         };
         if let Err(e) = run.execute().await {
             error!(error = %e, "catalog write failed; the set is left running for recovery");
@@ -363,11 +376,31 @@ impl Run<'_> {
         self.group.phase_timeout
     }
 
-    /// Persists `phase` before anything of it is done, and times the phase that ended.
-    fn phase(&mut self, phase: &'static str) -> Result<(), Error> {
+    /// Runs catalog I/O on the blocking pool, off the async workers.
+    async fn db<T, F>(&self, f: F) -> Result<T, Error>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Catalog) -> Result<T, crate::catalog::CatalogError> + Send + 'static,
+    {
+        let catalog = self.catalog.clone();
+        match tokio::task::spawn_blocking(move || f(&catalog)).await {
+            Ok(result) => Ok(result?),
+            Err(join) if join.is_panic() => std::panic::resume_unwind(join.into_panic()),
+            Err(_) => Err(Error::ShuttingDown),
+        }
+    }
+
+    /// Persists `phase` before anything of it is done (or, while the group is frozen, keeps
+    /// it for after the thaw), and times the phase that ended.
+    async fn phase(&mut self, phase: &'static str) -> Result<(), Error> {
         info!(phase, "phase");
-        self.catalog
-            .set_phase(&self.set_id, phase, self.clock.now_ms())?;
+        let at_ms = self.clock.now_ms();
+        if self.window_open {
+            self.deferred_phases.push((phase, at_ms));
+        } else {
+            let id = self.set_id.clone();
+            self.db(move |c| c.set_phase(&id, phase, at_ms)).await?;
+        }
         self.metrics.observe_phase(
             &self.group.name,
             self.current_phase,
@@ -387,47 +420,72 @@ impl Run<'_> {
     }
 
     /// Every member's host record, in one catalog transaction.
-    fn save_hosts(&self) -> Result<(), Error> {
+    async fn save_hosts(&self) -> Result<(), Error> {
         let hosts: Vec<SetHost> = self.members.iter().map(|m| m.host.clone()).collect();
-        Ok(self.catalog.update_hosts(&self.set_id, &hosts)?)
+        let id = self.set_id.clone();
+        self.db(move |c| c.update_hosts(&id, &hosts)).await
     }
 
-    /// What need not be written while the group is frozen: the time spent in snapshot calls
-    /// (coordinator clock) and the initial state of snapshots that complete in the background.
-    fn record_after_thaw(&self) -> Result<(), Error> {
-        let calls_ms = self
-            .last_snapshot_returned_at_ms
-            .saturating_sub(self.first_snapshot_started_at_ms);
-        self.catalog.set_snapshot_calls_ms(&self.set_id, calls_ms)?;
-        for member in &self.members {
-            for snapshot in member.snapshots.iter().filter(|s| !s.state.is_empty()) {
-                self.catalog.update_volume_progress(
-                    &self.set_id,
-                    &member.agent,
-                    &snapshot.mount_point,
-                    &snapshot.state,
-                    0,
-                )?;
+    /// Everything held back while the group was frozen, once every thaw has returned, in
+    /// one blocking task: the phases entered meanwhile, the snapshot phase's outcome (its
+    /// bounds, every host, every snapshot made), the time spent in snapshot calls and the
+    /// initial state of snapshots that complete in the background.
+    async fn record_after_thaw(&mut self) -> Result<(), Error> {
+        let id = self.set_id.clone();
+        let phases = std::mem::take(&mut self.deferred_phases);
+        let made = std::mem::take(&mut self.made);
+        let hosts: Vec<SetHost> = self.members.iter().map(|m| m.host.clone()).collect();
+        let (first, last) = (
+            self.first_snapshot_started_at_ms,
+            self.last_snapshot_returned_at_ms,
+        );
+        let progress: Vec<(String, String, String)> = self
+            .members
+            .iter()
+            .flat_map(|m| {
+                m.snapshots
+                    .iter()
+                    .filter(|s| !s.state.is_empty())
+                    .map(|s| (m.agent.clone(), s.mount_point.clone(), s.state.clone()))
+            })
+            .collect();
+        let snapshotted = first > 0;
+        self.db(move |c| {
+            for (phase, at_ms) in phases {
+                c.set_phase(&id, phase, at_ms)?;
             }
-        }
-        Ok(())
+            if snapshotted {
+                c.record_snapshots(&id, first, last, &hosts, &made)?;
+            } else {
+                c.update_hosts(&id, &hosts)?;
+            }
+            c.set_snapshot_calls_ms(&id, last.saturating_sub(first))?;
+            for (agent, mount_point, state) in progress {
+                c.update_volume_progress(&id, &agent, &mount_point, &state, 0)?;
+            }
+            Ok(())
+        })
+        .await
     }
 
     /// Runs the set to its end. `Err` only when the catalog cannot be written.
     async fn execute(&mut self) -> Result<(), Error> {
         let outcome = self.capture().await?;
+        let mut window = None;
         let thaw_failure = if self.first_freeze_sent.is_some() {
-            self.phase("thawing")?;
+            self.phase("thawing").await?;
             let thawed = self.thaw().await?;
-            self.record_after_thaw()?;
+            // Every thaw has returned (or its member is given up on): the window is closed.
+            // It is measured here, before the writes held back during it.
+            window = self.first_freeze_sent.map(|sent| sent.elapsed());
+            self.window_open = false;
+            self.provider.after_thaw(&self.set_id).await;
+            self.record_after_thaw().await?;
             thawed
         } else {
             None
         };
-        let freeze_window_ms = self
-            .first_freeze_sent
-            .map(|sent| sent.elapsed().as_millis() as u64)
-            .unwrap_or(0);
+        let freeze_window_ms = window.map(|w| w.as_millis() as u64).unwrap_or(0);
         let max_stall = self
             .members
             .iter()
@@ -453,32 +511,29 @@ impl Run<'_> {
                 }
             },
         };
-        self.catalog.set_verdict(&self.set_id, &verdict_text)?;
+        {
+            let (id, text) = (self.set_id.clone(), verdict_text.clone());
+            self.db(move |c| c.set_verdict(&id, &text)).await?;
+        }
         pause_after("thawed").await;
         match failure {
             None => {
-                self.phase("committed")?;
-                if self.provider.completion_poll().is_some() {
-                    self.catalog.set_completion(&self.set_id, "pending")?;
-                }
-                self.catalog.finish(
-                    &self.set_id,
-                    "consistent",
-                    "",
-                    freeze_window_ms,
-                    max_stall,
-                    self.clock.now_ms(),
-                )?;
-                self.metrics.finished(
-                    &self.group.name,
-                    true,
-                    self.first_freeze_sent.map(|s| s.elapsed()),
-                    &hosts,
-                );
+                self.phase("committed").await?;
+                let (id, now) = (self.set_id.clone(), self.clock.now_ms());
+                let pending = self.provider.completion_poll().is_some();
+                self.db(move |c| {
+                    if pending {
+                        c.set_completion(&id, "pending")?;
+                    }
+                    c.finish(&id, "consistent", "", freeze_window_ms, max_stall, now)
+                })
+                .await?;
+                self.metrics
+                    .finished(&self.group.name, true, window, &hosts);
                 info!(freeze_window_ms, max_stall, verdict = %verdict_text, "consistent");
             }
             Some(reason) => {
-                self.phase("aborting")?;
+                self.phase("aborting").await?;
                 let pending = self.remove_snapshots().await?;
                 let reason = if pending.is_empty() {
                     reason
@@ -488,21 +543,12 @@ impl Run<'_> {
                         pending.join(", ")
                     )
                 };
-                self.phase("aborted")?;
-                self.catalog.finish(
-                    &self.set_id,
-                    "failed",
-                    &reason,
-                    freeze_window_ms,
-                    max_stall,
-                    self.clock.now_ms(),
-                )?;
-                self.metrics.finished(
-                    &self.group.name,
-                    false,
-                    self.first_freeze_sent.map(|s| s.elapsed()),
-                    &hosts,
-                );
+                self.phase("aborted").await?;
+                let (id, now, why) = (self.set_id.clone(), self.clock.now_ms(), reason.clone());
+                self.db(move |c| c.finish(&id, "failed", &why, freeze_window_ms, max_stall, now))
+                    .await?;
+                self.metrics
+                    .finished(&self.group.name, false, window, &hosts);
                 warn!(%reason, freeze_window_ms, "failed");
             }
         }
@@ -515,17 +561,18 @@ impl Run<'_> {
             return Ok(Err(reason));
         }
         pause_after("planned").await;
-        self.phase("preparing")?;
+        self.phase("preparing").await?;
         if let Err(reason) = self.prepare().await? {
             return Ok(Err(reason));
         }
-        self.phase("freezing")?;
+        // The intent record: persisted (fsynced) before the first freeze is sent.
+        self.phase("freezing").await?;
         pause_after("freezing").await;
         if let Err(reason) = self.freeze().await? {
             return Ok(Err(reason));
         }
         pause_after("frozen").await;
-        self.phase("snapshotting")?;
+        self.phase("snapshotting").await?;
         let snapshotted = self.snapshot().await?;
         pause_after("snapshotted").await;
         Ok(snapshotted)
@@ -615,7 +662,10 @@ impl Run<'_> {
                 });
             }
         }
-        self.catalog.update_volumes(&self.set_id, &resolved)?;
+        {
+            let id = self.set_id.clone();
+            self.db(move |c| c.update_volumes(&id, &resolved)).await?;
+        }
         problems.extend(self.check_hook_paths().await);
         if problems.is_empty()
             && let Err(why) = self.provider.preflight(&self.set_id, &planned_all).await
@@ -717,7 +767,7 @@ impl Run<'_> {
                 }
             }
         }
-        self.save_hosts()?;
+        self.save_hosts().await?;
         if !problems.is_empty() {
             self.release_prepared_hooks(&replies).await;
         }
@@ -732,6 +782,7 @@ impl Run<'_> {
         let set_id = self.set_id.clone();
         let lease_ms = self.group.lease.as_millis() as u64;
         let sent = Instant::now();
+        self.window_open = true;
         for member in &mut self.members {
             member.freeze_sent = true;
             member.lease_sent = Some(sent);
@@ -771,7 +822,7 @@ impl Run<'_> {
                 }
             }
         }
-        self.save_hosts()?;
+        // Nothing written: the group may be frozen. The hosts are saved after the thaw.
         Ok(if problems.is_empty() {
             Ok(())
         } else {
@@ -861,15 +912,8 @@ impl Run<'_> {
                 }
             }
         }
-        // One transaction: the group is still frozen while this is written.
-        let hosts: Vec<SetHost> = self.members.iter().map(|m| m.host.clone()).collect();
-        self.catalog.record_snapshots(
-            &self.set_id,
-            self.first_snapshot_started_at_ms,
-            self.last_snapshot_returned_at_ms,
-            &hosts,
-            &made,
-        )?;
+        // The group is still frozen: recorded after the thaw (`record_after_thaw`).
+        self.made = made;
         Ok(if problems.is_empty() {
             Ok(())
         } else {
@@ -997,7 +1041,7 @@ impl Run<'_> {
                     member.host.freeze_end = freeze_end_name(end).into();
                     member.host.write_stall_ms = agent_stall_ms(&thawed, &member.host);
                     if let Some(problem) =
-                        store_hook_outputs(self.catalog, &set_id, &member.agent, &thawed.hooks)?
+                        store_hook_outputs(&self.catalog, &set_id, &member.agent, &thawed.hooks)?
                     {
                         problems.push(problem);
                     }
@@ -1047,7 +1091,6 @@ impl Run<'_> {
                 }
             }
         }
-        self.save_hosts()?;
         Ok((!problems.is_empty()).then(|| problems.join("; ")))
     }
 
@@ -1100,7 +1143,7 @@ impl Run<'_> {
                 .find(|m| m.agent == row.status.agent)
                 .map(|m| m.client.clone());
             let attempt = crate::reconcile::Attempt {
-                catalog: self.catalog,
+                catalog: &self.catalog,
                 provider: Some(self.provider.clone()),
                 client,
                 now_ms: self.clock.now_ms(),

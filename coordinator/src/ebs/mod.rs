@@ -59,6 +59,9 @@ pub struct EbsProvider {
     /// Instances described at plan time, per set: the snapshot phase reuses them so that no
     /// DescribeInstances runs while frozen.
     planned: Mutex<HashMap<String, HashMap<String, InstanceVolumes>>>,
+    /// Per set: snapshots CreateSnapshots captured of volumes outside the group, deleted in
+    /// `after_thaw` (only the create calls run while the group is frozen).
+    strays: Mutex<HashMap<String, Vec<String>>>,
 }
 
 /// Per-volume EBS limit of pending snapshots.
@@ -77,6 +80,7 @@ impl EbsProvider {
             config,
             api: OnceCell::new(),
             planned: Mutex::default(),
+            strays: Mutex::default(),
         }
     }
 
@@ -87,6 +91,7 @@ impl EbsProvider {
             config,
             api: OnceCell::new_with(Some(api)),
             planned: Mutex::default(),
+            strays: Mutex::default(),
         }
     }
 
@@ -141,10 +146,13 @@ impl EbsProvider {
             .unwrap()
             .get_mut(set_id)
             .and_then(|m| m.remove(instance_id));
-        match cached {
-            Some(instance) => Ok(instance),
-            None => self.api().await.describe_instance(instance_id).await,
-        }
+        // Never a DescribeInstances while frozen: the plan described every instance.
+        cached.ok_or_else(|| Ec2Error::Refused {
+            code: "NotPlanned".into(),
+            message: format!(
+                "instance {instance_id} was not described at plan time (no DescribeInstances while the group is frozen)"
+            ),
+        })
     }
 
     /// Every snapshot of a set (optionally of one host), by tag.
@@ -513,24 +521,18 @@ impl SnapshotProvider for EbsProvider {
                     .filter(|s| !wanted.contains(&s.volume_id.as_str()))
                     .map(|s| s.snapshot_id.clone())
                     .collect();
-                // Deleted in the background: not while the group waits frozen for this call.
+                // Deleted after the last thaw (`after_thaw`), never while the group is frozen.
                 if !strays.is_empty() {
                     warn!(
                         ?strays,
-                        "CreateSnapshots captured volumes outside the group; deleting them"
+                        "CreateSnapshots captured volumes outside the group; deleting them after the thaw"
                     );
-                    let api = api.clone();
-                    tokio::spawn(async move {
-                        for id in strays {
-                            match api.delete_snapshot(&id).await {
-                                Ok(()) => {}
-                                Err(e) if e.is_not_found() => {}
-                                Err(e) => {
-                                    warn!(snapshot = %id, error = %e, "stray snapshot not deleted")
-                                }
-                            }
-                        }
-                    });
+                    self.strays
+                        .lock()
+                        .unwrap()
+                        .entry(call.set_id.to_owned())
+                        .or_default()
+                        .extend(strays);
                 }
                 if problems.is_empty() {
                     Ok(snapshots)
@@ -587,6 +589,29 @@ impl SnapshotProvider for EbsProvider {
             // the successful calls made is found by tag and removed with the rest.
             Err(problems.join("; "))
         }
+    }
+
+    async fn after_thaw(&self, set_id: &str) {
+        self.forget_plan(set_id);
+        let strays = self
+            .strays
+            .lock()
+            .unwrap()
+            .remove(set_id)
+            .unwrap_or_default();
+        if strays.is_empty() {
+            return;
+        }
+        let api = self.api().await;
+        tokio::spawn(async move {
+            for id in strays {
+                match api.delete_snapshot(&id).await {
+                    Ok(()) => {}
+                    Err(e) if e.is_not_found() => {}
+                    Err(e) => warn!(snapshot = %id, error = %e, "stray snapshot not deleted"),
+                }
+            }
+        });
     }
 
     async fn delete(
