@@ -5,6 +5,7 @@
 //! and the SQLite `catalog`.
 
 pub mod agent_client;
+pub mod audit;
 pub mod authz;
 pub mod catalog;
 pub mod clock;
