@@ -808,6 +808,55 @@ mod tests {
         assert_eq!(since.iter().map(|r| r.seq).collect::<Vec<_>>(), [4, 5]);
     }
 
+    #[tokio::test]
+    async fn records_go_to_the_file_and_to_syslog_as_json_lines() {
+        let dir = tempfile::tempdir().unwrap();
+        let socket = dir.path().join("log");
+        let listener = UnixDatagram::bind(&socket).unwrap();
+        listener
+            .set_read_timeout(Some(Duration::from_secs(5)))
+            .unwrap();
+        let config = AuditConfig {
+            file: Some(dir.path().join("audit.jsonl")),
+            syslog: true,
+            syslog_socket: socket,
+            keep: None,
+        };
+        check_file(&config).unwrap();
+        let catalog = Arc::new(Catalog::in_memory().unwrap());
+        let log = AuditLog::start(catalog, &config);
+        log.record(entry(
+            "operator ada",
+            pb::AuditVerb::DeleteSet,
+            pb::AuditOutcome::Ok,
+        ));
+        log.flush().await;
+        let mut buf = vec![0u8; 65536];
+        let n = listener.recv(&mut buf).unwrap();
+        let datagram = String::from_utf8_lossy(&buf[..n]).into_owned();
+        assert!(
+            datagram.starts_with("<86>quiesce-coordinator["),
+            "{datagram}"
+        );
+        let json = &datagram[datagram.find('{').unwrap()..];
+        let value: serde_json::Value = serde_json::from_str(json).unwrap();
+        assert_eq!(value["verb"], "delete_set");
+        let file = std::fs::read_to_string(dir.path().join("audit.jsonl")).unwrap();
+        assert_eq!(file.trim_end(), json);
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(dir.path().join("audit.jsonl"))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600);
+        let bad = AuditConfig {
+            file: Some(dir.path().join("no-such-dir/audit.jsonl")),
+            ..AuditConfig::default()
+        };
+        let err = check_file(&bad).unwrap_err().to_string();
+        assert!(err.contains("no-such-dir/audit.jsonl"), "{err}");
+    }
+
     #[test]
     fn the_json_line_names_verb_and_outcome() {
         let mut record = pb::AuditRecord {

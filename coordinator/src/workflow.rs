@@ -116,6 +116,11 @@ impl Coordinator {
             .collect();
         let metrics = Arc::new(Metrics::new(&config));
         let audit = crate::audit::AuditLog::start(catalog.clone(), &config.audit);
+        let agents: Arc<dyn AgentDirectory> = Arc::new(crate::agent_audit::AuditedAgents::new(
+            agents,
+            audit.clone(),
+            clock.clone(),
+        ));
         Arc::new(Coordinator {
             audit,
             config,
