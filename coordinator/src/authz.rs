@@ -1,7 +1,7 @@
 //! Who may do what: role grants per group, from the config's `[[grant]]` tables.
 //!
-//! The smallest model the per-group roles of issue 15 extend (named lists of identities, audit,
-//! locks come there): a grant gives a role to operator names on groups (`"*"` for all).
+//! A grant gives a role to operators on groups (`"*"` for all). Operators are named one by
+//! one, or as `"@list"`, a named list of `[operator-lists]`.
 //! Roles nest: `viewer` reads (sets, groups, agents); `operator` also backs up and restores;
 //! `admin` also deletes. With no `[[grant]]` at all the coordinator behaves as before grants:
 //! every operator certificate may do everything (`check-config` warns about it).
@@ -100,10 +100,28 @@ impl<'a> Policy<'a> {
         self.config
             .grants
             .iter()
-            .filter(|g| g.operators.iter().any(|o| o == name))
+            .filter(|g| g.operators.iter().any(|o| self.names(o, name)))
             .filter(|g| g.groups.iter().any(|x| x == "*" || x == group))
             .map(|g| g.role)
             .max()
+    }
+
+    /// Whether a grant's `operators` entry (a name, or `@list` of `[operator-lists]`) names
+    /// operator `name`.
+    fn names(&self, entry: &str, name: &str) -> bool {
+        match entry.strip_prefix('@') {
+            Some(list) => self
+                .config
+                .operator_lists
+                .get(list)
+                .is_some_and(|names| names.iter().any(|n| n == name)),
+            None => entry == name,
+        }
+    }
+
+    /// Whether `caller` is an admin of `group`, by name (early deletes need two of them).
+    pub fn is_admin(&self, caller: &Caller, group: &str) -> bool {
+        self.role(caller, group) == Some(GrantRole::Admin)
     }
 
     pub fn allows(&self, caller: &Caller, action: pb::Action, group: &str) -> bool {
@@ -177,6 +195,14 @@ pub fn problems(config: &Config) -> Vec<String> {
     for (i, grant) in config.grants.iter().enumerate() {
         if grant.operators.is_empty() {
             problems.push(format!("grant {}: operators is empty", i + 1));
+        }
+        for list in grant.operators.iter().filter_map(|o| o.strip_prefix('@')) {
+            if !config.operator_lists.contains_key(list) {
+                problems.push(format!(
+                    "grant {}: @{list} is not defined in [operator-lists]",
+                    i + 1
+                ));
+            }
         }
         if grant.groups.is_empty() {
             problems.push(format!("grant {}: groups is empty (\"*\" for all)", i + 1));
@@ -298,6 +324,37 @@ groups = ["orders"]
                 pb::Action::Backup as i32,
                 pb::Action::Restore as i32
             ]
+        );
+    }
+
+    #[test]
+    fn a_grant_to_a_named_list_covers_its_members_only() {
+        let config = config(
+            r#"
+[operator-lists]
+dbas = ["ada", "bob"]
+[[grant]]
+role = "admin"
+operators = ["@dbas"]
+groups = ["billing"]
+[[grant]]
+role = "viewer"
+operators = ["@nobody"]
+groups = ["*"]
+"#,
+        );
+        let policy = Policy::new(&config);
+        assert!(policy.allows(&op("bob"), pb::Action::Delete, "billing"));
+        assert!(policy.is_admin(&op("ada"), "billing"));
+        assert!(!policy.allows(&op("bob"), pb::Action::View, "orders"));
+        assert!(!policy.allows(&op("dbas"), pb::Action::View, "billing"));
+        assert!(!policy.allows(&op("@dbas"), pb::Action::View, "billing"));
+        let problems = problems(&config);
+        assert!(
+            problems
+                .iter()
+                .any(|p| p.contains("@nobody is not defined")),
+            "{problems:?}"
         );
     }
 

@@ -127,6 +127,32 @@ CREATE TABLE pending_removals (
     PRIMARY KEY (set_id, agent)
 );
 "#,
+    // 6: the audit log (a hash chain, see `audit`), locked sets and their early-delete
+    // approvals.
+    r#"
+CREATE TABLE audit (
+    seq        INTEGER PRIMARY KEY,
+    at_ms      INTEGER NOT NULL,
+    identity   TEXT NOT NULL,
+    verb       INTEGER NOT NULL,
+    group_name TEXT NOT NULL,
+    set_id     TEXT NOT NULL,
+    args       TEXT NOT NULL,
+    outcome    INTEGER NOT NULL,
+    code       TEXT NOT NULL,
+    message    TEXT NOT NULL,
+    prev_hash  TEXT NOT NULL,
+    hash       TEXT NOT NULL
+);
+CREATE INDEX audit_at ON audit (at_ms);
+ALTER TABLE sets ADD COLUMN locked_until_ms INTEGER NOT NULL DEFAULT 0;
+CREATE TABLE delete_approvals (
+    set_id   TEXT NOT NULL REFERENCES sets (id) ON DELETE CASCADE,
+    identity TEXT NOT NULL,
+    at_ms    INTEGER NOT NULL,
+    PRIMARY KEY (set_id, identity)
+);
+"#,
 ];
 
 #[derive(Debug, thiserror::Error)]
@@ -230,7 +256,9 @@ impl Catalog {
         })
     }
 
-    fn with<T>(
+    /// Runs `f` on the catalog's connection (also for modules that keep their own tables:
+    /// `audit`).
+    pub(crate) fn with<T>(
         &self,
         f: impl FnOnce(&mut Connection) -> Result<T, CatalogError>,
     ) -> Result<T, CatalogError> {
@@ -610,6 +638,48 @@ impl Catalog {
         })
     }
 
+    /// Locks a set against deletion until `until_ms` (the group's `lock-for`).
+    pub fn lock(&self, id: &str, until_ms: u64) -> Result<(), CatalogError> {
+        self.with(|conn| {
+            conn.execute(
+                "UPDATE sets SET locked_until_ms = ?2 WHERE id = ?1",
+                params![id, until_ms as i64],
+            )?;
+            Ok(())
+        })
+    }
+
+    /// Records `identity`'s approval of a locked set's early delete (a repeated approval
+    /// renews its time) and returns the approvals at or after `since_ms`, oldest first.
+    pub fn approve_delete(
+        &self,
+        id: &str,
+        identity: &str,
+        at_ms: u64,
+        since_ms: u64,
+    ) -> Result<Vec<(String, u64)>, CatalogError> {
+        self.with(|conn| {
+            let tx = conn.transaction()?;
+            tx.execute(
+                "INSERT INTO delete_approvals (set_id, identity, at_ms) VALUES (?1, ?2, ?3)
+                 ON CONFLICT (set_id, identity) DO UPDATE SET at_ms = excluded.at_ms",
+                params![id, identity, at_ms as i64],
+            )?;
+            let approvals = {
+                let mut stmt = tx.prepare(
+                    "SELECT identity, at_ms FROM delete_approvals
+                     WHERE set_id = ?1 AND at_ms >= ?2 ORDER BY at_ms, identity",
+                )?;
+                stmt.query_map(params![id, since_ms as i64], |row| {
+                    Ok((row.get(0)?, row.get::<_, i64>(1)? as u64))
+                })?
+                .collect::<Result<Vec<_>, _>>()?
+            };
+            tx.commit()?;
+            Ok(approvals)
+        })
+    }
+
     pub fn get(&self, id: &str) -> Result<Option<SnapshotSet>, CatalogError> {
         self.with(|conn| {
             let set = conn
@@ -856,7 +926,8 @@ fn write_volume(conn: &Connection, id: &str, volume: &SetVolume) -> Result<(), C
 
 const SELECT_SET: &str = "SELECT id, group_name, provider, state, phase, error, created_at_ms,
     finished_at_ms, freeze_window_ms, max_write_stall_ms, verdict, first_snapshot_started_at_ms,
-    last_snapshot_returned_at_ms, freeze_budget_ms, trigger, completion, snapshot_calls_ms FROM sets";
+    last_snapshot_returned_at_ms, freeze_budget_ms, trigger, completion, snapshot_calls_ms,
+    locked_until_ms FROM sets";
 
 /// A finished set, as retention sees it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -886,6 +957,7 @@ fn set_from_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<SnapshotSet> {
         trigger: row.get(14)?,
         completion: row.get(15)?,
         snapshot_calls_ms: row.get::<_, i64>(16)? as u64,
+        locked_until_ms: row.get::<_, i64>(17)? as u64,
         hosts: Vec::new(),
         volumes: Vec::new(),
         phases: Vec::new(),

@@ -32,6 +32,12 @@ pub struct Config {
     /// `[[grant]]`: roles per group (see `authz`). None: every operator may do everything.
     #[serde(default, rename = "grant")]
     pub grants: Vec<crate::authz::Grant>,
+    /// `[operator-lists]`: named lists of operator names, used in grants as `"@name"`.
+    #[serde(default)]
+    pub operator_lists: HashMap<String, Vec<String>>,
+    /// `[audit]`: where the audit log is copied, and how long it is kept at least.
+    #[serde(default)]
+    pub audit: crate::audit::AuditConfig,
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
@@ -90,6 +96,17 @@ pub struct GroupConfig {
     pub members: Vec<MemberConfig>,
     /// Settings of the EBS provider; required when `provider = "ebs"`.
     pub ebs: Option<crate::ebs::EbsConfig>,
+    /// New consistent sets cannot be deleted for this long (by anyone, nor by retention),
+    /// except by two different admins within `approval-window`.
+    #[serde(default, with = "humantime_serde")]
+    pub lock_for: Option<Duration>,
+    /// How close together the two admins' approvals of an early delete must be.
+    #[serde(default = "default_approval_window", with = "humantime_serde")]
+    pub approval_window: Duration,
+}
+
+fn default_approval_window() -> Duration {
+    Duration::from_secs(3600)
 }
 
 /// `[group.schedule]`: when the coordinator starts sets of the group by itself.
@@ -339,7 +356,22 @@ impl Config {
                 }
             }
         }
+        for group in &self.groups {
+            if group.lock_for.is_some_and(|d| d.is_zero()) {
+                problems.push(format!(
+                    "group {}: lock-for must be longer than 0s (leave it out for no lock)",
+                    group.name
+                ));
+            }
+            if group.approval_window.is_zero() {
+                problems.push(format!(
+                    "group {}: approval-window must be longer than 0s",
+                    group.name
+                ));
+            }
+        }
         problems.extend(crate::authz::problems(self));
+        problems.extend(crate::audit::problems(&self.audit));
         problems
     }
 }

@@ -39,6 +39,15 @@ pub enum Error {
         action: &'static str,
         group: String,
     },
+    #[error(
+        "set {id} is locked until {until} (lock-for of group {group}); an early delete needs two different admins to run `quiescectl sets delete {id} --approve` within {window}"
+    )]
+    Locked {
+        id: String,
+        group: String,
+        until: String,
+        window: String,
+    },
     #[error("the coordinator is shutting down")]
     ShuttingDown,
     #[error(transparent)]
@@ -68,6 +77,7 @@ impl From<Error> for Status {
             Error::AgentRefused { code, .. } => agent_answer_code(*code),
             Error::Provider { .. } => Code::Unavailable,
             Error::PermissionDenied { .. } => Code::PermissionDenied,
+            Error::Locked { .. } => Code::FailedPrecondition,
             Error::ShuttingDown => Code::Unavailable,
             Error::Catalog(_) => Code::Internal,
         };

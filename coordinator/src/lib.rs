@@ -4,7 +4,9 @@
 //! `operations` → narrow traits: `agent_client::AgentClient`, `provider::SnapshotProvider`,
 //! and the SQLite `catalog`.
 
+pub mod agent_audit;
 pub mod agent_client;
+pub mod audit;
 pub mod authz;
 pub mod catalog;
 pub mod clock;

@@ -28,7 +28,43 @@ impl Coordinator {
     /// forgotten once nothing of it is left. The reply says, per host, what was removed and
     /// what could not be.
     pub async fn delete_set(&self, id: &str) -> Result<pb::DeleteSetResponse, Error> {
+        self.delete_set_with(id, false).await
+    }
+
+    /// Until when a set is locked against deletion, if it is now: only consistent sets are
+    /// (a failed set holds nothing to protect, and its leftovers must go).
+    pub fn locked_until(&self, set: &pb::SnapshotSet) -> Option<u64> {
+        (set.state == "consistent" && set.locked_until_ms > self.clock().now_ms())
+            .then_some(set.locked_until_ms)
+    }
+
+    /// The refusal of a locked set's delete.
+    pub fn locked_error(&self, set: &pb::SnapshotSet, until_ms: u64) -> Error {
+        let window = self
+            .group(&set.group)
+            .map(|g| g.approval_window)
+            .unwrap_or_default();
+        Error::Locked {
+            id: set.id.clone(),
+            group: set.group.clone(),
+            until: humantime::format_rfc3339_seconds(
+                std::time::UNIX_EPOCH + std::time::Duration::from_millis(until_ms),
+            )
+            .to_string(),
+            window: humantime::format_duration(window).to_string(),
+        }
+    }
+
+    /// `delete_set`; `unlocked`: two admins approved the early delete of a locked set.
+    pub async fn delete_set_with(
+        &self,
+        id: &str,
+        unlocked: bool,
+    ) -> Result<pb::DeleteSetResponse, Error> {
         let set = self.finished_set(id)?;
+        if !unlocked && let Some(until) = self.locked_until(&set) {
+            return Err(self.locked_error(&set, until));
+        }
         let group = self.group(&set.group)?;
         let provider = self.provider(group);
         let mut by_agent = snapshots_by_agent(&set);
@@ -60,6 +96,7 @@ impl Coordinator {
             snapshots_deleted: hosts.iter().map(|h| h.deleted).sum(),
             hosts,
             forgotten,
+            approvals: Vec::new(),
         })
     }
 

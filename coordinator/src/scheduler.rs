@@ -23,6 +23,9 @@ use chrono::{DateTime, Utc};
 use croner::Cron;
 use tracing::{Instrument, info, info_span, warn};
 
+use quiesce_proto::coordinator::v1 as pb;
+
+use crate::audit::Entry;
 use crate::config::GroupConfig;
 use crate::error::Error;
 use crate::retention;
@@ -137,12 +140,31 @@ impl Coordinator {
         due.sort();
         let mut started = Vec::new();
         for group in due {
+            let now = self.clock().now_ms();
             match self.start_set_with(&group, "schedule") {
                 Ok(id) => {
                     info!(%group, set_id = %id, "scheduled set started");
+                    self.audit().record(Entry::scheduler(
+                        now,
+                        pb::AuditVerb::ScheduledBackup,
+                        &group,
+                        &id,
+                        pb::AuditOutcome::Ok,
+                        "scheduled set started".into(),
+                    ));
                     started.push(id);
                 }
-                Err(e) => warn!(%group, error = %e, "scheduled set not started"),
+                Err(e) => {
+                    warn!(%group, error = %e, "scheduled set not started");
+                    self.audit().record(Entry::scheduler(
+                        now,
+                        pb::AuditVerb::ScheduledBackup,
+                        &group,
+                        "",
+                        pb::AuditOutcome::Failed,
+                        format!("scheduled set not started: {e}"),
+                    ));
+                }
             }
         }
         started
@@ -170,11 +192,44 @@ impl Coordinator {
                     continue;
                 }
             };
+            let audit = |id: &str, outcome, message: String| {
+                self.audit().record(Entry::scheduler(
+                    now_ms,
+                    pb::AuditVerb::RetentionDelete,
+                    &group.name,
+                    id,
+                    outcome,
+                    message,
+                ))
+            };
             for id in retention::expired(&finished, policy, now_ms) {
+                // A locked set stays, whatever the policy says; said once per set.
+                if let Ok(Some(set)) = self.catalog().get(&id)
+                    && let Some(until) = self.locked_until(&set)
+                {
+                    if self.lock_reported().lock().unwrap().insert(id.clone()) {
+                        let why = self.locked_error(&set, until).to_string();
+                        info!(set_id = %id, locked_until = until, "expired set kept: it is locked");
+                        audit(
+                            &id,
+                            pb::AuditOutcome::Denied,
+                            format!("expired by retention, kept: {why}"),
+                        );
+                    }
+                    continue;
+                }
                 let span = info_span!("retention", set_id = %id, group = %group.name);
                 match self.delete_set(&id).instrument(span).await {
                     Ok(report) if report.forgotten => {
                         info!(set_id = %id, snapshots = report.snapshots_deleted, "expired set deleted");
+                        audit(
+                            &id,
+                            pb::AuditOutcome::Ok,
+                            format!(
+                                "expired set deleted ({} snapshots)",
+                                report.snapshots_deleted
+                            ),
+                        );
                         self.metrics().expired(&group.name);
                         deleted.push(id);
                     }
@@ -185,12 +240,33 @@ impl Coordinator {
                             .filter(|h| !h.error.is_empty())
                             .map(|h| h.error.as_str())
                             .collect();
+                        audit(
+                            &id,
+                            pb::AuditOutcome::Failed,
+                            format!("expired set's removal pending: {}", waiting.join("; ")),
+                        );
                         warn!(set_id = %id, waiting = %waiting.join("; "), "expired set's removal pending; the reconciler retries and forgets the set when done")
                     }
                     Err(e) => {
-                        warn!(set_id = %id, error = %crate::error::error_chain(&e), "expired set not deleted; retried next tick")
+                        let chain = crate::error::error_chain(&e);
+                        audit(
+                            &id,
+                            pb::AuditOutcome::Failed,
+                            format!("expired set not deleted: {chain}"),
+                        );
+                        warn!(set_id = %id, error = %chain, "expired set not deleted; retried next tick")
                     }
                 }
+            }
+        }
+        if let Some(keep) = self.config().audit.keep {
+            match self.audit().prune(keep, now_ms) {
+                Ok(0) => {}
+                Ok(n) => info!(
+                    removed = n,
+                    "audit records older than the audit keep removed"
+                ),
+                Err(e) => warn!(error = %e, "audit records not pruned; retried next tick"),
             }
         }
         deleted
@@ -429,6 +505,60 @@ mounts = ["/data"]
             live.iter()
                 .all(|s| s.contains(&ids[2]) || s.contains(&ids[3]))
         );
+    }
+
+    #[tokio::test]
+    async fn retention_keeps_a_locked_set_says_so_once_and_the_scheduler_is_audited() {
+        let (coordinator, _db1, clock) = setup("[group.retention]\nkeep-last = 1");
+        coordinator.start_schedules().unwrap();
+        let mut ids = Vec::new();
+        clock.set(T1030 + HOUR / 2);
+        ids.extend(tick_and_wait(&coordinator).await);
+        // The first set is locked for a day (as `lock-for` does at its creation).
+        coordinator
+            .catalog()
+            .lock(&ids[0], clock.now_ms() + 24 * HOUR)
+            .unwrap();
+        for hour in 1..3 {
+            clock.set(T1030 + HOUR / 2 + hour * HOUR);
+            ids.extend(tick_and_wait(&coordinator).await);
+        }
+        assert_eq!(ids.len(), 3);
+        coordinator.apply_retention(clock.now_ms()).await;
+        let left: Vec<String> = coordinator
+            .catalog()
+            .list("g", 0)
+            .unwrap()
+            .into_iter()
+            .map(|s| s.id)
+            .collect();
+        assert_eq!(
+            left,
+            [ids[2].clone(), ids[0].clone()],
+            "the locked set stays"
+        );
+
+        coordinator.audit().flush().await;
+        let records = coordinator.audit().list(0, 0, |_| true).unwrap();
+        let scheduled: Vec<&str> = records
+            .iter()
+            .filter(|r| r.verb == pb::AuditVerb::ScheduledBackup as i32)
+            .inspect(|r| assert_eq!(r.identity, "scheduler"))
+            .map(|r| r.set_id.as_str())
+            .collect();
+        assert_eq!(scheduled, [&ids[0], &ids[1], &ids[2]]);
+        let retention: Vec<(&str, i32, &str)> = records
+            .iter()
+            .filter(|r| r.verb == pb::AuditVerb::RetentionDelete as i32)
+            .map(|r| (r.set_id.as_str(), r.outcome, r.message.as_str()))
+            .collect();
+        assert_eq!(retention.len(), 2, "{retention:?}");
+        assert_eq!(retention[0].0, ids[0]);
+        assert_eq!(retention[0].1, pb::AuditOutcome::Denied as i32);
+        assert!(retention[0].2.contains("locked until"), "{retention:?}");
+        assert_eq!(retention[1].0, ids[1]);
+        assert_eq!(retention[1].1, pb::AuditOutcome::Ok as i32);
+        assert!(coordinator.audit().verify().unwrap().intact);
     }
 
     #[tokio::test]

@@ -25,7 +25,7 @@ pub async fn serve(
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), ServeError> {
     let auth = match tls {
-        Some(_) => OperatorAuth::mtls(),
+        Some(_) => OperatorAuth::mtls().audited(coordinator.audit_log()),
         None => OperatorAuth::insecure(),
     };
     let service = CoordinatorServer::with_interceptor(OperatorService::new(coordinator), auth);

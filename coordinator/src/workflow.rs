@@ -47,6 +47,8 @@ pub struct Coordinator {
     providers: Mutex<HashMap<String, Arc<dyn SnapshotProvider>>>,
     /// (set, agent) removals an attempt is working on (see `reconcile`).
     removals_in_flight: Mutex<HashSet<(String, String)>>,
+    audit: Arc<crate::audit::AuditLog>,
+    lock_reported: Mutex<HashSet<String>>,
 }
 
 /// What the coordinator adds to a member's lease before it counts the member as thawed by
@@ -123,7 +125,14 @@ impl Coordinator {
             .map(|g| (g.name.clone(), provider::for_group(g)))
             .collect();
         let metrics = Arc::new(Metrics::new(&config));
+        let audit = crate::audit::AuditLog::start(catalog.clone(), &config.audit);
+        let agents: Arc<dyn AgentDirectory> = Arc::new(crate::agent_audit::AuditedAgents::new(
+            agents,
+            audit.clone(),
+            clock.clone(),
+        ));
         Arc::new(Coordinator {
+            audit,
             config,
             catalog,
             agents,
@@ -133,11 +142,25 @@ impl Coordinator {
             clock,
             schedules: Mutex::new(HashMap::new()),
             removals_in_flight: Mutex::new(HashSet::new()),
+            lock_reported: Mutex::new(HashSet::new()),
         })
     }
 
     pub(crate) fn removals_in_flight(&self) -> &Mutex<HashSet<(String, String)>> {
         &self.removals_in_flight
+    }
+
+    pub fn audit(&self) -> &crate::audit::AuditLog {
+        &self.audit
+    }
+
+    pub fn audit_log(&self) -> Arc<crate::audit::AuditLog> {
+        self.audit.clone()
+    }
+
+    /// Locked sets retention already said it keeps (said once per set and process).
+    pub(crate) fn lock_reported(&self) -> &Mutex<HashSet<String>> {
+        &self.lock_reported
     }
 
     pub fn clock(&self) -> &dyn Clock {
@@ -227,6 +250,11 @@ impl Coordinator {
             trigger,
             freeze_budget_ms: group_config.freeze_budget.as_millis() as u64,
         })?;
+        if let Some(lock_for) = group_config.lock_for {
+            // Recorded now, applied once the set is consistent (see `locked_until`).
+            self.catalog
+                .lock(&set_id, created_at_ms + lock_for.as_millis() as u64)?;
+        }
         let coordinator = self.clone();
         let id = set_id.clone();
         let group = group.to_owned();

@@ -2,25 +2,17 @@
 //! granted and an ungranted group, allowed or `PERMISSION_DENIED`; lists show only viewable
 //! groups; `GetPermissions` says what each operator may do; no grant at all allows everything.
 
-use std::collections::HashMap;
+mod common;
+
 use std::net::SocketAddr;
 use std::path::Path;
-use std::sync::Arc;
-use std::time::Duration;
 
-use quiesce_coordinator::agent_client::AgentClient;
 use quiesce_coordinator::catalog::Catalog;
 use quiesce_coordinator::config::Config;
-use quiesce_coordinator::fake_agent::FakeAgent;
-use quiesce_coordinator::pki;
-use quiesce_coordinator::workflow::Coordinator;
 use quiesce_proto::coordinator::v1 as pb;
 use quiesce_proto::coordinator::v1::coordinator_client::CoordinatorClient;
-use quiesce_proto::identity::Role;
-use quiesce_proto::tls::TlsFiles;
-use quiesce_proto::tls_reload::ReloadableServerTls;
 use tonic::Code;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 
 const OPERATORS: [&str; 4] = ["vera", "otto", "ada", "mallory"];
 
@@ -65,67 +57,17 @@ mounts = ["/mnt/b"]
 }
 
 async fn serve(dir: &Path, grants: &str) -> SocketAddr {
-    let mut agents: HashMap<String, Arc<dyn AgentClient>> = HashMap::new();
-    agents.insert(
-        "db1".into(),
-        Arc::new(FakeAgent::new("db1", &["/mnt/a", "/mnt/b"])),
-    );
-    let coordinator = Coordinator::new(
-        Arc::new(config(grants)),
-        Arc::new(Catalog::in_memory().unwrap()),
-        Arc::new(agents),
-    );
-    let tls = ReloadableServerTls::load(&files(dir, "coordinator")).unwrap();
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(quiesce_coordinator::server::serve(
-        coordinator,
-        listener,
-        Some(tls),
-        std::future::pending(),
-    ));
-    addr
-}
-
-fn files(dir: &Path, name: &str) -> TlsFiles {
-    TlsFiles {
-        ca: dir.join("ca.pem"),
-        cert: dir.join(format!("{name}.pem")),
-        key: dir.join(format!("{name}.key")),
-    }
+    common::serve(dir, config(grants), Catalog::in_memory().unwrap())
+        .await
+        .0
 }
 
 async fn client(addr: SocketAddr, dir: &Path, name: &str) -> CoordinatorClient<Channel> {
-    let tls = files(dir, name).client_config("coordinator").unwrap();
-    let channel = Endpoint::from_shared(format!("https://{addr}"))
-        .unwrap()
-        .tls_config(tls)
-        .unwrap()
-        .timeout(Duration::from_secs(10))
-        .connect()
-        .await
-        .unwrap();
-    CoordinatorClient::new(channel)
+    common::client(addr, dir, name).await
 }
 
 fn pki_dir() -> tempfile::TempDir {
-    let dir = tempfile::tempdir().unwrap();
-    pki::init_ca(dir.path(), "grants test CA").unwrap();
-    let localhost = [std::net::IpAddr::from([127, 0, 0, 1])];
-    pki::issue(
-        dir.path(),
-        Role::Coordinator,
-        "coordinator",
-        &[],
-        &localhost,
-        1,
-        false,
-    )
-    .unwrap();
-    for name in OPERATORS {
-        pki::issue(dir.path(), Role::Operator, name, &[], &[], 1, false).unwrap();
-    }
-    dir
+    common::pki_dir(&OPERATORS)
 }
 
 /// The code of one verb's call on `group`; `Ok` as `Code::Ok`.
@@ -160,7 +102,10 @@ async fn call(client: &mut CoordinatorClient<Channel>, verb: &str, group: &str) 
             .await
             .map(|_| ()),
         "delete" => client
-            .delete_set(pb::DeleteSetRequest { set_id })
+            .delete_set(pb::DeleteSetRequest {
+                set_id,
+                approve: false,
+            })
             .await
             .map(|_| ()),
         other => panic!("verb {other}"),

@@ -25,6 +25,8 @@ pub struct ClusterOptions {
     pub allowed_coordinators: Vec<String>,
     /// Extra top-level keys of the agent's config.
     pub agent_top_level: String,
+    /// Appended to the coordinator's config, after the groups (e.g. an `[audit]` table).
+    pub coordinator_tail: String,
 }
 
 impl Default for ClusterOptions {
@@ -37,6 +39,7 @@ impl Default for ClusterOptions {
             group_lease: None,
             allowed_coordinators: vec![COORDINATOR.into()],
             agent_top_level: String::new(),
+            coordinator_tail: String::new(),
         }
     }
 }
@@ -87,6 +90,7 @@ impl Cluster {
                 &[(AGENT, &paths[..])],
             ));
         }
+        body.push_str(&options.coordinator_tail);
         let coordinator = CoordinatorProcess::start(scratch.path(), &pki, &body);
         Cluster {
             coordinator,

@@ -130,6 +130,7 @@ fn run(path: &Path, insecure: bool) -> anyhow::Result<ExitCode> {
     let tls = if insecure { None } else { config.tls.clone() };
     let catalog = Catalog::open(&config.catalog)
         .with_context(|| format!("opening catalog {}", config.catalog.display()))?;
+    quiesce_coordinator::audit::check_file(&config.audit).context("[audit] file")?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;

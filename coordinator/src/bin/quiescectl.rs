@@ -21,6 +21,7 @@ use tonic::transport::{Channel, Endpoint};
 mod dashboard;
 
 const EXIT_FAILED: u8 = 1;
+const EXIT_USAGE: u8 = 2;
 const EXIT_UNREACHABLE: u8 = 3;
 
 #[derive(Parser)]
@@ -103,6 +104,22 @@ enum Command {
         #[arg(long)]
         attach: Option<String>,
     },
+    /// The audit log: every API call (allowed or denied) and what the coordinator did by
+    /// itself, oldest first. `audit verify` checks its hash chain.
+    #[command(args_conflicts_with_subcommands = true)]
+    Audit {
+        #[command(subcommand)]
+        check: Option<AuditCommand>,
+        /// Only the records of this group.
+        #[arg(long)]
+        group: Option<String>,
+        /// Only records since: an RFC 3339 time (2026-12-01T00:00:00Z) or a duration ago (1h, 7d).
+        #[arg(long)]
+        since: Option<String>,
+        /// The newest N records (the coordinator sends at most 5000 per call).
+        #[arg(long, default_value_t = 100)]
+        limit: u32,
+    },
     /// Agents: reachability, volumes and what they hold frozen.
     Agents,
     /// Groups: members, running set, last consistent set.
@@ -131,7 +148,13 @@ enum SetsCommand {
     /// Show one set with its hosts, volumes and phases.
     Show { set: String },
     /// Delete a finished set and its snapshots.
-    Delete { set: String },
+    Delete {
+        set: String,
+        /// Approve the early delete of a locked set (admins). It is deleted once two
+        /// different admins approved it within the group's approval window.
+        #[arg(long)]
+        approve: bool,
+    },
     /// PostgreSQL backup mode: write a set's backup_label (and tablespace_map) into a restored
     /// data directory, as pg_backup_stop() returned them. Refuses to overwrite.
     BackupLabel {
@@ -146,6 +169,12 @@ enum SetsCommand {
         #[arg(long)]
         data_dir: PathBuf,
     },
+}
+
+#[derive(Subcommand)]
+enum AuditCommand {
+    /// Check the audit log's hash chain; exits 1 naming the first record that does not fit.
+    Verify,
 }
 
 /// `quiescectl pki …` parses on its own: it is local and takes none of the connection options
@@ -435,13 +464,32 @@ async fn run(
                 }
             }
         }
-        Command::Sets(SetsCommand::Delete { set }) => {
+        Command::Sets(SetsCommand::Delete { set, approve }) => {
             let reply = client
                 .delete_set(pb::DeleteSetRequest {
                     set_id: set.clone(),
+                    approve,
                 })
                 .await?
                 .into_inner();
+            if approve && reply.approvals.len() < 2 {
+                // Recorded; the set stays until a second admin approves.
+                if json {
+                    print_json(&reply);
+                } else {
+                    let who: Vec<&str> = reply
+                        .approvals
+                        .iter()
+                        .map(|a| a.identity.as_str())
+                        .collect();
+                    println!(
+                        "set {set}: early delete approved by {}; it is deleted when a second admin runs: quiescectl sets delete {} --approve",
+                        who.join(", "),
+                        quiesce_coordinator::shell::quote(&set)
+                    );
+                }
+                return Ok(ExitCode::SUCCESS);
+            }
             if json {
                 print_json(&reply);
             } else {
@@ -455,6 +503,61 @@ async fn run(
                 );
                 ExitCode::from(EXIT_FAILED)
             })
+        }
+        Command::Audit {
+            check: Some(AuditCommand::Verify),
+            ..
+        } => {
+            let report = client
+                .verify_audit(pb::VerifyAuditRequest {})
+                .await?
+                .into_inner();
+            if json {
+                print_json(&report);
+            } else if report.intact {
+                println!(
+                    "audit log intact: {} records (seq {}–{})",
+                    report.records, report.first_seq, report.last_seq
+                );
+            } else {
+                println!(
+                    "audit log BROKEN at record {}: {}",
+                    report.broken_seq, report.problem
+                );
+            }
+            Ok(if report.intact {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(EXIT_FAILED)
+            })
+        }
+        Command::Audit {
+            check: None,
+            group,
+            since,
+            limit,
+        } => {
+            let since_ms = match since.as_deref().map(parse_since).transpose() {
+                Ok(since) => since.unwrap_or(0),
+                Err(message) => {
+                    eprintln!("quiescectl: --since: {message}");
+                    return Ok(ExitCode::from(EXIT_USAGE));
+                }
+            };
+            let reply = client
+                .list_audit(pb::ListAuditRequest {
+                    group: group.unwrap_or_default(),
+                    since_ms,
+                    limit,
+                })
+                .await?
+                .into_inner();
+            if json {
+                print_json(&reply);
+            } else {
+                print_audit(&reply.records);
+            }
+            Ok(ExitCode::SUCCESS)
         }
         Command::Restore {
             set,
@@ -785,6 +888,51 @@ fn dash(s: &str) -> String {
     if s.is_empty() { "-".into() } else { s.into() }
 }
 
+/// `--since`: an RFC 3339 time, or a duration before now.
+fn parse_since(text: &str) -> Result<u64, String> {
+    if let Ok(at) = humantime::parse_rfc3339_weak(text) {
+        return Ok(at
+            .duration_since(UNIX_EPOCH)
+            .map_err(|_| format!("{text} is before 1970"))?
+            .as_millis() as u64);
+    }
+    let ago = humantime::parse_duration(text).map_err(|_| {
+        format!(
+            "{} is neither an RFC 3339 time (2026-12-01T00:00:00Z) nor a duration (1h, 7d)",
+            quiesce_proto::echo::Capped(text)
+        )
+    })?;
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default();
+    Ok(now.saturating_sub(ago).as_millis() as u64)
+}
+
+fn print_audit(records: &[pb::AuditRecord]) {
+    let rows = records
+        .iter()
+        .map(|r| {
+            vec![
+                r.seq.to_string(),
+                humantime::format_rfc3339_seconds(UNIX_EPOCH + Duration::from_millis(r.at_ms))
+                    .to_string(),
+                dash(&r.identity),
+                quiesce_coordinator::audit::verb_name(r.verb),
+                dash(&r.group),
+                dash(&r.set_id),
+                quiesce_coordinator::audit::outcome_name(r.outcome),
+                dash(&quiesce_coordinator::audit::cap(&r.message, 120)),
+            ]
+        })
+        .collect();
+    table(
+        &[
+            "SEQ", "TIME", "IDENTITY", "VERB", "GROUP", "SET", "OUTCOME", "MESSAGE",
+        ],
+        rows,
+    );
+}
+
 fn print_sets(sets: &[pb::SnapshotSet]) {
     let rows = sets
         .iter()
@@ -844,6 +992,12 @@ fn print_set(set: &pb::SnapshotSet) {
     }
     if !set.completion.is_empty() {
         println!("completion     {}", set.completion);
+    }
+    if set.locked_until_ms > 0 && set.state == "consistent" {
+        let until = humantime::format_rfc3339_seconds(
+            UNIX_EPOCH + Duration::from_millis(set.locked_until_ms),
+        );
+        println!("locked until   {until} (no delete before, except by two admins)");
     }
     println!();
     // Instants relative to the set's creation. FROZEN and THAWED are on each agent's clock,
