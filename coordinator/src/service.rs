@@ -153,6 +153,39 @@ impl CoordinatorApi for OperatorService {
         Ok(Response::new(pb::RestoreSetResponse { volumes }))
     }
 
+    async fn verify_set(
+        &self,
+        request: Request<pb::VerifySetRequest>,
+    ) -> Result<Response<pb::VerifySetResponse>, Status> {
+        // A drill restores the set (into scratch space): the restore grant covers it.
+        self.authorize(
+            &request,
+            pb::Action::Restore,
+            group_of_set(&request.get_ref().set_id),
+        )?;
+        let req = request.into_inner();
+        set_id(&req.set_id)?;
+        if req.scratch_dir.len() > 4096 || req.host.len() > 256 {
+            return Err(Error::InvalidArgument(format!(
+                "--scratch-dir is {} and --host {} characters long (at most 4096 and 256)",
+                req.scratch_dir.len(),
+                req.host.len()
+            ))
+            .into());
+        }
+        if !req.scratch_dir.is_empty() && !req.scratch_dir.starts_with('/') {
+            return Err(Error::InvalidArgument(format!(
+                "--scratch-dir {:?} must be an absolute directory on the host",
+                quiesce_proto::echo::capped(&req.scratch_dir)
+            ))
+            .into());
+        }
+        let verification = self.coordinator.verify_set(&req).await?;
+        Ok(Response::new(pb::VerifySetResponse {
+            verification: Some(verification),
+        }))
+    }
+
     async fn list_agents(
         &self,
         request: Request<pb::ListAgentsRequest>,
