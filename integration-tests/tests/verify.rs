@@ -77,13 +77,14 @@ impl Drop for LivePg {
 
 /// Nothing of a drill is left: no loop device on a copy, no process it started, no copy.
 fn assert_drill_left_nothing(lab: &Lab, set_id: &str) {
+    let ours = lab.pool.join(".quiesce-verify").display().to_string();
     let loops = run("losetup", &["-a"]);
     assert!(
-        !loops.contains(".quiesce-verify"),
+        !loops.contains(&ours),
         "a loop device still holds a drill's copy:\n{loops}"
     );
     let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
-    assert!(!mounts.contains(".quiesce-verify"), "{mounts}");
+    assert!(!mounts.contains(&ours), "{mounts}");
     for entry in std::fs::read_dir("/proc").unwrap().flatten() {
         let cmdline = std::fs::read(entry.path().join("cmdline")).unwrap_or_default();
         let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
@@ -123,6 +124,7 @@ fn snapshot_image(set: &pb::SnapshotSet, mount: &Path) -> PathBuf {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_postgres_set_under_load_verifies_and_a_corrupted_copy_fails_naming_the_check() {
+    let _serial = quiesce_integration_tests::serial();
     can_run(
         "verify postgres",
         &[
@@ -405,6 +407,7 @@ async fn a_postgres_set_under_load_verifies_and_a_corrupted_copy_fails_naming_th
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_sqlite_set_under_load_verifies_and_a_copy_with_a_broken_header_fails() {
+    let _serial = quiesce_integration_tests::serial();
     can_run(
         "verify sqlite",
         &["mkfs.xfs", "mkfs.ext4", "fsfreeze", "losetup"],
@@ -536,6 +539,21 @@ async fn a_sqlite_set_under_load_verifies_and_a_copy_with_a_broken_header_fails(
         ]
     );
 
+    // Counted per result, and the group's newest passed drill exported.
+    let metrics = stack.coordinator.render_metrics();
+    for (result, count) in [("ok", 1), ("failed", 1), ("error", 1)] {
+        let line =
+            format!("quiesce_verifications_total{{group=\"g\",result=\"{result}\"}} {count}");
+        assert!(metrics.contains(&line), "{line} not in\n{metrics}");
+    }
+    let passed_at = recorded.verifications[0].verified_at_ms as f64 / 1000.0;
+    let gauge = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("quiesce_group_last_verified_timestamp_seconds{group=\"g\"} "))
+        .and_then(|v| v.parse::<f64>().ok())
+        .unwrap_or_else(|| panic!("no last-verified gauge in\n{metrics}"));
+    assert!((gauge - passed_at).abs() < 0.002, "{gauge} != {passed_at}");
+
     // The live database is untouched and still commits.
     stop.store(true, Ordering::Relaxed);
     writer.join().unwrap();
@@ -549,4 +567,100 @@ async fn a_sqlite_set_under_load_verifies_and_a_copy_with_a_broken_header_fails(
         .unwrap();
     assert_eq!(total, 50_000);
     assert!(none_frozen(&[&data]));
+}
+
+/// The operator's view over mTLS with the real binaries: `quiescectl verify` (text and JSON,
+/// exit codes), the drill shown by `sets show` and `sets list`, a refused scratch directory.
+#[test]
+fn quiescectl_verify_records_the_drill_and_sets_show_and_list_display_it() {
+    use quiesce_integration_tests::{Cluster, ClusterOptions, Need, describe, require, serial};
+    let _serial = serial();
+    require(&[
+        Need::Root,
+        Need::LoopDevices,
+        Need::Tool("mkfs.xfs"),
+        Need::Tool("losetup"),
+    ]);
+    let cluster = Cluster::start("verify-cli", &ClusterOptions::default());
+    let (out, set) = cluster.ctl().json(&["backup", "g"]);
+    assert!(out.status.success(), "{}", describe(&out));
+    let id = set["id"].as_str().unwrap().to_owned();
+
+    let out = cluster.ctl().run(&["verify", &id]);
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(out.status.success(), "{}", describe(&out));
+    assert!(text.contains("outcome        passed"), "{text}");
+    for mount in ["a", "b"] {
+        assert!(
+            text.contains(&cluster.mount(mount).display().to_string()),
+            "{text}"
+        );
+    }
+    let (out, reply) = cluster.ctl().json(&["verify", &id, "--host", "db1"]);
+    assert!(out.status.success(), "{}", describe(&out));
+    let v = &reply["verification"];
+    assert_eq!(v["outcome"], pb::VerifyOutcome::Passed as i32, "{reply:#}");
+    assert_eq!(v["agent"], "db1");
+    assert_eq!(v["checks"].as_array().unwrap().len(), 2, "{reply:#}");
+    assert!(
+        v["checks"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|c| c["kind"] == "filesystem" && c["check"] == "mount read-write (ext4)")
+    );
+
+    // Scratch on a group volume: exit 1, the agent's refusal once, recorded as an error.
+    let target = cluster.volume("a").path("scratch");
+    let out = cluster
+        .ctl()
+        .run(&["verify", &id, "--scratch-dir", target.to_str().unwrap()]);
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert_eq!(out.status.code(), Some(1), "{}", describe(&out));
+    assert_eq!(
+        stderr.matches("is on the filesystem of volume").count(),
+        1,
+        "{stderr}"
+    );
+    assert!(!target.exists());
+    let out = cluster.ctl().run(&["verify", &id, "--host", "nosuch"]);
+    assert_eq!(out.status.code(), Some(1), "{}", describe(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("the set has no snapshot there"),
+        "{}",
+        describe(&out)
+    );
+
+    let (out, shown) = cluster.ctl().json(&["sets", "show", &id]);
+    assert!(out.status.success(), "{}", describe(&out));
+    let outcomes: Vec<i64> = shown["verifications"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v["outcome"].as_i64().unwrap())
+        .collect();
+    assert_eq!(
+        outcomes,
+        vec![
+            pb::VerifyOutcome::Passed as i64,
+            pb::VerifyOutcome::Passed as i64,
+            pb::VerifyOutcome::Error as i64
+        ]
+    );
+    let out = cluster.ctl().run(&["sets", "show", &id]);
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(text.contains("verified       could not run"), "{text}");
+    assert!(text.contains("3 drills"), "{text}");
+    let out = cluster.ctl().run(&["sets", "list"]);
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(text.contains("VERIFIED"), "{text}");
+    assert!(text.contains("could not run"), "{text}");
+    // Nothing of any drill left on the pool, nothing frozen.
+    let scratch = cluster.pool.root().join(".quiesce-verify");
+    let left: Vec<_> = std::fs::read_dir(&scratch)
+        .map(|d| d.flatten().map(|e| e.path()).collect())
+        .unwrap_or_default();
+    assert!(left.is_empty(), "{left:?}");
+    assert!(!run("losetup", &["-a"]).contains(".quiesce-verify"));
+    cluster.assert_nothing_frozen("after the drills");
 }
