@@ -623,6 +623,36 @@ fn quiescectl_verify_records_the_drill_and_sets_show_and_list_display_it() {
         "{stderr}"
     );
     assert!(!target.exists());
+    // Scratch on a filesystem someone else froze: refused within the probe, nothing made.
+    let frozen = quiesce_integration_tests::LoopFs::create(
+        &cluster.scratch.join("frozen.img"),
+        64,
+        quiesce_integration_tests::FsKind::Ext4,
+        &cluster.scratch.join("frozen"),
+    );
+    frozen.freeze_externally();
+    let started = Instant::now();
+    let out = cluster.ctl().run(&[
+        "verify",
+        &id,
+        "--scratch-dir",
+        frozen.path("drills").to_str().unwrap(),
+    ]);
+    let took = started.elapsed();
+    assert!(
+        frozen.thaw_externally(),
+        "the scratch filesystem stayed frozen"
+    );
+    assert_eq!(out.status.code(), Some(1), "{}", describe(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("is on a frozen filesystem"),
+        "{}",
+        describe(&out)
+    );
+    assert!(took < Duration::from_secs(20), "refusal took {took:?}");
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(!frozen.path("drills").exists());
+    drop(frozen);
     let out = cluster.ctl().run(&["verify", &id, "--host", "nosuch"]);
     assert_eq!(out.status.code(), Some(1), "{}", describe(&out));
     assert!(
@@ -644,13 +674,14 @@ fn quiescectl_verify_records_the_drill_and_sets_show_and_list_display_it() {
         vec![
             pb::VerifyOutcome::Passed as i64,
             pb::VerifyOutcome::Passed as i64,
+            pb::VerifyOutcome::Error as i64,
             pb::VerifyOutcome::Error as i64
         ]
     );
     let out = cluster.ctl().run(&["sets", "show", &id]);
     let text = String::from_utf8_lossy(&out.stdout).into_owned();
     assert!(text.contains("verified       could not run"), "{text}");
-    assert!(text.contains("3 drills"), "{text}");
+    assert!(text.contains("4 drills"), "{text}");
     let out = cluster.ctl().run(&["sets", "list"]);
     let text = String::from_utf8_lossy(&out.stdout).into_owned();
     assert!(text.contains("VERIFIED"), "{text}");
