@@ -12,9 +12,10 @@
 //! 3. checks each named hook's database on the copies: PostgreSQL is started on the copied
 //!    data directory (no TCP, its socket in the private `/tmp`, archiving, autovacuum and fsync
 //!    off, `pg_wal` and tablespace links re-pointed at the copies — a link leading outside
-//!    them is refused, so the drill never starts on live files); crash or backup-mode recovery
-//!    must finish, then `pg_amcheck --heapallindexed` and the operator's probe run. SQLite:
-//!    `PRAGMA integrity_check` and the probe;
+//!    them is refused, so the drill never starts on live files); crash recovery must finish
+//!    (backup-mode sets too: data and WAL are one atomic cut), then `pg_amcheck
+//!    --heapallindexed` and the operator's probe run. SQLite: `PRAGMA integrity_check` and
+//!    the probe;
 //! 4. stops every process it started (fast shutdown, then the process group is killed),
 //!    unmounts in reverse order, and leaves the namespace; the scratch directory is removed.
 //!
@@ -581,13 +582,11 @@ mod postgres {
         }
         relink(&data, copies)?;
         let _ = std::fs::remove_file(data.join("postmaster.pid"));
+        // A backup-mode set is checked by crash recovery too: its data and WAL are one atomic
+        // cut (the plan-time completeness check keeps pg_wal and every tablespace in the
+        // group), while recovery from its backup_label needs the production WAL archive up to
+        // the stop position, which a drill must not read from.
         let backup_mode = !db.backup_label.is_empty();
-        if backup_mode {
-            write_new(&data.join("backup_label"), &db.backup_label)?;
-            if !db.tablespace_map.is_empty() {
-                write_new(&data.join("tablespace_map"), &db.tablespace_map)?;
-            }
-        }
         // Socket and log in the drill's private tmpfs.
         let run = copies.run_dir.join(format!("pg-{}", db.hook));
         std::fs::DirBuilder::new()
@@ -656,22 +655,14 @@ mod postgres {
                 .env("PGCONNECT_TIMEOUT", "10");
             cmd
         };
-        let recovery = if backup_mode {
-            "backup-mode recovery"
-        } else {
-            "crash recovery"
-        };
+        let recovery = "crash recovery";
         let t = Instant::now();
         // Ready once recovery finished and it accepts connections.
         loop {
             if let Ok(Some(status)) = server.child.try_wait() {
                 return Err((
                     Outcome::Failed,
-                    if backup_mode {
-                        "backup-mode recovery"
-                    } else {
-                        "crash recovery"
-                    },
+                    "crash recovery",
                     format!("postgres exited ({status}):\n{}", tail(&server.log)),
                 ));
             }
@@ -694,6 +685,11 @@ mod postgres {
         }
         let recovered_ms = t.elapsed().as_millis();
         let mut output = format!("{recovery} finished in {recovered_ms} ms");
+        if backup_mode {
+            output.push_str(
+                " (a backup-mode set: its atomic data + WAL cut, without the label, which needs the WAL archive)",
+            );
+        }
         let mut checks = recovery.to_owned();
         let mut amcheck = client("pg_amcheck");
         amcheck.args([
@@ -785,25 +781,6 @@ mod postgres {
         }
         Ok(())
     }
-
-    fn write_new(path: &Path, text: &str) -> Result<(), (Outcome, &'static str, String)> {
-        use std::io::Write;
-        std::fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .open(path)
-            .and_then(|mut f| f.write_all(text.as_bytes()))
-            .map_err(|e| {
-                (
-                    Outcome::Error,
-                    "backup label",
-                    format!("cannot write {}: {e}", path.display()),
-                )
-            })
-    }
-
-    use std::os::unix::fs::OpenOptionsExt;
 
     /// The postmaster of the drill: fast shutdown on drop, then its process group is killed.
     struct Server {
