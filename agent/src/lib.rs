@@ -24,6 +24,7 @@ pub mod server;
 pub mod service;
 pub mod startup;
 pub mod thaw_marks;
+pub mod verify;
 pub mod volumes;
 pub mod watchdog;
 

@@ -21,6 +21,9 @@ pub struct AgentService {
     reflink: ReflinkProvider,
     hostname: String,
     devices: DeviceRoots,
+    /// Restore drills: the namespace and mounts, and the database checks.
+    drill_host: Arc<dyn crate::verify::DrillHost>,
+    drill_checks: Arc<dyn crate::verify::DatabaseChecks>,
     /// The instance id once IMDS answered (failures are not cached: asked again next time).
     instance_id: tokio::sync::Mutex<Option<String>>,
 }
@@ -41,6 +44,8 @@ impl AgentService {
             reflink,
             hostname,
             devices: DeviceRoots::default(),
+            drill_host: Arc::new(crate::verify::SystemDrillHost),
+            drill_checks: Arc::new(crate::verify::EngineChecks),
             instance_id: tokio::sync::Mutex::new(None),
         }
     }
@@ -245,6 +250,166 @@ fn hook_output(output: HookOutput) -> pb::HookOutput {
         error: output.error,
         quiesce_ms: output.quiesce_ms,
         resume_ms: output.resume_ms,
+    }
+}
+
+impl AgentService {
+    /// A restore drill (see `verify`): copies restored by the restore machinery (every
+    /// refusal of a restore applies to the scratch space), checked on a thread of its own in a
+    /// private mount namespace, everything removed after.
+    async fn verify(
+        &self,
+        req: pb::VerifySnapshotsRequest,
+    ) -> Result<pb::VerifySnapshotsResponse, Status> {
+        let started = std::time::Instant::now();
+        if req.snapshots.len() > self.manager.config().max_volumes_per_request {
+            return Err(Error::OverLimit {
+                what: "snapshots in one request",
+                got: req.snapshots.len(),
+                max: self.manager.config().max_volumes_per_request,
+                limit: "max-volumes-per-request",
+            }
+            .into());
+        }
+        check_path_lengths(
+            std::iter::once(req.scratch_dir.len())
+                .chain(req.snapshots.iter().map(|s| s.snapshot_id.len()))
+                .chain(req.snapshots.iter().map(|s| s.mount_point.len())),
+        )?;
+        let scratch = if req.scratch_dir.is_empty() {
+            // Beside the snapshot directory: `<snapshot-dir>/<set>/<volume>.img`.
+            let first = std::path::Path::new(&req.snapshots[0].snapshot_id);
+            first
+                .parent()
+                .and_then(|set_dir| set_dir.parent())
+                .and_then(|snapshot_dir| snapshot_dir.parent())
+                .map(|dir| dir.join(".quiesce-verify"))
+                .ok_or_else(|| Status::invalid_argument("a snapshot id is not a path"))?
+        } else {
+            PathBuf::from(&req.scratch_dir)
+        };
+        let scratch_existed = std::fs::symlink_metadata(&scratch).is_ok();
+        let root = scratch.join(format!("{}.{}", req.set_id, crate::freeze::unix_ms()));
+        let images_dir = root.join("images");
+        let backing_files = self.backing_files();
+        let mut copies = Vec::new();
+        for snapshot in &req.snapshots {
+            let reflink = self.reflink.clone();
+            let set_id = req.set_id.clone();
+            let target = images_dir.clone();
+            let backing_files = backing_files.clone();
+            let id = PathBuf::from(&snapshot.snapshot_id);
+            let guard = self.restore_guard(std::path::Path::new(&snapshot.mount_point));
+            let restored = tokio::task::spawn_blocking(move || {
+                reflink.restore(&set_id, &id, &target, &backing_files, &guard)
+            })
+            .await
+            .map_err(|e| Status::internal(e.to_string()))
+            .and_then(|r| r.map_err(Status::from));
+            match restored {
+                Ok(restored) => copies.push(crate::verify::Copy {
+                    mount_point: PathBuf::from(&snapshot.mount_point),
+                    image: restored.path,
+                    fs_type: restored.fs_type,
+                }),
+                Err(status) => {
+                    if !copies.is_empty() {
+                        let root = root.clone();
+                        let _ = tokio::task::spawn_blocking(move || {
+                            crate::verify::remove_scratch(&root, Duration::from_secs(10))
+                        })
+                        .await;
+                    }
+                    return Err(status);
+                }
+            }
+        }
+        // The databases run as their own users: they must reach their mount points.
+        for dir in std::iter::once(&root).chain((!scratch_existed).then_some(&scratch)) {
+            if let Err(e) = crate::verify::traversable(dir) {
+                tracing::warn!(dir = %dir.display(), error = %e, "drill directory not traversable");
+            }
+        }
+        let described = self
+            .manager
+            .hooks()
+            .describe(&hooks_of(&req), self.manager.mounts())
+            .await;
+        let databases = req
+            .databases
+            .iter()
+            .zip(described)
+            .map(|(db, d)| crate::verify::Database {
+                hook: db.hook.clone(),
+                config: self.manager.config().hooks.get(&db.hook).cloned(),
+                paths: d.paths,
+                problem: d.problem,
+                backup_label: db.backup_label.clone(),
+                tablespace_map: db.tablespace_map.clone(),
+            })
+            .collect();
+        let plan = crate::verify::Plan {
+            root: root.clone(),
+            copies,
+            databases,
+            deadline: std::time::Instant::now() + crate::verify::DRILL_TIMEOUT,
+        };
+        let host = self.drill_host.clone();
+        let checks = self.drill_checks.clone();
+        let report = tokio::task::spawn_blocking(move || {
+            let report = crate::verify::run_on_own_thread(plan, host, checks);
+            let removed = crate::verify::remove_scratch(&root, Duration::from_secs(30));
+            (report, removed)
+        })
+        .await
+        .map_err(|e| Status::internal(e.to_string()))?;
+        let (report, removed) = report;
+        let mut report = report.unwrap_or_else(|why| crate::verify::Report {
+            checks: vec![crate::verify::Check {
+                name: "drill".into(),
+                kind: "filesystem".into(),
+                outcome: crate::verify::Outcome::Error,
+                check: "deadline".into(),
+                output: why,
+                duration: started.elapsed(),
+            }],
+            teardown: Vec::new(),
+        });
+        if let Err(why) = removed {
+            report.teardown.push(why);
+        }
+        let outcome = report.outcome();
+        tracing::info!(outcome = ?outcome, ms = started.elapsed().as_millis() as u64, "restore drill finished");
+        Ok(pb::VerifySnapshotsResponse {
+            outcome: verify_outcome(outcome).into(),
+            checks: report
+                .checks
+                .into_iter()
+                .map(|c| pb::VerifyCheck {
+                    name: c.name,
+                    kind: c.kind,
+                    outcome: verify_outcome(c.outcome).into(),
+                    check: c.check,
+                    output: c.output,
+                    duration_ms: c.duration.as_millis() as u64,
+                })
+                .collect(),
+            duration_ms: started.elapsed().as_millis() as u64,
+            teardown: report.teardown.join("; "),
+        })
+    }
+}
+
+fn hooks_of(req: &pb::VerifySnapshotsRequest) -> Vec<String> {
+    req.databases.iter().map(|d| d.hook.clone()).collect()
+}
+
+fn verify_outcome(outcome: crate::verify::Outcome) -> pb::VerifyOutcome {
+    match outcome {
+        crate::verify::Outcome::Passed => pb::VerifyOutcome::Passed,
+        crate::verify::Outcome::Failed => pb::VerifyOutcome::Failed,
+        crate::verify::Outcome::Error => pb::VerifyOutcome::Error,
+        crate::verify::Outcome::Skipped => pb::VerifyOutcome::Skipped,
     }
 }
 
@@ -585,6 +750,23 @@ impl Agent for AgentService {
             });
         }
         Ok(Response::new(pb::RestoreSnapshotsResponse { images }))
+    }
+
+    async fn verify_snapshots(
+        &self,
+        request: Request<pb::VerifySnapshotsRequest>,
+    ) -> Result<Response<pb::VerifySnapshotsResponse>, Status> {
+        let req = request.into_inner();
+        validate_set_id(&req.set_id)?;
+        let hooks: Vec<String> = req.databases.iter().map(|d| d.hook.clone()).collect();
+        crate::freeze::validate_hook_names(&hooks)?;
+        if req.snapshots.is_empty() {
+            return Err(Status::invalid_argument(
+                "a drill needs at least one snapshot of this host",
+            ));
+        }
+        let span = info_span!("verify", set_id = %req.set_id);
+        self.verify(req).instrument(span).await.map(Response::new)
     }
 }
 

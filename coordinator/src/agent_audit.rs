@@ -14,7 +14,8 @@ use crate::audit::{AuditLog, Entry};
 use crate::clock::Clock;
 use crate::workflow::group_of_set;
 
-/// Every client of `inner`, audited.
+/// Every client of `inner`, audited. Every method of `AgentClient` is forwarded (those with a
+/// default body too: a missing one would hide the real client's).
 pub struct AuditedAgents {
     inner: Arc<dyn AgentDirectory>,
     audit: Arc<AuditLog>,
@@ -162,6 +163,15 @@ impl AgentClient for AuditedAgent {
         let set_id = req.set_id.clone();
         let result = self.inner.restore_snapshots(req).await;
         self.check("RestoreSnapshots", &set_id, result)
+    }
+
+    async fn verify_snapshots(
+        &self,
+        req: pb::VerifySnapshotsRequest,
+    ) -> Result<pb::VerifySnapshotsResponse, Status> {
+        let set_id = req.set_id.clone();
+        let result = self.inner.verify_snapshots(req).await;
+        self.check("VerifySnapshots", &set_id, result)
     }
 
     async fn describe_hooks(

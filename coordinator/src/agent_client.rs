@@ -47,6 +47,15 @@ pub trait AgentClient: Send + Sync {
         &self,
         req: pb::RestoreSnapshotsRequest,
     ) -> Result<pb::RestoreSnapshotsResponse, Status>;
+    /// A restore drill of the set's snapshots on this agent's host.
+    async fn verify_snapshots(
+        &self,
+        _req: pb::VerifySnapshotsRequest,
+    ) -> Result<pb::VerifySnapshotsResponse, Status> {
+        Err(Status::unimplemented(
+            "this agent client cannot run restore drills",
+        ))
+    }
     /// The paths the databases of the named hooks write (completeness check at plan time).
     async fn describe_hooks(
         &self,
@@ -220,5 +229,11 @@ impl AgentClient for GrpcAgent {
         req: pb::DescribeHooksRequest,
     ) -> Result<pb::DescribeHooksResponse, Status> {
         Ok(self.0.clone().describe_hooks(req).await?.into_inner())
+    }
+    async fn verify_snapshots(
+        &self,
+        req: pb::VerifySnapshotsRequest,
+    ) -> Result<pb::VerifySnapshotsResponse, Status> {
+        Ok(self.0.clone().verify_snapshots(req).await?.into_inner())
     }
 }

@@ -9,6 +9,7 @@ use std::sync::Mutex;
 
 use quiesce_proto::coordinator::v1::{
     HookValue, PendingRemoval, PhaseMark, SetHookOutput, SetHost, SetVolume, SnapshotSet,
+    Verification, VerifyCheck, VerifyOutcome,
 };
 use rusqlite::{Connection, OptionalExtension, params};
 
@@ -151,6 +152,21 @@ CREATE TABLE delete_approvals (
     identity TEXT NOT NULL,
     at_ms    INTEGER NOT NULL,
     PRIMARY KEY (set_id, identity)
+);
+"#,
+    // 7: restore drills (`quiescectl verify`): each one with the set it proved, its checks as a
+    // JSON array of {name, kind, outcome, check, output, duration_ms}.
+    r#"
+CREATE TABLE set_verifications (
+    set_id         TEXT NOT NULL REFERENCES sets (id) ON DELETE CASCADE,
+    seq            INTEGER NOT NULL,
+    agent          TEXT NOT NULL,
+    verified_at_ms INTEGER NOT NULL,
+    duration_ms    INTEGER NOT NULL,
+    outcome        INTEGER NOT NULL,
+    error          TEXT NOT NULL DEFAULT '',
+    checks         TEXT NOT NULL DEFAULT '[]',
+    PRIMARY KEY (set_id, seq)
 );
 "#,
 ];
@@ -855,6 +871,46 @@ impl Catalog {
         self.with(|conn| Ok(conn.execute("DELETE FROM sets WHERE id = ?1", [id])? > 0))
     }
 
+    /// Records a restore drill of a set.
+    pub fn add_verification(&self, set_id: &str, v: &Verification) -> Result<(), CatalogError> {
+        let checks: Vec<StoredCheck> = v.checks.iter().map(StoredCheck::from).collect();
+        let checks = serde_json::to_string(&checks).unwrap_or_else(|_| "[]".into());
+        self.with(|conn| {
+            conn.execute(
+                "INSERT INTO set_verifications (set_id, seq, agent, verified_at_ms, duration_ms,
+                    outcome, error, checks)
+                 VALUES (?1, (SELECT COALESCE(MAX(seq), 0) + 1 FROM set_verifications
+                              WHERE set_id = ?1), ?2, ?3, ?4, ?5, ?6, ?7)",
+                params![
+                    set_id,
+                    v.agent,
+                    v.verified_at_ms as i64,
+                    v.duration_ms as i64,
+                    v.outcome,
+                    v.error,
+                    checks
+                ],
+            )?;
+            Ok(())
+        })
+    }
+
+    /// The newest passed drill of a group's sets: (set id, verified at).
+    pub fn last_verified(&self, group: &str) -> Result<Option<(String, u64)>, CatalogError> {
+        self.with(|conn| {
+            Ok(conn
+                .query_row(
+                    "SELECT v.set_id, v.verified_at_ms FROM set_verifications v
+                     JOIN sets s ON s.id = v.set_id
+                     WHERE s.group_name = ?1 AND v.outcome = ?2
+                     ORDER BY v.verified_at_ms DESC LIMIT 1",
+                    params![group, VerifyOutcome::Passed as i32],
+                    |row| Ok((row.get(0)?, row.get::<_, i64>(1)? as u64)),
+                )
+                .optional()?)
+        })
+    }
+
     /// The newest consistent set of a group: (id, finished at).
     pub fn last_consistent(&self, group: &str) -> Result<Option<(String, u64)>, CatalogError> {
         self.with(|conn| {
@@ -963,6 +1019,7 @@ fn set_from_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<SnapshotSet> {
         phases: Vec::new(),
         hook_outputs: Vec::new(),
         pending_removals: Vec::new(),
+        verifications: Vec::new(),
     })
 }
 
@@ -1060,11 +1117,73 @@ fn load_members(conn: &Connection, mut set: SnapshotSet) -> Result<SnapshotSet, 
             })
         })?
         .collect::<Result<_, _>>()?;
+    let mut stmt = conn.prepare_cached(
+        "SELECT agent, verified_at_ms, duration_ms, outcome, error, checks FROM (
+            SELECT * FROM set_verifications WHERE set_id = ?1 ORDER BY seq DESC LIMIT 10
+         ) ORDER BY seq",
+    )?;
+    set.verifications = stmt
+        .query_map([&set.id], |row| {
+            let checks: String = row.get(5)?;
+            let checks: Vec<StoredCheck> = serde_json::from_str(&checks).map_err(|e| {
+                rusqlite::Error::FromSqlConversionFailure(
+                    5,
+                    rusqlite::types::Type::Text,
+                    Box::new(e),
+                )
+            })?;
+            Ok(Verification {
+                agent: row.get(0)?,
+                verified_at_ms: row.get::<_, i64>(1)? as u64,
+                duration_ms: row.get::<_, i64>(2)? as u64,
+                outcome: row.get(3)?,
+                error: row.get(4)?,
+                checks: checks.into_iter().map(VerifyCheck::from).collect(),
+            })
+        })?
+        .collect::<Result<_, _>>()?;
     set.pending_removals = pending_where(conn, "WHERE set_id = ?1", [&set.id])?
         .into_iter()
         .map(|p| p.status)
         .collect();
     Ok(set)
+}
+
+/// A drill's check as the catalog stores it (JSON).
+#[derive(serde::Serialize, serde::Deserialize)]
+struct StoredCheck {
+    name: String,
+    kind: String,
+    outcome: i32,
+    check: String,
+    output: String,
+    duration_ms: u64,
+}
+
+impl From<&VerifyCheck> for StoredCheck {
+    fn from(c: &VerifyCheck) -> Self {
+        StoredCheck {
+            name: c.name.clone(),
+            kind: c.kind.clone(),
+            outcome: c.outcome,
+            check: c.check.clone(),
+            output: c.output.clone(),
+            duration_ms: c.duration_ms,
+        }
+    }
+}
+
+impl From<StoredCheck> for VerifyCheck {
+    fn from(c: StoredCheck) -> Self {
+        VerifyCheck {
+            name: c.name,
+            kind: c.kind,
+            outcome: c.outcome,
+            check: c.check,
+            output: c.output,
+            duration_ms: c.duration_ms,
+        }
+    }
 }
 
 /// One pending removal as the reconciler works on it.

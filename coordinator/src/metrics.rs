@@ -8,9 +8,9 @@
 //! restart too.
 //!
 //! Names follow the Prometheus conventions: base units (seconds, Unix-time seconds), `_total`
-//! on counters, `group`/`host`/`agent` labels. Reserved for the verify feature (not exported
-//! yet, the alert rules already use them): `quiesce_group_last_verified_timestamp_seconds
-//! {group}` and `quiesce_verifications_total{group,result="ok"|"failed"}`.
+//! on counters, `group`/`host`/`agent` labels. Restore drills (`quiescectl verify`):
+//! `quiesce_verifications_total{group,result="ok"|"failed"|"error"}` and
+//! `quiesce_group_last_verified_timestamp_seconds{group}` (the newest drill that passed).
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -52,6 +52,10 @@ pub const SET_STATES: [&str; 3] = ["running", "consistent", "failed"];
 /// The states a finished set ends in (`quiesce_sets_finished_total{state}`).
 pub const FINISHED_STATES: [&str; 2] = ["consistent", "failed"];
 
+/// The results of a restore drill (`quiesce_verifications_total{result}`): ok (passed),
+/// failed (a check found the copy broken), error (the drill could not run).
+pub const VERIFY_RESULTS: [&str; 3] = ["ok", "failed", "error"];
+
 /// The phases a set is timed in (`quiesce_phase_duration_seconds{phase}`): each one that ends
 /// when the workflow moves on to the next.
 pub const PHASES: [&str; 6] = [
@@ -90,6 +94,8 @@ pub struct Metrics {
     next_run: Family<Labels, FloatGauge>,
     agent_reachable: Family<Labels, Gauge>,
     pending_removals: Family<Labels, Gauge>,
+    verifications: Family<Labels, Counter>,
+    last_verified: Family<Labels, FloatGauge>,
 }
 
 /// What the catalog and the schedule say about one group, at scrape time.
@@ -138,6 +144,8 @@ impl Metrics {
             next_run: Family::default(),
             agent_reachable: Family::default(),
             pending_removals: Family::default(),
+            verifications: Family::default(),
+            last_verified: Family::default(),
         };
         let mut registry = Registry::with_prefix("quiesce");
         // Counters: prometheus-client appends `_total`.
@@ -216,6 +224,16 @@ impl Metrics {
             "Leftovers of failed or deleted sets the reconciler still has to remove on the agent (one per set)",
             metrics.pending_removals.clone(),
         );
+        registry.register(
+            "verifications",
+            "Restore drills (quiescectl verify) this process ran, by group and result (ok, failed, error)",
+            metrics.verifications.clone(),
+        );
+        registry.register(
+            "group_last_verified_timestamp_seconds",
+            "When the newest restore drill of a set of the group passed (Unix time; 0: none yet)",
+            metrics.last_verified.clone(),
+        );
         *metrics.registry.lock().unwrap() = registry;
         metrics.create_series(config);
         metrics
@@ -233,6 +251,13 @@ impl Metrics {
             }
             drop(self.over_budget.get_or_create(&group(name)));
             drop(self.expired.get_or_create(&group(name)));
+            for result in VERIFY_RESULTS {
+                drop(
+                    self.verifications
+                        .get_or_create(&labels(&[("group", name), ("result", result)])),
+                );
+            }
+            drop(self.last_verified.get_or_create(&group(name)));
             drop(self.freeze_window.get_or_create(&group(name)));
             drop(self.last_freeze_window.get_or_create(&group(name)));
             for phase in PHASES {
@@ -325,6 +350,20 @@ impl Metrics {
     /// Retention deleted one set of the group.
     pub fn expired(&self, group_name: &str) {
         self.expired.get_or_create(&group(group_name)).inc();
+    }
+
+    /// A restore drill of a set of the group ended with `result` (one of [`VERIFY_RESULTS`]).
+    pub fn verified(&self, group_name: &str, result: &str) {
+        self.verifications
+            .get_or_create(&labels(&[("group", group_name), ("result", result)]))
+            .inc();
+    }
+
+    /// When the newest passed drill of the group ran (catalog, at scrape time).
+    pub fn refresh_last_verified(&self, group_name: &str, at_ms: Option<u64>) {
+        self.last_verified
+            .get_or_create(&group(group_name))
+            .set(at_ms.unwrap_or(0) as f64 / 1000.0);
     }
 
     /// The outcome of one call to the agent.
@@ -465,6 +504,16 @@ mounts = ["/srv/b"]
             "quiesce_freeze_window_over_budget_total{group=\"a\"} 0",
         );
         line(&text, "quiesce_sets_expired_total{group=\"a\"} 0");
+        for result in VERIFY_RESULTS {
+            line(
+                &text,
+                &format!("quiesce_verifications_total{{group=\"a\",result=\"{result}\"}} 0"),
+            );
+        }
+        line(
+            &text,
+            "quiesce_group_last_verified_timestamp_seconds{group=\"a\"} 0.0",
+        );
         line(&text, "quiesce_group_overdue{group=\"a\"} 0");
         line(
             &text,

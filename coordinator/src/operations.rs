@@ -199,6 +199,133 @@ impl Coordinator {
         Ok(restored)
     }
 
+    /// A restore drill of a consistent set on one member host: the agent restores that host's
+    /// snapshots into scratch space, starts the databases the set's hooks name on the copies,
+    /// runs their checks and tears everything down. The outcome is recorded with the set
+    /// (also when the drill could not run) and counted in the metrics.
+    pub async fn verify_set(&self, req: &pb::VerifySetRequest) -> Result<pb::Verification, Error> {
+        let set = self.finished_set(&req.set_id)?;
+        if set.state != "consistent" {
+            return Err(Error::NotRestorable {
+                id: set.id,
+                state: set.state,
+            });
+        }
+        let group = self.group(&set.group)?;
+        if self.provider(group).as_ebs().is_some() {
+            return Err(Error::InvalidArgument(format!(
+                "set {} is an EBS set: restore drills run on host-local (reflink) sets for now",
+                set.id
+            )));
+        }
+        let agents: Vec<String> = snapshots_by_agent(&set).into_keys().collect();
+        let host = if req.host.is_empty() {
+            match agents.as_slice() {
+                [one] => one.clone(),
+                _ => {
+                    return Err(Error::InvalidArgument(format!(
+                        "set {} has snapshots on {}: name the member to verify with --host",
+                        set.id,
+                        agents.join(", ")
+                    )));
+                }
+            }
+        } else if agents.contains(&req.host) {
+            req.host.clone()
+        } else {
+            return Err(Error::InvalidArgument(format!(
+                "--host {}: the set has no snapshot there (its members: {})",
+                quiesce_proto::echo::capped(&req.host),
+                agents.join(", ")
+            )));
+        };
+        let client = self.client(&host)?;
+        let snapshots = set
+            .volumes
+            .iter()
+            .filter(|v| v.agent == host && !v.snapshot_id.is_empty())
+            .map(|v| agent_pb::VolumeSnapshot {
+                mount_point: v.mount_point.clone(),
+                snapshot_id: v.snapshot_id.clone(),
+                size_bytes: v.size_bytes,
+                duration_ms: 0,
+            })
+            .collect();
+        let databases = set
+            .hook_outputs
+            .iter()
+            .filter(|o| o.agent == host)
+            .map(|o| agent_pb::VerifyDatabase {
+                hook: o.hook.clone(),
+                backup_label: o.backup_label.clone(),
+                tablespace_map: o.tablespace_map.clone(),
+            })
+            .collect();
+        let started_at = self.clock().now_ms();
+        let reply = client
+            .verify_snapshots(agent_pb::VerifySnapshotsRequest {
+                set_id: set.id.clone(),
+                snapshots,
+                scratch_dir: req.scratch_dir.clone(),
+                databases,
+            })
+            .await;
+        let finished_at = self.clock().now_ms();
+        let (verification, refused) = match reply {
+            Ok(reply) => (
+                pb::Verification {
+                    agent: host.clone(),
+                    verified_at_ms: finished_at,
+                    duration_ms: reply.duration_ms,
+                    outcome: verify_outcome(reply.outcome()).into(),
+                    checks: reply
+                        .checks
+                        .into_iter()
+                        .map(|c| pb::VerifyCheck {
+                            outcome: verify_outcome(c.outcome()).into(),
+                            name: c.name,
+                            kind: c.kind,
+                            check: c.check,
+                            output: c.output,
+                            duration_ms: c.duration_ms,
+                        })
+                        .collect(),
+                    error: if reply.teardown.is_empty() {
+                        String::new()
+                    } else {
+                        format!("teardown: {}", reply.teardown)
+                    },
+                },
+                None,
+            ),
+            Err(status) => {
+                let error = crate::error::from_agent(&host, &status);
+                (
+                    pb::Verification {
+                        agent: host.clone(),
+                        verified_at_ms: finished_at,
+                        duration_ms: finished_at.saturating_sub(started_at),
+                        outcome: pb::VerifyOutcome::Error.into(),
+                        checks: Vec::new(),
+                        error: error.to_string(),
+                    },
+                    Some(error),
+                )
+            }
+        };
+        self.catalog().add_verification(&set.id, &verification)?;
+        let result = match verification.outcome() {
+            pb::VerifyOutcome::Passed => "ok",
+            pb::VerifyOutcome::Failed => "failed",
+            _ => "error",
+        };
+        self.metrics().verified(&set.group, result);
+        match refused {
+            Some(error) => Err(error),
+            None => Ok(verification),
+        }
+    }
+
     /// Every configured agent, asked for its host info in parallel.
     pub async fn agent_statuses(&self) -> Vec<pb::AgentStatus> {
         let calls = self.config().agents.iter().map(|agent| async move {
@@ -327,6 +454,9 @@ impl Coordinator {
                 next_run_at_ms: status.map(|s| s.next_run_at_ms),
             };
             metrics.refresh_group(&group.name, &view);
+            if let Ok(verified) = self.catalog().last_verified(&group.name) {
+                metrics.refresh_last_verified(&group.name, verified.map(|(_, at)| at));
+            }
         }
         metrics.encode()
     }
@@ -344,4 +474,15 @@ fn snapshots_by_agent(set: &pb::SnapshotSet) -> BTreeMap<String, Vec<String>> {
         }
     }
     by_agent
+}
+
+fn verify_outcome(outcome: agent_pb::VerifyOutcome) -> pb::VerifyOutcome {
+    match outcome {
+        agent_pb::VerifyOutcome::Unspecified => pb::VerifyOutcome::Unspecified,
+        agent_pb::VerifyOutcome::Passed => pb::VerifyOutcome::Passed,
+        agent_pb::VerifyOutcome::Failed => pb::VerifyOutcome::Failed,
+        agent_pb::VerifyOutcome::Error => pb::VerifyOutcome::Error,
+        agent_pb::VerifyOutcome::Skipped => pb::VerifyOutcome::Skipped,
+        agent_pb::VerifyOutcome::NoBlockDevice => pb::VerifyOutcome::NoBlockDevice,
+    }
 }

@@ -280,6 +280,39 @@ impl OperatorService {
         Ok(Response::new(pb::RestoreSetResponse { volumes }))
     }
 
+    async fn verify_set_checked(
+        &self,
+        request: Request<pb::VerifySetRequest>,
+    ) -> Result<Response<pb::VerifySetResponse>, Status> {
+        // A drill restores the set (into scratch space): the restore grant covers it.
+        self.authorize(
+            &request,
+            pb::Action::Restore,
+            group_of_set(&request.get_ref().set_id),
+        )?;
+        let req = request.into_inner();
+        set_id(&req.set_id)?;
+        if req.scratch_dir.len() > 4096 || req.host.len() > 256 {
+            return Err(Error::InvalidArgument(format!(
+                "--scratch-dir is {} and --host {} characters long (at most 4096 and 256)",
+                req.scratch_dir.len(),
+                req.host.len()
+            ))
+            .into());
+        }
+        if !req.scratch_dir.is_empty() && !req.scratch_dir.starts_with('/') {
+            return Err(Error::InvalidArgument(format!(
+                "--scratch-dir {:?} must be an absolute directory on the host",
+                quiesce_proto::echo::capped(&req.scratch_dir)
+            ))
+            .into());
+        }
+        let verification = self.coordinator.verify_set(&req).await?;
+        Ok(Response::new(pb::VerifySetResponse {
+            verification: Some(verification),
+        }))
+    }
+
     async fn list_agents_checked(
         &self,
         request: Request<pb::ListAgentsRequest>,
@@ -457,6 +490,28 @@ impl CoordinatorApi for OperatorService {
         let call = self.begin(&request, pb::AuditVerb::GetPermissions, "", "");
         let result = Ok(Response::new(self.policy().permissions(&caller(&request))));
         self.end(call, result, nothing)
+    }
+
+    async fn verify_set(
+        &self,
+        request: Request<pb::VerifySetRequest>,
+    ) -> Result<Response<pb::VerifySetResponse>, Status> {
+        let id = request.get_ref().set_id.clone();
+        let call = self.begin(&request, pb::AuditVerb::VerifySet, group_of_set(&id), &id);
+        let result = self.verify_set_checked(request).await;
+        self.end(call, result, |r| {
+            let outcome = r
+                .verification
+                .as_ref()
+                .map(|v| {
+                    v.outcome()
+                        .as_str_name()
+                        .trim_start_matches("VERIFY_OUTCOME_")
+                })
+                .unwrap_or("none")
+                .to_ascii_lowercase();
+            (String::new(), format!("drill {outcome}"))
+        })
     }
 
     async fn list_audit(

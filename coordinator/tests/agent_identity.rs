@@ -89,6 +89,12 @@ impl Agent for Stub {
     ) -> Result<Response<DescribeHooksResponse>, Status> {
         Err(Status::unimplemented("stub"))
     }
+    async fn verify_snapshots(
+        &self,
+        _: Request<VerifySnapshotsRequest>,
+    ) -> Result<Response<VerifySnapshotsResponse>, Status> {
+        Err(Status::unimplemented("stub"))
+    }
 }
 
 /// One CA; certificates named `<label>.pem`: the coordinator `central`, the real agent `db9`,

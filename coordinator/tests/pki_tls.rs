@@ -94,6 +94,12 @@ impl Agent for WhoAmI {
     ) -> Result<Response<quiesce_proto::agent::v1::DescribeHooksResponse>, Status> {
         Err(Status::unimplemented("test server"))
     }
+    async fn verify_snapshots(
+        &self,
+        _: Request<VerifySnapshotsRequest>,
+    ) -> Result<Response<VerifySnapshotsResponse>, Status> {
+        Err(Status::unimplemented("test server"))
+    }
 }
 
 /// CA `good` with agent `db1` (the server), coordinator `central` and operator `alice`; CA

@@ -61,6 +61,12 @@ fn every_printed_field_is_documented_and_nothing_else() {
     same("GroupInfo", printed(&pb::GroupInfo::default()));
     same("GroupMember", printed(&pb::GroupMember::default()));
     same("RestoredVolume", printed(&pb::RestoredVolume::default()));
+    same(
+        "VerifySetResponse",
+        printed(&pb::VerifySetResponse::default()),
+    );
+    same("Verification", printed(&pb::Verification::default()));
+    same("VerifyCheck", printed(&pb::VerifyCheck::default()));
 }
 
 #[test]

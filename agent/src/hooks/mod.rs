@@ -223,6 +223,16 @@ impl HookConfig {
                 ));
             }
         };
+        let probe = match self {
+            HookConfig::Postgres(c) => (&c.verify_probe, &c.verify_expect),
+            HookConfig::Sqlite(c) => (&c.verify_probe, &c.verify_expect),
+            _ => (&None, &None),
+        };
+        if probe.0.is_some() != probe.1.is_some() {
+            problems.push(format!(
+                "hook {name}: verify-probe and verify-expect go together (the query and the answer it must give)"
+            ));
+        }
         match self {
             HookConfig::Postgres(c) => {
                 if let Some(p) = &c.password_file {

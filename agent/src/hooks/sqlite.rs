@@ -21,6 +21,13 @@ use super::{DbPath, Hook, HookContext, HookResult, HookSession, HookValues, Time
 pub struct SqliteConfig {
     /// The database file.
     pub path: PathBuf,
+    /// Restore drills (`quiescectl verify`): a query run on the restored copy after the
+    /// engine's own checks, and the answer it must give (first column of the first row, as
+    /// text). Both or neither.
+    #[serde(default)]
+    pub verify_probe: Option<String>,
+    #[serde(default)]
+    pub verify_expect: Option<String>,
     #[serde(default = "super::default_prepare_timeout", with = "humantime_serde")]
     pub prepare_timeout: Duration,
     #[serde(default = "super::default_quiesce_timeout", with = "humantime_serde")]

@@ -120,6 +120,20 @@ enum Command {
         #[arg(long, default_value_t = 100)]
         limit: u32,
     },
+    /// Restore drill: restore a consistent set on one member host into scratch space, start
+    /// the databases its hooks name on the copies, run their checks (recovery, pg_amcheck
+    /// --heapallindexed, PRAGMA integrity_check, the operator's probe), tear everything down
+    /// and record the outcome with the set. Exits 0 only when the drill passed.
+    Verify {
+        set: String,
+        /// The member agent whose snapshots are checked (needed when the set has several).
+        #[arg(long)]
+        host: Option<String>,
+        /// Scratch directory on that host (default: `.quiesce-verify` beside the agent's
+        /// snapshot directory, so the copies are reflink clones). Never a group volume.
+        #[arg(long)]
+        scratch_dir: Option<String>,
+    },
     /// Agents: reachability, volumes and what they hold frozen.
     Agents,
     /// Groups: members, running set, last consistent set.
@@ -417,6 +431,36 @@ async fn run(
                 ExitCode::SUCCESS
             } else {
                 eprintln!("quiescectl: set {} is {}: {}", set.id, set.state, set.error);
+                ExitCode::from(EXIT_FAILED)
+            })
+        }
+        Command::Verify {
+            set,
+            host,
+            scratch_dir,
+        } => {
+            let reply = client
+                .verify_set(pb::VerifySetRequest {
+                    set_id: set.clone(),
+                    host: host.unwrap_or_default(),
+                    scratch_dir: scratch_dir.unwrap_or_default(),
+                })
+                .await?
+                .into_inner();
+            let verification = reply.verification.clone().unwrap_or_default();
+            if json {
+                print_json(&reply);
+            } else {
+                println!("verify set {set} on {}:", verification.agent);
+                print_verification(&verification);
+            }
+            Ok(if verification.outcome() == pb::VerifyOutcome::Passed {
+                ExitCode::SUCCESS
+            } else {
+                eprintln!(
+                    "quiescectl: set {set}: restore drill {}",
+                    outcome_text(verification.outcome())
+                );
                 ExitCode::from(EXIT_FAILED)
             })
         }
@@ -944,6 +988,7 @@ fn print_sets(sets: &[pb::SnapshotSet]) {
                 ago(s.created_at_ms),
                 ms(s.freeze_window_ms),
                 s.volumes.len().to_string(),
+                verified_text(s),
                 dash(&s.error),
             ]
         })
@@ -956,6 +1001,7 @@ fn print_sets(sets: &[pb::SnapshotSet]) {
             "CREATED",
             "FREEZE WINDOW",
             "VOLUMES",
+            "VERIFIED",
             "ERROR",
         ],
         rows,
@@ -1145,6 +1191,20 @@ fn print_set(set: &pb::SnapshotSet) {
         );
         println!();
     }
+    if let Some(last) = set.verifications.last() {
+        println!(
+            "verified       {} ({} drill{}; newest below)",
+            verified_text(set),
+            set.verifications.len(),
+            if set.verifications.len() == 1 {
+                ""
+            } else {
+                "s"
+            }
+        );
+        print_verification(last);
+        println!();
+    }
     let rows = set
         .phases
         .iter()
@@ -1156,6 +1216,80 @@ fn print_set(set: &pb::SnapshotSet) {
         })
         .collect();
     table(&["PHASE", "AT"], rows);
+}
+
+fn outcome_text(outcome: pb::VerifyOutcome) -> &'static str {
+    match outcome {
+        pb::VerifyOutcome::Unspecified => "unknown",
+        pb::VerifyOutcome::Passed => "passed",
+        pb::VerifyOutcome::Failed => "failed",
+        pb::VerifyOutcome::Error => "could not run",
+        pb::VerifyOutcome::Skipped => "skipped",
+        pb::VerifyOutcome::NoBlockDevice => "stopped: no block device here",
+    }
+}
+
+/// The newest drill of a set, short: "passed 5m ago on db1", or "-".
+fn verified_text(set: &pb::SnapshotSet) -> String {
+    match set.verifications.last() {
+        None => "-".into(),
+        Some(v) => format!(
+            "{} {} on {}",
+            outcome_text(v.outcome()),
+            ago(v.verified_at_ms),
+            v.agent
+        ),
+    }
+}
+
+fn print_verification(v: &pb::Verification) {
+    println!(
+        "outcome        {} ({} on {}, took {})",
+        outcome_text(v.outcome()),
+        ago(v.verified_at_ms),
+        v.agent,
+        ms(v.duration_ms)
+    );
+    if !v.error.is_empty() {
+        println!("error          {}", v.error);
+    }
+    let rows = v
+        .checks
+        .iter()
+        .map(|c| {
+            vec![
+                c.name.clone(),
+                dash(&c.kind),
+                outcome_text(c.outcome()).to_owned(),
+                dash(&c.check),
+                ms(c.duration_ms),
+            ]
+        })
+        .collect();
+    table(&["CHECKED", "KIND", "OUTCOME", "CHECKS", "TOOK"], rows);
+    for c in v
+        .checks
+        .iter()
+        .filter(|c| c.outcome() != pb::VerifyOutcome::Passed && !c.output.is_empty())
+    {
+        println!(
+            "--- {} ({}): {}",
+            c.name,
+            c.check,
+            outcome_text(c.outcome())
+        );
+        for line in c
+            .output
+            .lines()
+            .rev()
+            .take(20)
+            .collect::<Vec<_>>()
+            .into_iter()
+            .rev()
+        {
+            println!("  {line}");
+        }
+    }
 }
 
 /// What says a member thawed (`sets show`).

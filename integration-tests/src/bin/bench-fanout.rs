@@ -155,6 +155,12 @@ impl Agent for SimAgent {
     ) -> Result<Response<pb::DescribeHooksResponse>, Status> {
         self.inner.describe_hooks(request).await
     }
+    async fn verify_snapshots(
+        &self,
+        request: Request<pb::VerifySnapshotsRequest>,
+    ) -> Result<Response<pb::VerifySnapshotsResponse>, Status> {
+        self.inner.verify_snapshots(request).await
+    }
     async fn freeze_volumes(
         &self,
         request: Request<pb::FreezeVolumesRequest>,

@@ -255,6 +255,12 @@ impl AgentClient for LocalAgent {
     ) -> Result<pb::DescribeHooksResponse, Status> {
         inner(self.0.describe_hooks(Request::new(req)).await)
     }
+    async fn verify_snapshots(
+        &self,
+        req: pb::VerifySnapshotsRequest,
+    ) -> Result<pb::VerifySnapshotsResponse, Status> {
+        inner(self.0.verify_snapshots(Request::new(req)).await)
+    }
 }
 
 /// Writes a secret file with mode 0600.

@@ -89,6 +89,17 @@ fn ms(value: u64) -> String {
     }
 }
 
+fn drill_outcome(outcome: pb::VerifyOutcome) -> &'static str {
+    match outcome {
+        pb::VerifyOutcome::Unspecified => "unknown",
+        pb::VerifyOutcome::Passed => "passed",
+        pb::VerifyOutcome::Failed => "failed",
+        pb::VerifyOutcome::Error => "could not run",
+        pb::VerifyOutcome::Skipped => "skipped",
+        pb::VerifyOutcome::NoBlockDevice => "stopped: no block device here",
+    }
+}
+
 fn dash(text: &str) -> String {
     if text.is_empty() {
         "-".into()
@@ -739,9 +750,39 @@ pub async fn set(client: &mut Client, token: &str, id: &str) -> Result<String, t
         }
         body.push_str("</tbody></table>");
     }
-    body.push_str(
-        "<h2>Restore drill</h2><p class=\"muted\" id=\"restore-drill\">No restore drill is recorded for this set: the catalog keeps no verify results yet.</p>",
-    );
+    body.push_str("<h2>Restore drill</h2>");
+    match set.verifications.last() {
+        None => body.push_str(
+            "<p class=\"muted\" id=\"restore-drill\">No restore drill is recorded for this set: run <code>quiescectl verify</code> on it.</p>",
+        ),
+        Some(v) => {
+            let _ = write!(
+                body,
+                "<p id=\"restore-drill\">{} on {}, {}, took {}{}</p><table><thead><tr><th>Checked</th><th>Kind</th><th>Outcome</th><th>Checks</th><th>Output</th></tr></thead><tbody>",
+                esc(drill_outcome(v.outcome())),
+                esc(&v.agent),
+                age(v.verified_at_ms),
+                ms(v.duration_ms),
+                if v.error.is_empty() {
+                    String::new()
+                } else {
+                    format!(": {}", esc(&v.error))
+                }
+            );
+            for c in &v.checks {
+                let _ = write!(
+                    body,
+                    "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td><pre>{}</pre></td></tr>",
+                    esc(&c.name),
+                    dash(&c.kind),
+                    esc(drill_outcome(c.outcome())),
+                    dash(&c.check),
+                    esc(&c.output)
+                );
+            }
+            body.push_str("</tbody></table>");
+        }
+    }
     Ok(layout(
         &format!("Set {}", set.id),
         token,
