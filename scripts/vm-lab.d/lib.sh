@@ -274,19 +274,50 @@ lab_main() {
             for t in "$@"; do
                 [[ -f $LAB_D/test-$t ]] || lab_die "no test $t (scripts/vm-lab list)"
             done
-            LAB_TEST=test
+            LAB_TEST="test"
             lab_require
             # One set of packages for every test of this run.
             if [[ -z ${VM_LAB_PACKAGES:-} && $(id -u) == 0 ]]; then
                 export VM_LAB_PACKAGES=$VM_LAB_CACHE/packages
-                [[ -x $LAB_TARGET/debug/quiesce-agent ]] || (cd "$LAB_REPO" && cargo build --locked --bins >&2)
+                [[ -x $LAB_TARGET/debug/quiesce-agent ]] || (cd "$LAB_REPO" && cargo build --workspace --all-targets --locked >&2)
                 log "scripts/package --prebuilt $LAB_TARGET/debug --out $VM_LAB_PACKAGES"
                 "$LAB_REPO/scripts/package" --prebuilt "$LAB_TARGET/debug" --out "$VM_LAB_PACKAGES" >/dev/null ||
                     fail "scripts/package failed"
             fi
-            for t in "$@"; do
-                "$LAB_REPO/scripts/vm-lab" run-one "$t" || rc=1
+            # One accelerator probe for every test of this run.
+            VM_LAB_ACCEL=$(lab_accel "$("$LAB_REPO/scripts/vm-lab" image)") || fail "no image"
+            export VM_LAB_ACCEL
+            # VM_LAB_JOBS lanes run at once (test i in lane i mod N; each test boots its own VMs
+            # in its own network namespace), their lines prefixed with the test's name.
+            local jobs=${VM_LAB_JOBS:-1} lane pids=() results
+            ((jobs >= 1)) || jobs=1
+            results=$(mktemp)
+            for ((lane = 0; lane < jobs; lane++)); do
+                (
+                    i=0
+                    for t in "$@"; do
+                        if ((i % jobs == lane)); then
+                            t0=$(date +%s)
+                            if ((jobs > 1)); then
+                                "$LAB_REPO/scripts/vm-lab" run-one "$t" 2>&1 | sed -u "s/^/[$t] /" >&2
+                                r=${PIPESTATUS[0]}
+                            else
+                                r=0
+                                "$LAB_REPO/scripts/vm-lab" run-one "$t" || r=$?
+                            fi
+                            printf '%6ss  %-12s %s\n' "$(($(date +%s) - t0))" "$t" \
+                                "$([[ $r == 0 ]] && echo passed || echo "FAILED (exit $r)")" >>"$results"
+                        fi
+                        i=$((i + 1))
+                    done
+                ) &
+                pids+=($!)
             done
+            for lane in "${pids[@]}"; do wait "$lane" || rc=1; done
+            echo "---- vm-lab tests ($VM_LAB_ACCEL, $jobs at a time):" >&2
+            cat "$results" >&2
+            grep -q FAILED "$results" && rc=1
+            rm -f "$results"
             return $rc
             ;;
         run-one)
