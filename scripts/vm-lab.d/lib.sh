@@ -168,10 +168,10 @@ lab_boot() {
     for name in "${VMS[@]}"; do vm_start "$name"; done
     for name in "${VMS[@]}"; do
         t=$(now_ms)
-        "$QGA" "$LAB_RUN/$name/qga.sock" ping "${VM_LAB_BOOT_TIMEOUT:-600}" ||
+        "$QGA" "$LAB_RUN/$name/qga.sock" ping "${VM_LAB_BOOT_TIMEOUT:-1200}" ||
             { kill -0 "${VM_PID[$name]}" 2>/dev/null || cat "$LAB_RUN/$name/qemu.log" >&2; fail "$name did not boot"; }
         # multi-user reached (degraded is fine: a masked unit counts as failed for some checks).
-        "$QGA" "$LAB_RUN/$name/qga.sock" exec 300 \
+        "$QGA" "$LAB_RUN/$name/qga.sock" exec 600 \
             'systemctl is-system-running --wait >/dev/null || true; mountpoint -q /lab || mount /lab
              # On a loaded host udev can announce eth0 after lab-net gave up waiting for it.
              udevadm settle -t 120; ip -4 -o addr show dev eth0 | grep -q inet || /usr/local/sbin/lab-net' ||
@@ -185,7 +185,7 @@ lab_boot() {
 on() {
     local err rc=0
     err=$(mktemp)
-    "$QGA" "$LAB_RUN/$1/qga.sock" exec "${3:-180}" "set -e; . /lab/guest.sh; $2" 2>"$err" || rc=$?
+    "$QGA" "$LAB_RUN/$1/qga.sock" exec "${3:-600}" "set -e; . /lab/guest.sh; $2" 2>"$err" || rc=$?
     if ((rc != 0)); then
         echo "---- $1: exit $rc from: $2" >&2
         tail -n 40 "$err" >&2
@@ -196,13 +196,13 @@ on() {
     rm -f "$err"
 }
 # try VM SCRIPT [TIMEOUT]: like on (errexit on), but returns the exit status (stderr on ours).
-try() { "$QGA" "$LAB_RUN/$1/qga.sock" exec "${3:-180}" "set -e; . /lab/guest.sh; $2"; }
+try() { "$QGA" "$LAB_RUN/$1/qga.sock" exec "${3:-600}" "set -e; . /lab/guest.sh; $2"; }
 # put VM FILE MODE [OWNER]: our stdin into FILE in VM.
-put() { "$QGA" "$LAB_RUN/$1/qga.sock" exec 60 "install -D -m $3 ${4:+-o ${4%%:*} -g ${4##*:}} /dev/stdin '$2'" - ||
+put() { "$QGA" "$LAB_RUN/$1/qga.sock" exec 300 "install -D -m $3 ${4:+-o ${4%%:*} -g ${4##*:}} /dev/stdin '$2'" - ||
     fail "cannot write $2 in $1"; }
 # bg VM SCRIPT: starts SCRIPT in VM without waiting; prints the guest pid for bg_wait.
 bg() { "$QGA" "$LAB_RUN/$1/qga.sock" start ". /lab/guest.sh; $2"; }
-bg_wait() { "$QGA" "$LAB_RUN/$1/qga.sock" wait "$2" "${3:-180}"; }
+bg_wait() { "$QGA" "$LAB_RUN/$1/qga.sock" wait "$2" "${3:-600}"; }
 
 # spawn CMD...: runs CMD in the background; join WHAT: waits for every spawned CMD, failing the
 # test (naming WHAT) if one failed.

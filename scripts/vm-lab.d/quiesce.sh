@@ -171,4 +171,4 @@ q_backup() { # a consistent set, its id printed
 # freeze; q_release VM.
 q_hold() { on "$1" 'touch /run/lab-hold'; }
 q_release() { on "$1" 'rm -f /run/lab-hold'; }
-q_wait_frozen() { on "$1" 'wait_for 60 held' 70; }
+q_wait_frozen() { on "$1" 'wait_for 180 held' 200; }
