@@ -220,16 +220,20 @@ share() { cp -a "$@" "$LAB_RUN/share/"; }
 
 # ---------------------------------------------------------------- cleanup ----
 lab_artifacts() {
-    local dest name
+    local dest name fetches=()
     dest=${VM_LAB_ARTIFACTS:-$VM_LAB_CACHE/artifacts}/$LAB_TEST-$(date -u +%Y%m%dT%H%M%SZ)
     mkdir -p "$dest"
     for name in "${VMS[@]}"; do
         [[ -d $LAB_RUN/$name ]] || continue
         cp "$LAB_RUN/$name/console.log" "$dest/$name.console.log" 2>/dev/null
         cp "$LAB_RUN/$name/qemu.log" "$dest/$name.qemu.log" 2>/dev/null
-        "$QGA" "$LAB_RUN/$name/qga.sock" exec 30 'journalctl -b --no-pager -o short-monotonic' \
-            >"$dest/$name.journal.txt" 2>/dev/null
+        # Every VM's journal at once (a loaded host took over 30 s for one under TCG).
+        "$QGA" "$LAB_RUN/$name/qga.sock" exec 120 'journalctl -b --no-pager -o short-monotonic' \
+            >"$dest/$name.journal.txt" 2>/dev/null &
+        fetches+=($!)
     done
+    # Only these (a bare `wait` would wait for the VMs' qemu too).
+    ((${#fetches[@]} == 0)) || wait "${fetches[@]}"
     echo "vm-lab: consoles and journals kept in $dest" >&2
 }
 
