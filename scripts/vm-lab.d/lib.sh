@@ -298,6 +298,8 @@ lab_main() {
             results=$(mktemp)
             for ((lane = 0; lane < jobs; lane++)); do
                 (
+                    # A failing test must not end its lane (errexit) before the summary line.
+                    set +e
                     i=0
                     for t in "$@"; do
                         if ((i % jobs == lane)); then
@@ -306,8 +308,8 @@ lab_main() {
                                 "$LAB_REPO/scripts/vm-lab" run-one "$t" 2>&1 | sed -u "s/^/[$t] /" >&2
                                 r=${PIPESTATUS[0]}
                             else
-                                r=0
-                                "$LAB_REPO/scripts/vm-lab" run-one "$t" || r=$?
+                                "$LAB_REPO/scripts/vm-lab" run-one "$t"
+                                r=$?
                             fi
                             printf '%6ss  %-12s %s\n' "$(($(date +%s) - t0))" "$t" \
                                 "$([[ $r == 0 ]] && echo passed || echo "FAILED (exit $r)")" >>"$results"
