@@ -145,11 +145,13 @@ vm_start() { # NAME
     ip -n "$LAB_NS" tuntap add "tap$n" mode tap
     ip -n "$LAB_NS" link set "tap$n" master br0 up
     accel=$LAB_ACCEL
+    # no_timer_check below: under TCG on a loaded host the kernel's IO-APIC timer check failed
+    # ("IO-APIC + timer doesn't work!") and panicked at boot.
     [[ $accel == tcg ]] && accel=tcg,thread=single
     ip netns exec "$LAB_NS" qemu-system-x86_64 -name "$name" -accel "$accel" -m "$VM_MEM" -smp 1 \
         -nodefaults -display none -no-user-config -no-reboot \
         -kernel "$LAB_IMAGE/vmlinuz" -initrd "$LAB_IMAGE/initrd.img" \
-        -append "$root rw console=ttyS0 net.ifnames=0 panic=-1 systemd.hostname=$name lab.ip=${VM_IP[$name]}/24 systemd.show_status=0" \
+        -append "$root rw console=ttyS0 net.ifnames=0 panic=-1 no_timer_check systemd.hostname=$name lab.ip=${VM_IP[$name]}/24 systemd.show_status=0" \
         "${args[@]}" \
         -netdev "tap,id=n0,ifname=tap$n,script=no,downscript=no" \
         -device "virtio-net-pci,netdev=n0,mac=52:54:00:77:00:1$n" \
@@ -168,8 +170,17 @@ lab_boot() {
     for name in "${VMS[@]}"; do vm_start "$name"; done
     for name in "${VMS[@]}"; do
         t=$(now_ms)
-        "$QGA" "$LAB_RUN/$name/qga.sock" ping "${VM_LAB_BOOT_TIMEOUT:-1200}" ||
-            { kill -0 "${VM_PID[$name]}" 2>/dev/null || cat "$LAB_RUN/$name/qemu.log" >&2; fail "$name did not boot"; }
+        # Pinged in 10 s slices, so a guest that died (a kernel panic: qemu exits) fails at once.
+        local waited=0
+        until "$QGA" "$LAB_RUN/$name/qga.sock" ping 10 2>/dev/null; do
+            if ! kill -0 "${VM_PID[$name]}" 2>/dev/null; then
+                cat "$LAB_RUN/$name/qemu.log" >&2
+                tail -n 15 "$LAB_RUN/$name/console.log" >&2
+                fail "$name: qemu exited while booting (console above)"
+            fi
+            waited=$((waited + 10))
+            ((waited < ${VM_LAB_BOOT_TIMEOUT:-1200})) || fail "$name did not boot within ${VM_LAB_BOOT_TIMEOUT:-1200} s"
+        done
         # multi-user reached (degraded is fine: a masked unit counts as failed for some checks).
         "$QGA" "$LAB_RUN/$name/qga.sock" exec 600 \
             'systemctl is-system-running --wait >/dev/null || true; mountpoint -q /lab || mount /lab
