@@ -37,7 +37,9 @@ pub enum Error {
         path: PathBuf,
         why: String,
     },
-    #[error("{mount} is the root filesystem, which is never frozen")]
+    #[error(
+        "{mount} is the root filesystem, which is never frozen (a freeze of any mount on the superblock of /, such as a btrfs subvolume, a bind mount or a directory of /, freezes / with it): put the data on a filesystem of its own, on its own disk, partition or logical volume, and list that mount"
+    )]
     RootFilesystem { mount: PathBuf },
     #[error(
         "{mount} holds the agent's {what} ({path}); freezing it would hang the agent on its own filesystem"
