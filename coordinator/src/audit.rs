@@ -857,6 +857,44 @@ mod tests {
         assert!(err.contains("no-such-dir/audit.jsonl"), "{err}");
     }
 
+    #[tokio::test]
+    async fn a_catalog_from_before_the_audit_log_migrates_and_its_chain_starts_cleanly() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("catalog.sqlite");
+        {
+            // The schema as the previous release left it: migrations 1–6.
+            let conn = rusqlite::Connection::open(&path).unwrap();
+            for migration in &crate::catalog::MIGRATIONS[..6] {
+                conn.execute_batch(migration).unwrap();
+            }
+            conn.pragma_update(None, "user_version", 6).unwrap();
+            conn.execute(
+                "INSERT INTO sets (id, group_name, provider, state, phase, created_at_ms)
+                 VALUES ('old', 'pg', 'reflink', 'consistent', 'committed', 1)",
+                [],
+            )
+            .unwrap();
+        }
+        let catalog = Arc::new(Catalog::open(&path).unwrap());
+        let old = catalog.get("old").unwrap().unwrap();
+        assert_eq!(old.locked_until_ms, 0, "an old set is not locked");
+        let log = AuditLog::start(catalog, &AuditConfig::default());
+        assert!(log.verify().unwrap().intact, "an empty log is intact");
+        log.record(entry(
+            "operator ada",
+            pb::AuditVerb::GetSet,
+            pb::AuditOutcome::Ok,
+        ));
+        log.flush().await;
+        let records = log.list(0, 0, |_| true).unwrap();
+        assert_eq!(records.len(), 1);
+        assert_eq!(
+            (records[0].seq, records[0].prev_hash.as_str()),
+            (1, GENESIS)
+        );
+        assert!(log.verify().unwrap().intact);
+    }
+
     #[test]
     fn the_json_line_names_verb_and_outcome() {
         let mut record = pb::AuditRecord {

@@ -14,7 +14,7 @@ use quiesce_proto::coordinator::v1::{
 use rusqlite::{Connection, OptionalExtension, params};
 
 /// Schema migrations, applied in order; `PRAGMA user_version` counts how many have run.
-const MIGRATIONS: &[&str] = &[
+pub(crate) const MIGRATIONS: &[&str] = &[
     r#"
 CREATE TABLE sets (
     id                 TEXT PRIMARY KEY,

@@ -57,6 +57,8 @@ pub struct SnapshotCall<'a> {
     /// What is left of the group's freeze budget for this call (host-local providers stop a
     /// clone that would run past it); `None`: only the phase timeout bounds it.
     pub time_left: Option<std::time::Duration>,
+    /// The set's `lock-for` end (ms since the epoch), 0 when not locked (EBS tags it).
+    pub locked_until_ms: u64,
 }
 
 impl SnapshotCall<'_> {

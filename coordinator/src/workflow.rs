@@ -80,6 +80,8 @@ struct Member {
 
 struct Run<'a> {
     set_id: String,
+    /// The set's `lock-for` end, 0 when not locked.
+    locked_until_ms: u64,
     group: &'a GroupConfig,
     provider: Arc<dyn SnapshotProvider>,
     catalog: Arc<Catalog>,
@@ -325,7 +327,16 @@ impl Coordinator {
                 lease_sent: None,
             });
         }
+        // Read before anything is frozen (the EBS provider tags the lock).
+        let locked_until_ms = match self.catalog.get(set_id) {
+            Ok(set) => set.map_or(0, |s| s.locked_until_ms),
+            Err(e) => {
+                warn!(error = %e, "cannot read the set's lock; its snapshots are not tagged with it");
+                0
+            }
+        };
         let mut run = Run {
+            locked_until_ms,
             set_id: set_id.to_owned(),
             group,
             provider: self.provider(group),
@@ -869,6 +880,7 @@ impl Run<'_> {
         }
         let (renewer, grants) = self.spawn_renewer();
         let set_id = self.set_id.clone();
+        let locked_until_ms = self.locked_until_ms;
         let by_budget = left < self.timeout();
         let timeout = self.timeout().min(left);
         let why = if by_budget {
@@ -894,6 +906,7 @@ impl Run<'_> {
                     client: m.client.as_ref(),
                     volumes: &m.planned,
                     time_left: by_budget.then_some(left),
+                    locked_until_ms,
                 };
                 let started = unix_ms();
                 let result = match tokio::time::timeout(timeout, provider.snapshot(&call)).await {

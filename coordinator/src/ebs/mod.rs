@@ -48,6 +48,8 @@ pub mod tags {
     /// The EC2 block device name the volume was attached as (`/dev/sdf`): restore reuses it.
     pub const EC2_DEVICE: &str = "quiesce:ec2-device";
     pub const SOURCE_SNAPSHOT: &str = "quiesce:source-snapshot";
+    /// RFC 3339: the set's `lock-for` end (Quiesce refuses deletes before it; AWS does not).
+    pub const LOCKED_UNTIL: &str = "quiesce:locked-until";
 }
 
 const GIB: u64 = 1 << 30;
@@ -120,6 +122,15 @@ impl EbsProvider {
             (tags::HOST.to_owned(), call.agent.to_owned()),
             ("Name".to_owned(), format!("{} {}", call.set_id, call.agent)),
         ];
+        if call.locked_until_ms > 0 {
+            tags.push((
+                tags::LOCKED_UNTIL.to_owned(),
+                humantime::format_rfc3339_seconds(
+                    std::time::UNIX_EPOCH + std::time::Duration::from_millis(call.locked_until_ms),
+                )
+                .to_string(),
+            ));
+        }
         for (k, v) in &self.config.tags {
             if k == "Name" {
                 tags.retain(|(key, _)| key != "Name");

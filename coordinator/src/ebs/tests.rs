@@ -53,7 +53,11 @@ struct Fixture {
 
 /// Two instances, each with two group volumes and one outside the group.
 fn setup() -> Fixture {
-    let config = Arc::new(Config::parse(CONFIG).unwrap());
+    setup_config(CONFIG)
+}
+
+fn setup_config(text: &str) -> Fixture {
+    let config = Arc::new(Config::parse(text).unwrap());
     assert_eq!(config.problems(true), Vec::<String>::new());
     let ec2 = FakeEc2::new();
     ec2.add_instance(
@@ -118,6 +122,45 @@ fn only_creates_while_frozen(ec2: &FakeEc2) {
             "{op:?} {target} ran while frozen"
         );
     }
+}
+
+#[tokio::test]
+async fn a_locked_groups_snapshots_carry_the_lock_in_a_tag() {
+    let f = setup_config(&CONFIG.replace(
+        "phase-timeout = \"1s\"\n",
+        "phase-timeout = \"1s\"\nlock-for = \"30d\"\n",
+    ));
+    let set = f.coordinator.backup("pg").await.unwrap();
+    assert_eq!(set.state, "consistent", "{}", set.error);
+    assert_eq!(
+        set.locked_until_ms,
+        set.created_at_ms + 30 * 24 * 3600 * 1000
+    );
+    let until = humantime::format_rfc3339_seconds(
+        std::time::UNIX_EPOCH + std::time::Duration::from_millis(set.locked_until_ms),
+    )
+    .to_string();
+    let requests = f.ec2.create_snapshots_requests();
+    assert_eq!(requests.len(), 2);
+    for req in requests {
+        let tag = req.tags.iter().find(|t| t.0 == tags::LOCKED_UNTIL);
+        assert_eq!(
+            tag.map(|t| t.1.as_str()),
+            Some(until.as_str()),
+            "{:?}",
+            req.tags
+        );
+    }
+    let unlocked = setup();
+    unlocked.coordinator.backup("pg").await.unwrap();
+    assert!(
+        unlocked
+            .ec2
+            .create_snapshots_requests()
+            .iter()
+            .all(|r| r.tags.iter().all(|t| t.0 != tags::LOCKED_UNTIL)),
+        "no lock, no tag"
+    );
 }
 
 #[tokio::test]
