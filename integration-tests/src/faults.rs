@@ -181,13 +181,26 @@ impl Rig {
         set
     }
 
-    /// Waits until every member of the set reported its volumes frozen.
+    /// Waits until every member agent of the set holds it frozen, as the agents themselves
+    /// say (`quiescectl agents`: the catalog records nothing while a set is frozen).
     pub fn wait_for_frozen(&self, id: &str, timeout: Duration) {
         let deadline = Instant::now() + timeout;
         loop {
             let set = self.set(id);
             let hosts = set["hosts"].as_array().cloned().unwrap_or_default();
-            if !hosts.is_empty() && hosts.iter().all(|h| h["state"] == "frozen") {
+            let (out, agents) = self.coordinator().ctl().json(&["agents"]);
+            assert!(out.status.success(), "{}", crate::describe(&out));
+            let holds = |agent: &Value| {
+                agents["agents"].as_array().is_some_and(|all| {
+                    all.iter().any(|a| {
+                        a["name"] == *agent
+                            && a["frozen_sets"]
+                                .as_array()
+                                .is_some_and(|f| f.iter().any(|s| s == id))
+                    })
+                })
+            };
+            if !hosts.is_empty() && hosts.iter().all(|h| holds(&h["agent"])) {
                 return;
             }
             assert!(
