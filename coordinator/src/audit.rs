@@ -17,6 +17,7 @@ use std::io::Write as _;
 use std::os::unix::net::UnixDatagram;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc;
 use std::time::Duration;
 
@@ -220,6 +221,22 @@ enum Msg {
 pub struct AuditLog {
     catalog: Arc<Catalog>,
     tx: mpsc::Sender<Msg>,
+    /// Groups frozen now: while any is, the writer keeps its records in memory (no fsync
+    /// while a group is frozen), for at most [`MAX_HOLD`].
+    frozen: Arc<AtomicUsize>,
+}
+
+/// Longest the writer keeps records back for frozen groups (each window is bounded by its
+/// group's freeze budget; back-to-back windows of several groups must not starve the log).
+pub const MAX_HOLD: Duration = Duration::from_secs(30);
+
+/// Held while a group is frozen (see [`AuditLog::hold`]); released on drop, on every path.
+pub struct Hold(Arc<AtomicUsize>);
+
+impl Drop for Hold {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
 }
 
 impl AuditLog {
@@ -239,16 +256,29 @@ impl AuditLog {
             });
         let syslog = config.syslog.then(|| Syslog::new(&config.syslog_socket));
         let (tx, rx) = mpsc::channel();
+        let frozen = Arc::new(AtomicUsize::new(0));
         let writer = Writer {
             catalog: catalog.clone(),
             file,
             syslog,
+            frozen: frozen.clone(),
         };
         std::thread::Builder::new()
             .name("audit".into())
             .spawn(move || writer.run(rx))
             .expect("spawn the audit writer thread");
-        Arc::new(AuditLog { catalog, tx })
+        Arc::new(AuditLog {
+            catalog,
+            tx,
+            frozen,
+        })
+    }
+
+    /// Keeps records off the disk until the returned guard drops: taken by a set from its
+    /// first freeze sent to its last thaw returned.
+    pub fn hold(&self) -> Hold {
+        self.frozen.fetch_add(1, Ordering::SeqCst);
+        Hold(self.frozen.clone())
     }
 
     /// Queues `entry`; never blocks. Fields are capped here.
@@ -512,6 +542,7 @@ struct Writer {
     catalog: Arc<Catalog>,
     file: Option<std::fs::File>,
     syslog: Option<Syslog>,
+    frozen: Arc<AtomicUsize>,
 }
 
 impl Writer {
@@ -530,6 +561,10 @@ impl Writer {
                 }
             }
             if !entries.is_empty() {
+                let held = std::time::Instant::now();
+                while self.frozen.load(Ordering::SeqCst) > 0 && held.elapsed() < MAX_HOLD {
+                    std::thread::sleep(Duration::from_millis(5));
+                }
                 self.append(entries);
             }
             for waiter in waiters {
@@ -893,6 +928,25 @@ mod tests {
             (1, GENESIS)
         );
         assert!(log.verify().unwrap().intact);
+    }
+
+    #[tokio::test]
+    async fn nothing_is_written_while_a_group_is_frozen() {
+        let (_catalog, log) = log();
+        let hold = log.hold();
+        log.record(entry(
+            "operator ada",
+            pb::AuditVerb::GetSet,
+            pb::AuditOutcome::Ok,
+        ));
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert!(
+            log.list(0, 0, |_| true).unwrap().is_empty(),
+            "written while frozen"
+        );
+        drop(hold);
+        log.flush().await;
+        assert_eq!(log.list(0, 0, |_| true).unwrap().len(), 1);
     }
 
     #[test]

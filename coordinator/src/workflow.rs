@@ -100,6 +100,9 @@ struct Run<'a> {
     /// hosts (saved after prepare) and volumes (saved at plan time); recovery thaws every
     /// member and removes everything of the set whatever happened after it.
     window_open: bool,
+    /// Keeps the audit log off the disk while the group is frozen (dropped on every path).
+    audit_hold: Option<crate::audit::Hold>,
+    audit: &'a crate::audit::AuditLog,
     /// Phases entered while the window was open, (phase, at ms), written after the thaw.
     deferred_phases: Vec<(&'static str, u64)>,
     /// Snapshots made, (agent, mount point, snapshot id, size), written after the thaw.
@@ -350,6 +353,8 @@ impl Coordinator {
             phase_started: Instant::now(),
             current_phase: "planning",
             window_open: false,
+            audit_hold: None,
+            audit: &self.audit,
             deferred_phases: Vec::new(),
             made: Vec::new(),
         };
@@ -518,6 +523,7 @@ impl Run<'_> {
             // It is measured here, before the writes held back during it.
             window = self.first_freeze_sent.map(|sent| sent.elapsed());
             self.window_open = false;
+            self.audit_hold = None;
             self.provider.after_thaw(&self.set_id).await;
             self.record_after_thaw().await?;
             thawed
@@ -822,6 +828,7 @@ impl Run<'_> {
         let lease_ms = self.group.lease.as_millis() as u64;
         let sent = Instant::now();
         self.window_open = true;
+        self.audit_hold = Some(self.audit.hold());
         for member in &mut self.members {
             member.freeze_sent = true;
             member.lease_sent = Some(sent);
