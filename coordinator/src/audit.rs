@@ -17,7 +17,6 @@ use std::io::Write as _;
 use std::os::unix::net::UnixDatagram;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc;
 use std::time::Duration;
 
@@ -27,6 +26,7 @@ use serde::Deserialize;
 use tracing::{error, warn};
 
 use crate::catalog::{Catalog, CatalogError};
+use crate::windows::FreezeWindows;
 
 /// `prev_hash` of the first record of a chain.
 pub const GENESIS: &str = "0000000000000000000000000000000000000000000000000000000000000000";
@@ -221,29 +221,20 @@ enum Msg {
 pub struct AuditLog {
     catalog: Arc<Catalog>,
     tx: mpsc::Sender<Msg>,
-    /// Groups frozen now: while any is, the writer keeps its records in memory (no fsync
-    /// while a group is frozen), for at most [`MAX_HOLD`].
-    frozen: Arc<AtomicUsize>,
-}
-
-/// Longest the writer keeps records back for frozen groups (each window is bounded by its
-/// group's freeze budget; back-to-back windows of several groups must not starve the log).
-pub const MAX_HOLD: Duration = Duration::from_secs(30);
-
-/// Held while a group is frozen (see [`AuditLog::hold`]); released on drop, on every path.
-pub struct Hold(Arc<AtomicUsize>);
-
-impl Drop for Hold {
-    fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::SeqCst);
-    }
 }
 
 impl AuditLog {
     /// Starts the writer thread. The JSON-lines file is opened (created 0600) here; the
     /// coordinator checks it can be ([`check_file`]) before it starts, so a file that cannot be
     /// written fails start-up, and one that fails later is logged (the catalog keeps the chain).
-    pub fn start(catalog: Arc<Catalog>, config: &AuditConfig) -> Arc<AuditLog> {
+    ///
+    /// While any of `windows` is open (a group is frozen) the writer keeps its records in
+    /// memory, for at most [`crate::windows::MAX_WAIT`]: no fsync while a group is frozen.
+    pub fn start(
+        catalog: Arc<Catalog>,
+        config: &AuditConfig,
+        windows: Arc<FreezeWindows>,
+    ) -> Arc<AuditLog> {
         let file = config
             .file
             .as_deref()
@@ -256,29 +247,17 @@ impl AuditLog {
             });
         let syslog = config.syslog.then(|| Syslog::new(&config.syslog_socket));
         let (tx, rx) = mpsc::channel();
-        let frozen = Arc::new(AtomicUsize::new(0));
         let writer = Writer {
             catalog: catalog.clone(),
             file,
             syslog,
-            frozen: frozen.clone(),
+            windows,
         };
         std::thread::Builder::new()
             .name("audit".into())
             .spawn(move || writer.run(rx))
             .expect("spawn the audit writer thread");
-        Arc::new(AuditLog {
-            catalog,
-            tx,
-            frozen,
-        })
-    }
-
-    /// Keeps records off the disk until the returned guard drops: taken by a set from its
-    /// first freeze sent to its last thaw returned.
-    pub fn hold(&self) -> Hold {
-        self.frozen.fetch_add(1, Ordering::SeqCst);
-        Hold(self.frozen.clone())
+        Arc::new(AuditLog { catalog, tx })
     }
 
     /// Queues `entry`; never blocks. Fields are capped here.
@@ -542,7 +521,7 @@ struct Writer {
     catalog: Arc<Catalog>,
     file: Option<std::fs::File>,
     syslog: Option<Syslog>,
-    frozen: Arc<AtomicUsize>,
+    windows: Arc<FreezeWindows>,
 }
 
 impl Writer {
@@ -561,9 +540,12 @@ impl Writer {
                 }
             }
             if !entries.is_empty() {
-                let held = std::time::Instant::now();
-                while self.frozen.load(Ordering::SeqCst) > 0 && held.elapsed() < MAX_HOLD {
-                    std::thread::sleep(Duration::from_millis(5));
+                if !self.windows.wait_closed_blocking(crate::windows::MAX_WAIT) {
+                    warn!(
+                        records = entries.len(),
+                        "freeze windows still open after {} s; audit records written anyway",
+                        crate::windows::MAX_WAIT.as_secs()
+                    );
                 }
                 self.append(entries);
             }
@@ -690,7 +672,11 @@ mod tests {
 
     fn log() -> (Arc<Catalog>, Arc<AuditLog>) {
         let catalog = Arc::new(Catalog::in_memory().unwrap());
-        let log = AuditLog::start(catalog.clone(), &AuditConfig::default());
+        let log = AuditLog::start(
+            catalog.clone(),
+            &AuditConfig::default(),
+            FreezeWindows::new(),
+        );
         (catalog, log)
     }
 
@@ -859,7 +845,7 @@ mod tests {
         };
         check_file(&config).unwrap();
         let catalog = Arc::new(Catalog::in_memory().unwrap());
-        let log = AuditLog::start(catalog, &config);
+        let log = AuditLog::start(catalog, &config, FreezeWindows::new());
         log.record(entry(
             "operator ada",
             pb::AuditVerb::DeleteSet,
@@ -913,7 +899,7 @@ mod tests {
         let catalog = Arc::new(Catalog::open(&path).unwrap());
         let old = catalog.get("old").unwrap().unwrap();
         assert_eq!(old.locked_until_ms, 0, "an old set is not locked");
-        let log = AuditLog::start(catalog, &AuditConfig::default());
+        let log = AuditLog::start(catalog, &AuditConfig::default(), FreezeWindows::new());
         assert!(log.verify().unwrap().intact, "an empty log is intact");
         log.record(entry(
             "operator ada",
@@ -932,8 +918,10 @@ mod tests {
 
     #[tokio::test]
     async fn nothing_is_written_while_a_group_is_frozen() {
-        let (_catalog, log) = log();
-        let hold = log.hold();
+        let catalog = Arc::new(Catalog::in_memory().unwrap());
+        let windows = FreezeWindows::new();
+        let log = AuditLog::start(catalog, &AuditConfig::default(), windows.clone());
+        let window = windows.open();
         log.record(entry(
             "operator ada",
             pb::AuditVerb::GetSet,
@@ -944,7 +932,7 @@ mod tests {
             log.list(0, 0, |_| true).unwrap().is_empty(),
             "written while frozen"
         );
-        drop(hold);
+        drop(window);
         log.flush().await;
         assert_eq!(log.list(0, 0, |_| true).unwrap().len(), 1);
     }

@@ -75,6 +75,8 @@ impl Coordinator {
                 return Ok(None);
             }
         };
+        // Read while any group may be frozen; recorded once none is.
+        self.windows().closed("snapshot progress").await;
         let mut errors = Vec::new();
         let mut pending = 0;
         for p in &progress {

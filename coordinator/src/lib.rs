@@ -27,6 +27,7 @@ pub mod server;
 pub mod service;
 pub mod shell;
 pub mod test_hook;
+pub mod windows;
 pub mod workflow;
 
 pub use error::Error;

@@ -80,6 +80,7 @@ impl Coordinator {
         }
         // An attempt the reconciler is making now finishes first; this one follows.
         self.removals_idle(id).await;
+        self.windows().closed("a set's delete").await;
         let now = self.clock().now_ms();
         self.catalog().request_delete(id)?;
         for (agent, ids) in &by_agent {
@@ -313,6 +314,7 @@ impl Coordinator {
                 )
             }
         };
+        self.windows().closed("a restore drill's record").await;
         self.catalog().add_verification(&set.id, &verification)?;
         let result = match verification.outcome() {
             pb::VerifyOutcome::Passed => "ok",

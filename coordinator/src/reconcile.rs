@@ -47,6 +47,8 @@ pub fn backoff(attempts: u32) -> Duration {
 /// `sets delete` all build one.
 pub(crate) struct Attempt<'a> {
     pub catalog: &'a Catalog,
+    /// Its records wait for every freeze window to close (no commit while a group is frozen).
+    pub windows: &'a crate::windows::FreezeWindows,
     pub provider: Option<Arc<dyn SnapshotProvider>>,
     pub client: Option<Arc<dyn AgentClient>>,
     pub now_ms: u64,
@@ -63,6 +65,7 @@ impl Attempt<'_> {
             ..Default::default()
         };
         let outcome = self.call(pending, &mut report).await;
+        self.windows.closed("a leftover removal's record").await;
         match outcome {
             Ok(()) if report.not_removed.is_empty() => {
                 let forgotten = self.catalog.removal_done(set_id, agent)?;
@@ -122,6 +125,7 @@ impl Attempt<'_> {
             };
             match tokio::time::timeout(CALL_TIMEOUT, client.thaw_volumes(req)).await {
                 Ok(Ok(thawed)) => {
+                    self.windows.closed("a late thaw report").await;
                     record_late_thaw(self.catalog, set_id, agent, &thawed)
                         .map_err(|e| format!("{agent}: recording its thaw report: {e}"))?;
                     self.catalog
@@ -226,6 +230,7 @@ impl Coordinator {
     fn attempt_for(&self, set: Option<&SnapshotSet>, agent: &str) -> Attempt<'_> {
         Attempt {
             catalog: self.catalog(),
+            windows: self.windows(),
             provider: set
                 .and_then(|s| self.config().group(&s.group))
                 .map(|g| self.provider(g)),

@@ -140,6 +140,7 @@ impl Coordinator {
         due.sort();
         let mut started = Vec::new();
         for group in due {
+            self.windows().closed("a scheduled set's record").await;
             let now = self.clock().now_ms();
             match self.start_set_with(&group, "schedule") {
                 Ok(id) => {

@@ -157,6 +157,11 @@ impl OperatorService {
         // Authorized first: an operator without a grant learns nothing about other groups.
         self.authorize(&request, pb::Action::Backup, group)?;
         self.coordinator.group(group)?;
+        // Its first record waits while another group is frozen.
+        self.coordinator
+            .windows()
+            .closed("a new set's record")
+            .await;
         let set_id = self.coordinator.start_set(group)?;
         Ok(Response::new(pb::CreateSetResponse { set_id }))
     }
@@ -238,6 +243,7 @@ impl OperatorService {
             .into());
         }
         let window = self.coordinator.group(&set.group)?.approval_window;
+        self.coordinator.windows().closed("a delete approval").await;
         let now = self.coordinator.clock().now_ms();
         let approvals = self
             .coordinator

@@ -32,6 +32,7 @@ use crate::error::{Error, agent_error, status_line};
 use crate::metrics::Metrics;
 use crate::provider::{self, PlannedVolume, Snapshot, SnapshotCall, SnapshotProvider};
 use crate::test_hook::pause_after;
+use crate::windows::{FreezeWindows, Window};
 
 pub struct Coordinator {
     config: Arc<Config>,
@@ -48,6 +49,8 @@ pub struct Coordinator {
     /// (set, agent) removals an attempt is working on (see `reconcile`).
     removals_in_flight: Mutex<HashSet<(String, String)>>,
     audit: Arc<crate::audit::AuditLog>,
+    /// The freeze windows open now: catalog writers wait for them to close.
+    windows: Arc<FreezeWindows>,
     lock_reported: Mutex<HashSet<String>>,
 }
 
@@ -100,9 +103,10 @@ struct Run<'a> {
     /// hosts (saved after prepare) and volumes (saved at plan time); recovery thaws every
     /// member and removes everything of the set whatever happened after it.
     window_open: bool,
-    /// Keeps the audit log off the disk while the group is frozen (dropped on every path).
-    audit_hold: Option<crate::audit::Hold>,
-    audit: &'a crate::audit::AuditLog,
+    /// The group's freeze window, open from the first freeze sent to the last thaw returned
+    /// (dropped on every path): every catalog and audit writer waits for it to close.
+    window: Option<Window>,
+    windows: &'a Arc<FreezeWindows>,
     /// Phases entered while the window was open, (phase, at ms), written after the thaw.
     deferred_phases: Vec<(&'static str, u64)>,
     /// Snapshots made, (agent, mount point, snapshot id, size), written after the thaw.
@@ -130,7 +134,8 @@ impl Coordinator {
             .map(|g| (g.name.clone(), provider::for_group(g)))
             .collect();
         let metrics = Arc::new(Metrics::new(&config));
-        let audit = crate::audit::AuditLog::start(catalog.clone(), &config.audit);
+        let windows = FreezeWindows::new();
+        let audit = crate::audit::AuditLog::start(catalog.clone(), &config.audit, windows.clone());
         let agents: Arc<dyn AgentDirectory> = Arc::new(crate::agent_audit::AuditedAgents::new(
             agents,
             audit.clone(),
@@ -138,6 +143,7 @@ impl Coordinator {
         ));
         Arc::new(Coordinator {
             audit,
+            windows,
             config,
             catalog,
             agents,
@@ -161,6 +167,11 @@ impl Coordinator {
 
     pub fn audit_log(&self) -> Arc<crate::audit::AuditLog> {
         self.audit.clone()
+    }
+
+    /// The freeze windows open now (see [`crate::windows`]).
+    pub fn windows(&self) -> &Arc<FreezeWindows> {
+        &self.windows
     }
 
     /// Locked sets retention already said it keeps (said once per set and process).
@@ -353,8 +364,8 @@ impl Coordinator {
             phase_started: Instant::now(),
             current_phase: "planning",
             window_open: false,
-            audit_hold: None,
-            audit: &self.audit,
+            window: None,
+            windows: &self.windows,
             deferred_phases: Vec::new(),
             made: Vec::new(),
         };
@@ -426,6 +437,10 @@ impl Run<'_> {
         T: Send + 'static,
         F: FnOnce(&Catalog) -> Result<T, crate::catalog::CatalogError> + Send + 'static,
     {
+        if !self.window_open {
+            // Another group's window: no commit while it is frozen (our own window defers).
+            self.windows.closed("a set's catalog write").await;
+        }
         let catalog = self.catalog.clone();
         match tokio::task::spawn_blocking(move || f(&catalog)).await {
             Ok(result) => Ok(result?),
@@ -523,7 +538,7 @@ impl Run<'_> {
             // It is measured here, before the writes held back during it.
             window = self.first_freeze_sent.map(|sent| sent.elapsed());
             self.window_open = false;
-            self.audit_hold = None;
+            self.window = None;
             self.provider.after_thaw(&self.set_id).await;
             self.record_after_thaw().await?;
             thawed
@@ -828,7 +843,7 @@ impl Run<'_> {
         let lease_ms = self.group.lease.as_millis() as u64;
         let sent = Instant::now();
         self.window_open = true;
-        self.audit_hold = Some(self.audit.hold());
+        self.window = Some(self.windows.open());
         for member in &mut self.members {
             member.freeze_sent = true;
             member.lease_sent = Some(sent);
@@ -1147,6 +1162,9 @@ impl Run<'_> {
     /// a thaw never confirmed), then makes one attempt at once on each member that answered
     /// its thaw. Returns the members whose removal is still pending.
     async fn remove_snapshots(&mut self) -> Result<Vec<String>, Error> {
+        if !self.window_open {
+            self.windows.closed("a failed set's removal records").await;
+        }
         let now = self.clock.now_ms();
         let mut now_attempted = Vec::new();
         let mut pending = Vec::new();
@@ -1192,6 +1210,7 @@ impl Run<'_> {
                 .map(|m| m.client.clone());
             let attempt = crate::reconcile::Attempt {
                 catalog: &self.catalog,
+                windows: self.windows,
                 provider: Some(self.provider.clone()),
                 client,
                 now_ms: self.clock.now_ms(),
@@ -1802,6 +1821,49 @@ mounts = ["/data"]
             set.error
         );
         assert!(set.error.contains("connection refused"), "{}", set.error);
+    }
+
+    #[tokio::test]
+    async fn nothing_commits_while_another_group_is_frozen() {
+        let (coordinator, _db1, db2) = setup_with(LEASE_CONFIG, Catalog::in_memory().unwrap());
+        db2.fail(Phase::Thaw, Status::unavailable("connection refused"));
+        let set = coordinator.backup("g").await.unwrap();
+        assert_eq!(set.pending_removals.len(), 1, "{set:?}");
+        let attempts = |c: &Coordinator| {
+            c.catalog().pending_removals(&set.id).unwrap()[0]
+                .status
+                .attempts
+        };
+        let before = attempts(&coordinator);
+        // Another group's set holds its freeze window open.
+        let window = coordinator.windows().open();
+        let reconciling = {
+            let coordinator = coordinator.clone();
+            tokio::spawn(async move {
+                // Past any first backoff, so the removal is due.
+                tokio::time::sleep(Duration::from_secs(2)).await;
+                coordinator.reconcile_due().await
+            })
+        };
+        let deleting = {
+            let coordinator = coordinator.clone();
+            let id = set.id.clone();
+            tokio::spawn(async move { coordinator.delete_set(&id).await })
+        };
+        tokio::time::sleep(Duration::from_millis(2500)).await;
+        assert_eq!(
+            attempts(&coordinator),
+            before,
+            "a removal was recorded while frozen"
+        );
+        assert!(!reconciling.is_finished() && !deleting.is_finished());
+        drop(window);
+        assert_eq!(reconciling.await.unwrap(), 1);
+        deleting.await.unwrap().unwrap();
+        assert!(
+            attempts(&coordinator) > before,
+            "recorded once the window closed"
+        );
     }
 
     #[tokio::test]
