@@ -603,6 +603,8 @@ impl Agent for AgentService {
             frozen_at_ms: report.frozen_at_ms,
             thawed_at_ms: report.thawed_at_ms,
             write_stall_ms: report.write_stall_ms,
+            resume_ms: report.resume_ms,
+            since_thaw_ms: report.since_thaw_ms(),
             hooks: report.hooks.into_iter().map(hook_output).collect(),
         }))
     }
