@@ -100,7 +100,18 @@ struct Round {
     window: f64,
     stall: f64,
     fifreeze: f64,
+    /// Quiesce only, coordinator clock: where the cut window went (see `PARTS`).
+    parts: [f64; 5],
 }
+
+/// The cut window of a Quiesce round in parts, from the set's instants (coordinator clock).
+const PARTS: [&str; 5] = [
+    "freeze calls (first sent → last reply)",
+    "last freeze reply → first snapshot call",
+    "snapshot calls",
+    "last snapshot returned → thaw sent",
+    "thaw sent → last FITHAW returned",
+];
 
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Prepare {
@@ -225,6 +236,7 @@ fn floor_round(volumes: &[Volume], clones: &Path, round: usize, prepare: Prepare
         window: ms(window),
         stall: ms(window),
         fifreeze: ms(frozen_at),
+        parts: [0.0; 5],
     }
 }
 
@@ -254,10 +266,30 @@ fn quiesce_round(endpoint: &str) -> Round {
         .iter()
         .map(|h| n(&h["frozen_at_ms"]) - n(&h["freeze_started_at_ms"]))
         .fold(0.0, f64::max);
+    let max_of = |key: &str| hosts.iter().map(|h| n(&h[key])).fold(0.0, f64::max);
+    let min_of = |key: &str| {
+        hosts
+            .iter()
+            .map(|h| n(&h[key]))
+            .filter(|v| *v > 0.0)
+            .fold(f64::MAX, f64::min)
+    };
+    let (first_snap, last_snap) = (
+        n(&set["first_snapshot_started_at_ms"]),
+        n(&set["last_snapshot_returned_at_ms"]),
+    );
+    let thaw_sent = max_of("thaw_sent_at_ms");
     Round {
         window: n(&set["freeze_window_ms"]),
         stall: n(&set["max_write_stall_ms"]),
         fifreeze,
+        parts: [
+            max_of("freeze_acked_at_ms") - min_of("freeze_sent_at_ms"),
+            first_snap - max_of("freeze_acked_at_ms"),
+            last_snap - first_snap,
+            thaw_sent - last_snap,
+            max_of("thaw_returned_at_ms") - thaw_sent,
+        ],
     }
 }
 
@@ -400,6 +432,21 @@ fn main() {
                 max / med.max(0.001)
             );
         }
+    }
+    println!();
+    println!(
+        "| configuration (Quiesce, medians, ms) | {} |",
+        PARTS.join(" | ")
+    );
+    println!("|---|{}", "---:|".repeat(PARTS.len()));
+    for m in &results {
+        let cells: Vec<String> = (0..PARTS.len())
+            .map(|i| {
+                let v: Vec<f64> = m.quiesce.iter().map(|r| r.parts[i]).collect();
+                format!("{:.0}", stats(&v).0)
+            })
+            .collect();
+        println!("| {} | {} |", m.config, cells.join(" | "));
     }
     println!();
     println!(
