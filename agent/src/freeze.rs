@@ -98,6 +98,24 @@ pub struct ThawReport {
     pub write_stall_ms: u64,
     /// What each hook of the set recorded, in the order they were named.
     pub hooks: Vec<HookOutput>,
+    /// The hooks' resume work after the last FITHAW, all together: in neither the write
+    /// stall nor the coordinator's cut window.
+    pub resume_ms: u64,
+    /// When the last FITHAW returned, on this process's monotonic clock (`None` when this
+    /// process did not see it: an unknown set, or one the guardian thawed).
+    pub thawed_at: Option<Instant>,
+}
+
+impl ThawReport {
+    /// How long ago the last FITHAW returned, for the thaw reply: the coordinator subtracts
+    /// it from the reply's arrival. 0 when unknown.
+    pub fn since_thaw_ms(&self) -> u64 {
+        match self.thawed_at {
+            Some(at) => at.elapsed().as_millis() as u64,
+            None if self.thawed_at_ms > 0 => unix_ms().saturating_sub(self.thawed_at_ms),
+            None => 0,
+        }
+    }
 }
 
 impl ThawReport {
@@ -110,6 +128,8 @@ impl ThawReport {
             thawed_at_ms: 0,
             write_stall_ms: 0,
             hooks: Vec::new(),
+            resume_ms: 0,
+            thawed_at: None,
         }
     }
 }
@@ -768,14 +788,23 @@ impl FreezeManager {
         // The guardian thawed first (this agent hung past max-freeze): its FITHAW ended the
         // stall, not this late look at it.
         let guardian = crate::thaw_marks::take(self.records.dir(), &session.set_id);
+        let mut thawed_at = Some(thawed_at);
         if let Some(at_ms) = guardian {
             thawed_at_ms = at_ms;
+            thawed_at = None;
             write_stall_ms = at_ms.saturating_sub(session.freeze_started_at_ms);
         }
-        // After the last FITHAW: resume every quiesced hook, in reverse order.
+        // After the last FITHAW: resume every quiesced hook, in reverse order. Timed on its
+        // own: the writers are already running again.
+        let resume_started = Instant::now();
         let hooks = match session.hooks.as_mut() {
             Some(hooks) => hooks.resume(true).await,
             None => Vec::new(),
+        };
+        let resume_ms = if hooks.is_empty() {
+            0
+        } else {
+            resume_started.elapsed().as_millis() as u64
         };
         session.hooks = None;
         let end = if guardian.is_some() {
@@ -793,6 +822,8 @@ impl FreezeManager {
             thawed_at_ms,
             write_stall_ms,
             hooks,
+            resume_ms,
+            thawed_at,
         };
         session.phase = Phase::Ended(report.clone());
         crate::metrics::METRICS.freeze_ended(

@@ -157,6 +157,8 @@ pub struct FakeFreezer {
     inner: Arc<Mutex<FakeState>>,
     /// FIFREEZE calls started so far, for [`FakeFreezer::rendezvous`].
     started: Arc<(Mutex<usize>, Condvar)>,
+    /// FITHAW calls started so far, for [`FakeFreezer::thaw_rendezvous`].
+    thaws_started: Arc<(Mutex<usize>, Condvar)>,
 }
 
 #[derive(Debug, Default)]
@@ -166,6 +168,7 @@ struct FakeState {
     fail_freeze: HashMap<PathBuf, i32>,
     freeze_delay: HashMap<PathBuf, Duration>,
     rendezvous: Option<(usize, Duration)>,
+    thaw_rendezvous: Option<(usize, Duration)>,
     /// How long each `syncfs` takes, in turn (then instant).
     sync_delays: Vec<Duration>,
     checkpoint: Option<i32>,
@@ -202,6 +205,13 @@ impl FakeFreezer {
     /// one after another can never meet: this proves they run at once.
     pub fn rendezvous(&self, count: usize, wait: Duration) {
         self.inner.lock().unwrap().rendezvous = Some((count, wait));
+    }
+
+    /// Like [`FakeFreezer::rendezvous`] for FITHAW: every thaw waits until `count` have
+    /// started, for at most `wait`; one that waits in vain fails with ETIMEDOUT and thaws
+    /// nothing. Thaws issued one after another can never meet.
+    pub fn thaw_rendezvous(&self, count: usize, wait: Duration) {
+        self.inner.lock().unwrap().thaw_rendezvous = Some((count, wait));
     }
 
     /// Makes the next `syncfs` calls take these durations in turn (much dirty data, then less).
@@ -286,8 +296,22 @@ impl Freezer for FakeFreezer {
 
     fn thaw(&self, fd: BorrowedFd<'_>) -> io::Result<()> {
         let path = self.path_of(fd);
+        let rendezvous = {
+            let mut state = self.inner.lock().unwrap();
+            state.calls.push(Call::Thaw(path.clone()));
+            state.thaw_rendezvous
+        };
+        if let Some((count, wait)) = rendezvous {
+            let (started, all_in) = &*self.thaws_started;
+            let mut n = started.lock().unwrap();
+            *n += 1;
+            all_in.notify_all();
+            let (n, timeout) = all_in.wait_timeout_while(n, wait, |n| *n < count).unwrap();
+            if timeout.timed_out() && *n < count {
+                return Err(io::Error::from_raw_os_error(libc::ETIMEDOUT));
+            }
+        }
         let mut state = self.inner.lock().unwrap();
-        state.calls.push(Call::Thaw(path.clone()));
         let frozen = state.frozen.entry(path).or_insert(false);
         if !*frozen {
             return Err(io::Error::from_raw_os_error(libc::EINVAL));

@@ -11,8 +11,9 @@
 //! under the timer's lock exactly one of the two — the timer or the caller — thaws each set,
 //! and the caller learns which.
 //!
-//! The timer holds any number of descriptors per set, in freeze order, and thaws them in
-//! reverse; it does not care how they were frozen (one after another, or in parallel).
+//! The timer holds any number of descriptors per set and thaws them all at once, each FITHAW
+//! on a thread of its own (like the explicit thaw, `freeze.rs`): one slow FITHAW does not hold
+//! the others' writers. It does not care how they were frozen.
 
 use std::collections::HashMap;
 use std::os::fd::{AsFd, OwnedFd};
@@ -110,8 +111,7 @@ impl LeaseTimer {
         LeaseTimer { shared }
     }
 
-    /// Hands over a frozen set: `fds` in freeze order, thawed in reverse at
-    /// `min(lease, hard)`. The receiver fires once the timer has thawed it.
+    /// Hands over a frozen set: `fds` are thawed, all at once, at `min(lease, hard)`. The receiver fires once the timer has thawed it.
     pub fn arm(
         &self,
         set_id: &str,
@@ -212,8 +212,8 @@ fn run(shared: &Shared) {
             };
             let late = now.saturating_duration_since(armed.deadline());
             let (mut external, mut failed) = (false, false);
-            for fd in armed.fds.iter().rev() {
-                match shared.freezer.thaw(fd.as_fd()) {
+            for result in thaw_at_once(shared.freezer.as_ref(), &armed.fds) {
+                match result {
                     Ok(()) => {}
                     Err(e) if e.raw_os_error() == Some(libc::EINVAL) => external = true,
                     Err(e) => {
@@ -256,6 +256,35 @@ fn run(shared: &Shared) {
             None => shared.wake.wait(state).unwrap_or_else(|p| p.into_inner()),
         };
     }
+}
+
+/// FITHAW of every descriptor at once, each on a scoped thread of its own; one the system
+/// refuses a thread for is thawed here, after the others were started. The results in the
+/// order given.
+fn thaw_at_once(freezer: &dyn Freezer, fds: &[Arc<OwnedFd>]) -> Vec<std::io::Result<()>> {
+    if let [fd] = fds {
+        return vec![freezer.thaw(fd.as_fd())];
+    }
+    std::thread::scope(|scope| {
+        let started: Vec<_> = fds
+            .iter()
+            .map(|fd| {
+                std::thread::Builder::new()
+                    .name("quiesce-lease-thaw".into())
+                    .spawn_scoped(scope, move || freezer.thaw(fd.as_fd()))
+                    .map_err(|_| fd)
+            })
+            .collect();
+        started
+            .into_iter()
+            .map(|thread| match thread {
+                Ok(handle) => handle
+                    .join()
+                    .unwrap_or_else(|_| Err(std::io::Error::other("FITHAW thread panicked"))),
+                Err(fd) => freezer.thaw(fd.as_fd()),
+            })
+            .collect()
+    })
 }
 
 #[cfg(test)]
@@ -347,6 +376,34 @@ mod tests {
         assert!(rx.await.is_err(), "no expiry once disarmed");
         std::thread::sleep(Duration::from_millis(100));
         assert!(freezer.is_frozen(dir.path()), "the timer never thawed it");
+    }
+
+    #[tokio::test]
+    async fn lease_expiry_thaws_every_volume_at_once_each_on_its_own_thread() {
+        let freezer = FakeFreezer::new();
+        let volumes: Vec<_> = (0..3).map(|_| frozen_dir(&freezer)).collect();
+        // Each FITHAW waits until all three have started: one after another, the first would
+        // wait in vain and fail (and leave its volume frozen).
+        freezer.thaw_rendezvous(3, Duration::from_secs(2));
+        let timer = LeaseTimer::new(Arc::new(freezer.clone()));
+        let start = Instant::now();
+        let rx = timer.arm(
+            "s1",
+            volumes.iter().map(|(_, fd)| fd.clone()).collect(),
+            start + Duration::from_millis(20),
+            start + Duration::from_secs(5),
+        );
+        rx.await.unwrap();
+        for (dir, _) in &volumes {
+            assert!(!freezer.is_frozen(dir.path()), "{}", dir.path().display());
+        }
+        match timer.disarm("s1") {
+            Disarmed::Fired(expiry) => {
+                assert_eq!(expiry.why, Expired::Lease);
+                assert!(!expiry.failed && !expiry.external, "{expiry:?}");
+            }
+            other => panic!("{other:?}"),
+        }
     }
 
     #[test]

@@ -165,7 +165,9 @@ impl AgentService {
         deadline
     }
 
-    async fn snapshot_one(
+    /// Starts the clone of one volume on a blocking thread of its own (the volumes of one
+    /// request are cloned at once, like the floor's parallel FICLONE).
+    fn begin_snapshot(
         &self,
         set_id: &str,
         mount: &std::path::Path,
@@ -173,7 +175,7 @@ impl AgentService {
         backing: Option<PathBuf>,
         frozen: &[crate::mounts::DevId],
         deadline: Option<(std::time::Instant, String)>,
-    ) -> Result<pb::VolumeSnapshot, Status> {
+    ) -> Result<PendingClone, Status> {
         let device = self
             .manager
             .mounts()
@@ -189,7 +191,7 @@ impl AgentService {
         let frozen = frozen.to_vec();
         let target_mount = mount.to_owned();
         let manager = self.manager.clone();
-        let clone = tokio::task::spawn_blocking(move || {
+        Ok(tokio::task::spawn_blocking(move || {
             // Between ranges: stop when the freeze ended (lease, max-freeze, a thaw) or its
             // deadline came, so the thaw never waits behind more than one range.
             let stop = || {
@@ -202,17 +204,28 @@ impl AgentService {
                 }
             };
             reflink.snapshot_until(&set_id, &target_mount, &backing, &frozen, &stop)
-        })
+        }))
+    }
+}
+
+type PendingClone =
+    tokio::task::JoinHandle<Result<crate::reflink::Clone, crate::reflink::ReflinkError>>;
+
+/// The answer of one clone started by `begin_snapshot`.
+async fn finish_snapshot(
+    mount: &std::path::Path,
+    pending: PendingClone,
+) -> Result<pb::VolumeSnapshot, Status> {
+    let clone = pending
         .await
         .map_err(|e| Status::internal(e.to_string()))?
         .map_err(Error::from)?;
-        Ok(pb::VolumeSnapshot {
-            mount_point: mount.display().to_string(),
-            snapshot_id: clone.path.display().to_string(),
-            size_bytes: clone.size_bytes,
-            duration_ms: clone.duration_ms,
-        })
-    }
+    Ok(pb::VolumeSnapshot {
+        mount_point: mount.display().to_string(),
+        snapshot_id: clone.path.display().to_string(),
+        size_bytes: clone.size_bytes,
+        duration_ms: clone.duration_ms,
+    })
 }
 
 fn paths(list: Vec<String>) -> Vec<PathBuf> {
@@ -603,6 +616,8 @@ impl Agent for AgentService {
             frozen_at_ms: report.frozen_at_ms,
             thawed_at_ms: report.thawed_at_ms,
             write_stall_ms: report.write_stall_ms,
+            resume_ms: report.resume_ms,
+            since_thaw_ms: report.since_thaw_ms(),
             hooks: report.hooks.into_iter().map(hook_output).collect(),
         }))
     }
@@ -619,25 +634,39 @@ impl Agent for AgentService {
             .await?;
         let frozen = self.manager.frozen_devs();
         let deadline = self.snapshot_deadline(&req.set_id, req.time_left_ms).await;
-        let mut snapshots = Vec::new();
+        // Every volume's clone at once, each on its own blocking thread; then their answers,
+        // in the order asked.
+        let mut pending = Vec::new();
+        let mut failure = None;
         for (mount, dev, backing) in volumes {
-            match self
-                .snapshot_one(&req.set_id, &mount, dev, backing, &frozen, deadline.clone())
-                .await
+            match self.begin_snapshot(&req.set_id, &mount, dev, backing, &frozen, deadline.clone())
             {
-                Ok(snapshot) => snapshots.push(snapshot),
+                Ok(clone) => pending.push((mount, clone)),
                 Err(status) => {
-                    // All or nothing: remove the clones this request already made.
-                    let ids: Vec<PathBuf> = snapshots
-                        .iter()
-                        .map(|s| s.snapshot_id.clone().into())
-                        .collect();
-                    let _ = self
-                        .reflink
-                        .delete(&req.set_id, &ids, &self.backing_files());
-                    return Err(status);
+                    failure = Some(status);
+                    break;
                 }
             }
+        }
+        let mut snapshots = Vec::new();
+        for (mount, clone) in pending {
+            match finish_snapshot(&mount, clone).await {
+                Ok(snapshot) => snapshots.push(snapshot),
+                Err(status) => {
+                    failure.get_or_insert(status);
+                }
+            }
+        }
+        if let Some(status) = failure {
+            // All or nothing: remove the clones this request made.
+            let ids: Vec<PathBuf> = snapshots
+                .iter()
+                .map(|s| s.snapshot_id.clone().into())
+                .collect();
+            let _ = self
+                .reflink
+                .delete(&req.set_id, &ids, &self.backing_files());
+            return Err(status);
         }
         if !self.manager.is_frozen(&req.set_id).await {
             // The lease ran out while cloning: the clones may hold later writes.

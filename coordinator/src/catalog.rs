@@ -169,6 +169,12 @@ CREATE TABLE set_verifications (
     PRIMARY KEY (set_id, seq)
 );
 "#,
+    // 8: per member, the hooks' resume after its last FITHAW (in neither its write stall nor
+    // the cut window) and when that FITHAW returned on the coordinator's clock.
+    r#"
+ALTER TABLE set_hosts ADD COLUMN resume_ms INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE set_hosts ADD COLUMN thaw_returned_at_ms INTEGER NOT NULL DEFAULT 0;
+"#,
 ];
 
 #[derive(Debug, thiserror::Error)]
@@ -933,7 +939,8 @@ fn write_host(conn: &Connection, id: &str, host: &SetHost) -> Result<(), Catalog
             freeze_end = ?9, write_stall_ms = ?10, freeze_sent_at_ms = ?11,
             freeze_acked_at_ms = ?12, snapshot_started_at_ms = ?13,
             snapshot_returned_at_ms = ?14, thaw_sent_at_ms = ?15, lease_sent_at_ms = ?16,
-            lease_bound_at_ms = ?17, thaw_evidence = ?18
+            lease_bound_at_ms = ?17, thaw_evidence = ?18, resume_ms = ?19,
+            thaw_returned_at_ms = ?20
          WHERE set_id = ?1 AND agent = ?2",
         params![
             id,
@@ -953,7 +960,9 @@ fn write_host(conn: &Connection, id: &str, host: &SetHost) -> Result<(), Catalog
             host.thaw_sent_at_ms as i64,
             host.lease_sent_at_ms as i64,
             host.lease_bound_at_ms as i64,
-            host.thaw_evidence
+            host.thaw_evidence,
+            host.resume_ms as i64,
+            host.thaw_returned_at_ms as i64
         ],
     )?;
     Ok(())
@@ -1020,6 +1029,7 @@ fn set_from_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<SnapshotSet> {
         hook_outputs: Vec::new(),
         pending_removals: Vec::new(),
         verifications: Vec::new(),
+        max_resume_ms: 0,
     })
 }
 
@@ -1028,7 +1038,7 @@ fn load_members(conn: &Connection, mut set: SnapshotSet) -> Result<SnapshotSet, 
         "SELECT agent, state, error, freeze_started_at_ms, frozen_at_ms, thawed_at_ms,
             held_continuously, freeze_end, write_stall_ms, freeze_sent_at_ms, freeze_acked_at_ms,
             snapshot_started_at_ms, snapshot_returned_at_ms, thaw_sent_at_ms, lease_sent_at_ms,
-            lease_bound_at_ms, thaw_evidence
+            lease_bound_at_ms, thaw_evidence, resume_ms, thaw_returned_at_ms
          FROM set_hosts WHERE set_id = ?1 ORDER BY agent",
     )?;
     set.hosts = stmt
@@ -1051,9 +1061,12 @@ fn load_members(conn: &Connection, mut set: SnapshotSet) -> Result<SnapshotSet, 
                 lease_sent_at_ms: row.get::<_, i64>(14)? as u64,
                 lease_bound_at_ms: row.get::<_, i64>(15)? as u64,
                 thaw_evidence: row.get(16)?,
+                resume_ms: row.get::<_, i64>(17)? as u64,
+                thaw_returned_at_ms: row.get::<_, i64>(18)? as u64,
             })
         })?
         .collect::<Result<_, _>>()?;
+    set.max_resume_ms = set.hosts.iter().map(|h| h.resume_ms).max().unwrap_or(0);
     let mut stmt = conn.prepare_cached(
         "SELECT agent, mount_point, device, fs_type, backing_file, snapshot_id, size_bytes,
             ebs_volume_id, instance_id, snapshot_state, snapshot_progress

@@ -28,6 +28,8 @@ struct State {
     delays: HashMap<Phase, Duration>,
     /// The lease "ran out": thaw replies report it.
     lease_expired: bool,
+    /// Hook resume work after the "FITHAW": the thaw reply waits this long and says so.
+    resume: Option<Duration>,
     snapshots: Vec<String>,
     deleted: Vec<String>,
     /// mount → set id holding it frozen (host info reports it).
@@ -100,6 +102,12 @@ impl FakeAgent {
             .iter()
             .map(|(m, v)| (m.to_string(), v.to_string()))
             .collect();
+    }
+
+    /// Makes every thaw answer `resume` after its "FITHAW" (like hooks resuming), reporting
+    /// it as `resume_ms` and `since_thaw_ms`.
+    pub fn slow_resume(&self, resume: Duration) {
+        self.state.lock().unwrap().resume = Some(resume);
     }
 
     pub fn expire_lease(&self) {
@@ -239,38 +247,48 @@ impl AgentClient for FakeAgent {
         req: pb::ThawVolumesRequest,
     ) -> Result<pb::ThawVolumesResponse, Status> {
         self.enter(Phase::Thaw, &req.set_id).await?;
-        let mut state = self.state.lock().unwrap();
-        let was_frozen = state
-            .frozen
-            .insert(req.set_id.clone(), false)
-            .unwrap_or(false);
-        let (held, end) = match (was_frozen, state.lease_expired) {
-            (true, false) => (true, pb::FreezeEnd::Thawed),
-            (true, true) => (false, pb::FreezeEnd::LeaseExpired),
-            (false, _) => (false, pb::FreezeEnd::UnknownSet),
+        let (held, end, hooks, resume) = {
+            let mut state = self.state.lock().unwrap();
+            let was_frozen = state
+                .frozen
+                .insert(req.set_id.clone(), false)
+                .unwrap_or(false);
+            let (held, end) = match (was_frozen, state.lease_expired) {
+                (true, false) => (true, pb::FreezeEnd::Thawed),
+                (true, true) => (false, pb::FreezeEnd::LeaseExpired),
+                (false, _) => (false, pb::FreezeEnd::UnknownSet),
+            };
+            let hooks = state
+                .frozen_hooks
+                .remove(&req.set_id)
+                .unwrap_or_default()
+                .into_iter()
+                .map(|hook| pb::HookOutput {
+                    hook,
+                    kind: "fake".into(),
+                    values: vec![pb::HookValue {
+                        key: "lsn".into(),
+                        value: "0/1".into(),
+                    }],
+                    backup_label: "START WAL LOCATION: 0/1\n".into(),
+                    ..Default::default()
+                })
+                .collect::<Vec<_>>();
+            (held, end, hooks, state.resume)
         };
-        let hooks = state
-            .frozen_hooks
-            .remove(&req.set_id)
-            .unwrap_or_default()
-            .into_iter()
-            .map(|hook| pb::HookOutput {
-                hook,
-                kind: "fake".into(),
-                values: vec![pb::HookValue {
-                    key: "lsn".into(),
-                    value: "0/1".into(),
-                }],
-                backup_label: "START WAL LOCATION: 0/1\n".into(),
-                ..Default::default()
-            })
-            .collect();
+        let thawed_at_ms = crate::workflow::unix_ms();
+        if let Some(resume) = resume {
+            tokio::time::sleep(resume).await;
+        }
+        let resume_ms = resume.map_or(0, |r| r.as_millis() as u64);
         Ok(pb::ThawVolumesResponse {
             held_continuously: held,
             end: end.into(),
             write_stall_ms: 5,
-            thawed_at_ms: crate::workflow::unix_ms(),
+            thawed_at_ms,
             hooks,
+            resume_ms,
+            since_thaw_ms: resume_ms,
             ..Default::default()
         })
     }

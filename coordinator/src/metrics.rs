@@ -166,7 +166,7 @@ impl Metrics {
         );
         registry.register(
             "freeze_window_seconds",
-            "First freeze sent to last thaw returned, per set",
+            "The cut window of each set: first freeze sent to the last member's FITHAW returned (hook resume after it not included)",
             metrics.freeze_window.clone(),
         );
         registry.register(

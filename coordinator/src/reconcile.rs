@@ -199,6 +199,7 @@ fn record_late_thaw(
     host.held_continuously = false;
     host.thawed_at_ms = thawed.thawed_at_ms;
     host.write_stall_ms = crate::workflow::agent_stall_ms(thawed, &host);
+    host.resume_ms = thawed.resume_ms;
     if host.freeze_started_at_ms == 0 {
         host.freeze_started_at_ms = thawed.freeze_started_at_ms;
         host.frozen_at_ms = thawed.frozen_at_ms;

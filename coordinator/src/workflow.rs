@@ -90,6 +90,9 @@ struct Run<'a> {
     catalog: Arc<Catalog>,
     members: Vec<Member>,
     first_freeze_sent: Option<Instant>,
+    /// The last member's FITHAW returned (its thaw reply's arrival less the agent's work after
+    /// that FITHAW, the hooks' resume), or the coordinator gave up on it: the cut window's end.
+    last_thaw_returned: Option<Instant>,
     /// Coordinator clock, ms: first snapshot call sent, last snapshot call returned.
     first_snapshot_started_at_ms: u64,
     last_snapshot_returned_at_ms: u64,
@@ -357,6 +360,7 @@ impl Coordinator {
             catalog: self.catalog.clone(),
             members,
             first_freeze_sent: None,
+            last_thaw_returned: None,
             first_snapshot_started_at_ms: 0,
             last_snapshot_returned_at_ms: 0,
             metrics: &self.metrics,
@@ -535,8 +539,12 @@ impl Run<'_> {
             self.phase("thawing").await?;
             let thawed = self.thaw().await?;
             // Every thaw has returned (or its member is given up on): the window is closed.
-            // It is measured here, before the writes held back during it.
-            window = self.first_freeze_sent.map(|sent| sent.elapsed());
+            // It ends at the last member's FITHAW, not at its hooks' resume after it (that is
+            // `resume_ms`), nor at the writes held back during it.
+            window = self.first_freeze_sent.map(|sent| {
+                self.last_thaw_returned
+                    .map_or_else(|| sent.elapsed(), |end| end.saturating_duration_since(sent))
+            });
             self.window_open = false;
             self.window = None;
             self.provider.after_thaw(&self.set_id).await;
@@ -1064,7 +1072,15 @@ impl Run<'_> {
                         set_id: set_id.clone(),
                     };
                     match tokio::time::timeout_at(deadline, client.thaw_volumes(req)).await {
-                        Ok(Ok(reply)) => return Ok(reply),
+                        Ok(Ok(reply)) => {
+                            // When its last FITHAW returned, on this clock: the agent says how
+                            // long before its reply (its hooks' resume ran in between).
+                            let since = Duration::from_millis(reply.since_thaw_ms);
+                            let arrived = Instant::now();
+                            let returned = arrived.checked_sub(since).unwrap_or(arrived);
+                            let returned_ms = unix_ms().saturating_sub(reply.since_thaw_ms);
+                            return (Ok((reply, returned_ms)), returned);
+                        }
                         Ok(Err(status)) => last = agent_error(&m.agent, &status),
                         Err(_) => break,
                     }
@@ -1078,10 +1094,11 @@ impl Run<'_> {
                 if last.is_empty() {
                     last = format!("{}: no answer", m.agent);
                 }
-                Err(last)
+                (Err(last), Instant::now())
             }
         });
-        let replies = join_all(calls).await;
+        let (replies, returned): (Vec<_>, Vec<_>) = join_all(calls).await.into_iter().unzip();
+        self.last_thaw_returned = returned.into_iter().max();
         let mut problems = Vec::new();
         let indices: Vec<usize> = (0..self.members.len())
             .filter(|i| self.members[*i].freeze_sent)
@@ -1096,9 +1113,11 @@ impl Run<'_> {
                 0
             };
             match reply {
-                Ok(thawed) => {
+                Ok((thawed, returned_ms)) => {
                     let end = thawed.end();
                     member.host.thaw_evidence = ThawEvidence::Answered as i32;
+                    member.host.thaw_returned_at_ms = returned_ms;
+                    member.host.resume_ms = thawed.resume_ms;
                     member.host.thawed_at_ms = thawed.thawed_at_ms;
                     member.host.held_continuously = thawed.held_continuously;
                     member.host.freeze_end = freeze_end_name(end).into();
@@ -1622,6 +1641,38 @@ mounts = ["/data"]
             db2.calls().contains(&Phase::Delete),
             "unsure member asked to clean up"
         );
+    }
+
+    #[tokio::test]
+    async fn hook_resume_after_the_thaw_is_its_own_figure_and_not_in_the_cut_window() {
+        let (coordinator, db1, db2) = setup();
+        db2.slow_resume(Duration::from_millis(800));
+        let set = coordinator.backup("g").await.unwrap();
+        assert_eq!(set.state, "consistent", "{}", set.error);
+        assert!(
+            set.freeze_window_ms > 0 && set.freeze_window_ms < 800,
+            "the cut window holds the resume: {} ms",
+            set.freeze_window_ms
+        );
+        assert_eq!(set.max_resume_ms, 800);
+        let host = |name: &str| set.hosts.iter().find(|h| h.agent == name).unwrap().clone();
+        let (h1, h2) = (host("db1"), host("db2"));
+        assert_eq!((h1.resume_ms, h2.resume_ms), (0, 800));
+        for h in [&h1, &h2] {
+            assert!(
+                h.thaw_returned_at_ms >= h.thaw_sent_at_ms
+                    && h.thaw_returned_at_ms <= set.finished_at_ms,
+                "{h:?}"
+            );
+        }
+        // db2's thaw reply came ≥ 800 ms after its "FITHAW": its thaw returned long before.
+        assert!(
+            h2.thaw_returned_at_ms + 700 <= set.finished_at_ms,
+            "{} vs finished {}",
+            h2.thaw_returned_at_ms,
+            set.finished_at_ms
+        );
+        assert!(!db1.is_frozen() && !db2.is_frozen());
     }
 
     #[tokio::test]

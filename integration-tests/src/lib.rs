@@ -59,6 +59,7 @@ pub mod in_process;
 pub mod loopfs;
 pub mod mounts;
 pub mod multihost;
+pub mod pgshards;
 pub mod pki;
 pub mod probes;
 pub mod process;

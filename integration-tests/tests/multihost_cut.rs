@@ -474,9 +474,34 @@ async fn a_group_backup_under_cross_shard_load_restores_to_a_state_the_bank_pass
             set.verdict
         );
         eprintln!(
-            "{}: freeze window {} ms, longest stall {} ms",
+            "{}: cut window {} ms, longest stall {} ms",
             set.id, set.freeze_window_ms, set.max_write_stall_ms
         );
+        // The figures: every host's write stall (agent clock) lies inside the group's cut
+        // window (coordinator clock), and its thaw returned within the set.
+        assert!(set.freeze_window_ms > 0, "{}: no cut window", set.id);
+        for host in &set.hosts {
+            assert!(
+                host.write_stall_ms > 0 && host.write_stall_ms <= set.freeze_window_ms,
+                "{} {}: stall {} ms, cut window {} ms",
+                set.id,
+                host.agent,
+                host.write_stall_ms,
+                set.freeze_window_ms
+            );
+            assert!(
+                host.thaw_returned_at_ms >= host.freeze_sent_at_ms
+                    && host.thaw_returned_at_ms >= host.thaw_sent_at_ms
+                    && host.thaw_returned_at_ms <= set.finished_at_ms,
+                "{} {}: thaw returned at {} (freeze sent {}, thaw sent {}, finished {})",
+                set.id,
+                host.agent,
+                host.thaw_returned_at_ms,
+                host.freeze_sent_at_ms,
+                host.thaw_sent_at_ms,
+                set.finished_at_ms
+            );
+        }
         sets.push(set);
         tokio::time::sleep(Duration::from_millis(300)).await;
     }

@@ -1017,13 +1017,19 @@ fn print_set(set: &pb::SnapshotSet) {
     }
     println!("created        {}", ago(set.created_at_ms));
     println!(
-        "freeze window  {} (first freeze sent → last thaw returned)",
+        "cut window     {} (first freeze sent → last FITHAW returned, coordinator clock)",
         ms(set.freeze_window_ms)
     );
     println!(
-        "longest stall  {} (writes blocked on one host)",
+        "longest stall  {} (writes blocked on one host: first FIFREEZE → last FITHAW)",
         ms(set.max_write_stall_ms)
     );
+    if set.max_resume_ms > 0 {
+        println!(
+            "hook resume    {} longest, after the thaw (in neither figure above)",
+            ms(set.max_resume_ms)
+        );
+    }
     println!(
         "freeze budget  {}; started by {}",
         ms(set.freeze_budget_ms),
@@ -1076,6 +1082,7 @@ fn print_set(set: &pb::SnapshotSet) {
                 if h.held_continuously { "yes" } else { "no" }.into(),
                 dash(&h.freeze_end),
                 ms(h.write_stall_ms),
+                ms(h.resume_ms),
                 // The set's error names the host and says it already: print it once.
                 if !h.error.is_empty() && set.error.contains(&h.error) {
                     "(error above)".to_string()
@@ -1097,6 +1104,7 @@ fn print_set(set: &pb::SnapshotSet) {
             "HELD",
             "FREEZE END",
             "STALL",
+            "RESUME",
             "ERROR",
         ],
         rows,

@@ -622,8 +622,9 @@ pub async fn set(client: &mut Client, token: &str, id: &str) -> Result<String, t
 <dt>Group</dt><dd><a href=\"/groups/{gp}\">{g}</a> ({provider})</dd>\
 <dt>Started</dt><dd>{when} <span class=\"muted\">{ago}</span> by {trigger}</dd>\
 <dt>Verdict</dt><dd id=\"verdict\">{verdict}</dd>{error}\
-<dt>Freeze window</dt><dd>{fw} <span class=\"muted\">(budget {budget})</span></dd>\
-<dt>Longest write stall</dt><dd>{stall}</dd>\
+<dt>Cut window</dt><dd id=\"cut-window\">{fw} <span class=\"muted\">(first freeze sent → last FITHAW returned; budget {budget})</span></dd>\
+<dt>Longest write stall</dt><dd id=\"longest-stall\">{stall}</dd>\
+<dt>Hook resume</dt><dd id=\"hook-resume\">{resume} <span class=\"muted\">(after the thaw, in neither figure)</span></dd>\
 <dt>Snapshot calls</dt><dd>{calls}</dd>{completion}</dl></section>",
         id = esc(&set.id),
         state_raw = esc(&set.state),
@@ -646,6 +647,7 @@ pub async fn set(client: &mut Client, token: &str, id: &str) -> Result<String, t
         fw = ms(set.freeze_window_ms),
         budget = ms(set.freeze_budget_ms),
         stall = ms(set.max_write_stall_ms),
+        resume = ms(set.max_resume_ms),
         calls = ms(set.snapshot_calls_ms),
         completion = if set.completion.is_empty() {
             String::new()
@@ -679,16 +681,17 @@ pub async fn set(client: &mut Client, token: &str, id: &str) -> Result<String, t
 <span class=\"key thaw\"></span> thaw sent; dashed: first snapshot sent, last returned</p>",
     );
     body.push_str(&timeline(&set));
-    body.push_str("<table class=\"hosts\"><thead><tr><th>Host</th><th>State</th><th>Held continuously</th><th>Freeze end</th><th>Write stall</th><th>Error</th></tr></thead><tbody>");
+    body.push_str("<table class=\"hosts\"><thead><tr><th>Host</th><th>State</th><th>Held continuously</th><th>Freeze end</th><th>Write stall</th><th>Hook resume</th><th>Error</th></tr></thead><tbody>");
     for host in &set.hosts {
         let _ = write!(
             body,
-            "<tr data-host=\"{a}\"><td>{a}</td><td>{s}</td><td>{held}</td><td>{end}</td><td>{stall}</td><td>{err}</td></tr>",
+            "<tr data-host=\"{a}\"><td>{a}</td><td>{s}</td><td>{held}</td><td>{end}</td><td>{stall}</td><td>{resume}</td><td>{err}</td></tr>",
             a = esc(&host.agent),
             s = esc(&host.state),
             held = if host.held_continuously { "yes" } else { "no" },
             end = dash(&host.freeze_end),
             stall = ms(host.write_stall_ms),
+            resume = ms(host.resume_ms),
             err = dash(&host.error)
         );
     }
