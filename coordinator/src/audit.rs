@@ -281,6 +281,11 @@ impl AuditLog {
         Hold(self.frozen.clone())
     }
 
+    /// How many groups are frozen now (holds taken and not dropped).
+    pub fn frozen_groups(&self) -> usize {
+        self.frozen.load(Ordering::SeqCst)
+    }
+
     /// Queues `entry`; never blocks. Fields are capped here.
     pub fn record(&self, mut entry: Entry) {
         entry.args = cap(&entry.args, MAX_FIELD_CHARS);

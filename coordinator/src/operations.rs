@@ -212,12 +212,8 @@ impl Coordinator {
             });
         }
         let group = self.group(&set.group)?;
-        if self.provider(group).as_ebs().is_some() {
-            return Err(Error::InvalidArgument(format!(
-                "set {} is an EBS set: restore drills run on host-local (reflink) sets for now",
-                set.id
-            )));
-        }
+        let provider = self.provider(group);
+        let ebs = provider.as_ebs().is_some();
         let agents: Vec<String> = snapshots_by_agent(&set).into_keys().collect();
         let host = if req.host.is_empty() {
             match agents.as_slice() {
@@ -262,14 +258,37 @@ impl Coordinator {
             })
             .collect();
         let started_at = self.clock().now_ms();
-        let reply = client
-            .verify_snapshots(agent_pb::VerifySnapshotsRequest {
-                set_id: set.id.clone(),
-                snapshots,
-                scratch_dir: req.scratch_dir.clone(),
-                databases,
-            })
-            .await;
+        let reply = if ebs {
+            // The API part of a restore (volumes from the snapshots, in the host's zone), on a
+            // task of its own: its clean-up runs even if this call is dropped.
+            match client.get_host_info().await {
+                Ok(info) => {
+                    let (set, host) = (set.clone(), host.clone());
+                    tokio::spawn(async move {
+                        let ebs = provider.as_ebs().expect("an EBS group's provider");
+                        ebs.drill(
+                            &set,
+                            &host,
+                            &info.instance_id,
+                            crate::ebs::drill::AVAILABLE_WITHIN,
+                        )
+                        .await
+                    })
+                    .await
+                    .map_err(|e| tonic::Status::internal(format!("the drill's task ended: {e}")))
+                }
+                Err(status) => Err(status),
+            }
+        } else {
+            client
+                .verify_snapshots(agent_pb::VerifySnapshotsRequest {
+                    set_id: set.id.clone(),
+                    snapshots,
+                    scratch_dir: req.scratch_dir.clone(),
+                    databases,
+                })
+                .await
+        };
         let finished_at = self.clock().now_ms();
         let (verification, refused) = match reply {
             Ok(reply) => (
@@ -313,16 +332,28 @@ impl Coordinator {
                 )
             }
         };
+        // No catalog commit while any group is frozen (a drill may run meanwhile).
+        self.until_no_group_frozen().await;
         self.catalog().add_verification(&set.id, &verification)?;
         let result = match verification.outcome() {
             pb::VerifyOutcome::Passed => "ok",
             pb::VerifyOutcome::Failed => "failed",
+            pb::VerifyOutcome::NoBlockDevice => "no_block_device",
             _ => "error",
         };
         self.metrics().verified(&set.group, result);
         match refused {
             Some(error) => Err(error),
             None => Ok(verification),
+        }
+    }
+
+    /// Waits until no group is frozen, at most as long as the audit writer holds its records
+    /// back ([`crate::audit::MAX_HOLD`]): catalog commits never wait on a disk while one is.
+    pub async fn until_no_group_frozen(&self) {
+        let started = tokio::time::Instant::now();
+        while self.audit().frozen_groups() > 0 && started.elapsed() < crate::audit::MAX_HOLD {
+            tokio::time::sleep(Duration::from_millis(5)).await;
         }
     }
 
