@@ -450,6 +450,7 @@ async fn a_mariadb_set_under_load_verifies_and_a_corrupted_ibd_page_fails_mariad
          GRANT RELOAD, BINLOG MONITOR ON *.* TO quiesce@localhost;
          CREATE USER app@localhost IDENTIFIED BY 'app-secret';
          CREATE DATABASE bank;
+         USE bank;
          GRANT ALL ON bank.* TO app@localhost;
          CREATE TABLE bank.accounts (id INT PRIMARY KEY, balance BIGINT NOT NULL) ENGINE=InnoDB;
          INSERT INTO bank.accounts SELECT seq, 1000 FROM seq_1_to_100;
