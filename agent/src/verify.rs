@@ -919,6 +919,8 @@ mod mysql {
             .arg(format!("--socket={}", sock.display()))
             .arg(format!("--pid-file={}", run.join("mysqld.pid").display()))
             .arg(format!("--log-error={}", log_path.display()))
+            // InnoDB's temporary files: the drill's /tmp is root's (0755).
+            .arg(format!("--tmpdir={}", run.display()))
             .args([
                 "--skip-networking",
                 "--skip-log-bin",
