@@ -15,7 +15,12 @@
 //!    them is refused, so the drill never starts on live files); crash recovery must finish
 //!    (backup-mode sets too: data and WAL are one atomic cut), then `pg_amcheck
 //!    --heapallindexed` and the operator's probe run. SQLite: `PRAGMA integrity_check` and
-//!    the probe;
+//!    the probe. MariaDB/MySQL: the server is started on the copied datadir as its owner (no
+//!    TCP, its socket in the private `/tmp`, no binary log, no replica threads, no event
+//!    scheduler, no grant checks — only the drill reaches the socket; every InnoDB and Aria
+//!    directory re-pointed at the copies, one on no copied volume refused); InnoDB crash
+//!    recovery must finish, then `mariadb-check --all-databases` (or `mysqlcheck`) and the
+//!    probe run;
 //! 4. stops every process it started (fast shutdown, then the process group is killed),
 //!    unmounts in reverse order, and leaves the namespace; the scratch directory is removed.
 //!
@@ -398,25 +403,23 @@ impl DrillHost for SystemDrillHost {
 // ---------------------------------------------------------------------------------------------
 // The engines
 
-/// PostgreSQL and SQLite as this host runs them.
+/// PostgreSQL, MariaDB/MySQL and SQLite as this host runs them.
 pub struct EngineChecks;
 
 impl DatabaseChecks for EngineChecks {
     fn check(&self, db: &Database, copies: &Mapping, deadline: Instant) -> Check {
         let started = Instant::now();
         let (kind, result) = match &db.config {
-            _ if !db.problem.is_empty() => ("", Err((Outcome::Error, "describe", db.problem.clone()))),
-            None => ("", Err((Outcome::Error, "config", "hook not configured".to_owned()))),
+            _ if !db.problem.is_empty() => {
+                ("", Err((Outcome::Error, "describe", db.problem.clone())))
+            }
+            None => (
+                "",
+                Err((Outcome::Error, "config", "hook not configured".to_owned())),
+            ),
             Some(HookConfig::Postgres(c)) => ("postgres", postgres::check(db, c, copies, deadline)),
             Some(HookConfig::Sqlite(c)) => ("sqlite", sqlite_check(db, c, copies)),
-            Some(HookConfig::Mysql(_)) => (
-                "mysql",
-                Err((
-                    Outcome::Skipped,
-                    "none",
-                    "MariaDB/MySQL drills are not implemented yet: restore the set and run mariadb-check by hand".to_owned(),
-                )),
-            ),
+            Some(HookConfig::Mysql(c)) => ("mysql", mysql::check(db, c, copies, deadline)),
             Some(HookConfig::Exec(_)) => (
                 "exec",
                 Err((
@@ -799,6 +802,291 @@ mod postgres {
                 }
             }
             // Whatever is left of it (backends, a postmaster that did not stop).
+            let _ = nix::sys::signal::killpg(pid, nix::sys::signal::Signal::SIGKILL);
+            let _ = self.child.wait();
+        }
+    }
+
+    impl Drop for Server {
+        fn drop(&mut self) {
+            self.stop();
+        }
+    }
+}
+
+/// MariaDB (or MySQL) on the copy.
+mod mysql {
+    use super::*;
+    use crate::hooks::mysql::MysqlConfig;
+    use std::os::unix::fs::MetadataExt;
+
+    /// The first of `names` found in the usual places (Debian, RPM) or on `PATH`.
+    fn find(names: &[&str]) -> Option<PathBuf> {
+        let dirs = [
+            "/usr/sbin",
+            "/usr/bin",
+            "/usr/libexec",
+            "/usr/local/sbin",
+            "/usr/local/bin",
+        ];
+        names.iter().find_map(|name| {
+            dirs.iter()
+                .map(|d| Path::new(d).join(name))
+                .find(|p| p.exists())
+        })
+    }
+
+    pub fn check(
+        db: &Database,
+        config: &MysqlConfig,
+        copies: &Mapping,
+        deadline: Instant,
+    ) -> EngineResult {
+        let error = |check: &'static str, text: String| (Outcome::Error, check, text);
+        let Some(original) = path_of(db, "datadir") else {
+            return Err(error("locate", "the hook reported no datadir".into()));
+        };
+        let Some(datadir) = copies.map(original) else {
+            return Err(error(
+                "locate",
+                format!(
+                    "datadir {} is on no volume of the set on this host",
+                    original.display()
+                ),
+            ));
+        };
+        // Every InnoDB/Aria directory the server reported, on the copies; one that is on no
+        // copied volume would make the copy's server open the original's files: refused.
+        let mut dirs = Vec::new();
+        for (what, option) in [
+            ("innodb_log_group_home_dir", "innodb-log-group-home-dir"),
+            ("innodb_undo_directory", "innodb-undo-directory"),
+            ("innodb_data_home_dir", "innodb-data-home-dir"),
+            ("aria_log_dir_path", "aria-log-dir-path"),
+        ] {
+            let Some(path) = path_of(db, what) else {
+                continue;
+            };
+            let Some(copy) = copies.map(path) else {
+                return Err(error(
+                    "relink",
+                    format!(
+                        "{what} {} is on no volume of the set on this host: not started, so the drill cannot touch the original",
+                        path.display()
+                    ),
+                ));
+            };
+            dirs.push(format!("--{option}={}", copy.display()));
+        }
+        let meta = std::fs::metadata(&datadir).map_err(|e| {
+            (
+                Outcome::Failed,
+                "crash recovery",
+                format!("the copy has no datadir {}: {e}", original.display()),
+            )
+        })?;
+        let (uid, gid) = (meta.uid(), meta.gid());
+        if uid == 0 {
+            return Err(error(
+                "start",
+                "the copied datadir is owned by root; the drill runs the server as the datadir's owner, never as root".into(),
+            ));
+        }
+        let Some(server_bin) = find(&["mariadbd", "mysqld"]) else {
+            return Err(error("start", "no mariadbd or mysqld on this host".into()));
+        };
+        let Some(check_bin) = find(&["mariadb-check", "mysqlcheck"]) else {
+            return Err(error(
+                "start",
+                "no mariadb-check or mysqlcheck on this host".into(),
+            ));
+        };
+        // Socket, pid file and error log in the drill's private tmpfs.
+        let run = copies.run_dir.join(format!("mysql-{}", db.hook));
+        std::fs::DirBuilder::new()
+            .mode(0o700)
+            .create(&run)
+            .map_err(|e| error("start", format!("cannot make {}: {e}", run.display())))?;
+        std::os::unix::fs::chown(&run, Some(uid), Some(gid))
+            .map_err(|e| error("start", format!("cannot chown {}: {e}", run.display())))?;
+        let sock = run.join("mysqld.sock");
+        let log_path = run.join("error.log");
+        let mut cmd = Command::new(&server_bin);
+        // --no-defaults: nothing of the host's my.cnf (its binlog, replication, ports,
+        // paths) applies to the copy.
+        cmd.arg("--no-defaults")
+            .arg(format!("--datadir={}", datadir.display()))
+            .arg(format!("--socket={}", sock.display()))
+            .arg(format!("--pid-file={}", run.join("mysqld.pid").display()))
+            .arg(format!("--log-error={}", log_path.display()))
+            // InnoDB's temporary files: the drill's /tmp is root's (0755).
+            .arg(format!("--tmpdir={}", run.display()))
+            .args([
+                "--skip-networking",
+                "--skip-log-bin",
+                "--skip-slave-start",
+                "--skip-grant-tables",
+                "--event-scheduler=DISABLED",
+                "--loose-wsrep-on=OFF",
+                "--innodb-buffer-pool-size=64M",
+                "--innodb-flush-log-at-trx-commit=0",
+            ])
+            .args(&dirs);
+        // The copy's redo log as it is (a different size would make the server rebuild it).
+        let log_home = dirs
+            .iter()
+            .find_map(|d| d.strip_prefix("--innodb-log-group-home-dir="))
+            .map(PathBuf::from)
+            .unwrap_or_else(|| datadir.clone());
+        if let Ok(m) = std::fs::metadata(log_home.join("ib_logfile0")) {
+            cmd.arg(format!("--innodb-log-file-size={}", m.len()));
+        }
+        cmd.stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .current_dir(&run)
+            .uid(uid)
+            .gid(gid);
+        as_drill_child(&mut cmd);
+        let child = cmd.spawn().map_err(|e| {
+            error(
+                "start",
+                format!("cannot start {}: {e}", server_bin.display()),
+            )
+        })?;
+        let mut server = Server {
+            child,
+            log: log_path,
+        };
+        let client = |program: &Path| {
+            let mut cmd = Command::new(program);
+            cmd.arg("--no-defaults")
+                .arg(format!("--socket={}", sock.display()))
+                .args(["--user=root", "--connect-timeout=10"])
+                .current_dir(&run)
+                .stdin(Stdio::null())
+                .env_remove("MYSQL_PWD")
+                .env_remove("MYSQL_HOST");
+            cmd
+        };
+        let sql_bin = find(&["mariadb", "mysql"]);
+        let t = Instant::now();
+        // Ready once InnoDB crash recovery finished and the socket answers.
+        loop {
+            if let Ok(Some(status)) = server.child.try_wait() {
+                return Err((
+                    Outcome::Failed,
+                    "crash recovery",
+                    format!("the server exited ({status}):\n{}", tail(&server.log)),
+                ));
+            }
+            if sock.exists()
+                && let Some(sql) = &sql_bin
+            {
+                let mut ping = client(sql);
+                ping.args(["-N", "-B", "-e", "SELECT 1"]);
+                if run_until(&mut ping, deadline).is_ok_and(|(ok, _)| ok) {
+                    break;
+                }
+            }
+            if Instant::now() >= deadline {
+                return Err((
+                    Outcome::Error,
+                    "crash recovery",
+                    format!(
+                        "not ready before the drill's deadline:\n{}",
+                        tail(&server.log)
+                    ),
+                ));
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        let recovered_ms = t.elapsed().as_millis();
+        let mut checks = "crash recovery".to_owned();
+        let mut output = format!("crash recovery finished in {recovered_ms} ms");
+        let name = check_bin
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let check_name: &'static str = if name == "mysqlcheck" {
+            "mysqlcheck"
+        } else {
+            "mariadb-check"
+        };
+        let mut check = client(&check_bin);
+        check.args(["--all-databases", "--check", "--extended"]);
+        let (ok, text) = run_until(&mut check, deadline).map_err(|e| error(check_name, e))?;
+        // Its report: `db.table  OK`, or the table's name followed by `error : …` lines.
+        let bad: Vec<&str> = text
+            .lines()
+            .filter(|l| l.trim_start().to_ascii_lowercase().starts_with("error"))
+            .collect();
+        if !ok || !bad.is_empty() {
+            let mut text = text;
+            if let Ok(Some(status)) = server.child.try_wait() {
+                text.push_str(&format!(
+                    "\nthe server exited ({status}):\n{}",
+                    tail(&server.log)
+                ));
+            }
+            return Err((Outcome::Failed, check_name, text));
+        }
+        let tables = text
+            .lines()
+            .filter(|l| l.trim_end().ends_with(" OK"))
+            .count();
+        checks.push_str(&format!(", {check_name}"));
+        output.push_str(&format!(
+            "\n{check_name} --all-databases --check --extended: {tables} tables OK"
+        ));
+        if let (Some(sql), Some(expect)) = (&config.verify_probe, &config.verify_expect) {
+            let Some(sql_bin) = &sql_bin else {
+                return Err(error(
+                    "probe",
+                    "no mariadb or mysql client on this host".into(),
+                ));
+            };
+            let mut probe = client(sql_bin);
+            probe.args(["-N", "-B", "-e", sql]);
+            let (ok, text) = run_until(&mut probe, deadline).map_err(|e| error("probe", e))?;
+            let answer = text
+                .lines()
+                .next()
+                .and_then(|l| l.split('\t').next())
+                .unwrap_or("")
+                .trim()
+                .to_owned();
+            if !ok || answer != expect.trim() {
+                return Err((
+                    Outcome::Failed,
+                    "probe",
+                    format!("{sql}: answered {:?}, expected {expect:?}", text.trim()),
+                ));
+            }
+            checks.push_str(", probe");
+            output.push_str(&format!("\nprobe: {answer}"));
+        }
+        server.stop();
+        Ok((checks, output))
+    }
+
+    /// The drill's server: a clean shutdown (SIGTERM) on drop, then its process group is
+    /// killed.
+    struct Server {
+        child: Child,
+        log: PathBuf,
+    }
+
+    impl Server {
+        fn stop(&mut self) {
+            let pid = nix::unistd::Pid::from_raw(self.child.id() as i32);
+            if matches!(self.child.try_wait(), Ok(None)) {
+                let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+                let until = Instant::now() + Duration::from_secs(60);
+                while Instant::now() < until && matches!(self.child.try_wait(), Ok(None)) {
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+            }
             let _ = nix::sys::signal::killpg(pid, nix::sys::signal::Signal::SIGKILL);
             let _ = self.child.wait();
         }

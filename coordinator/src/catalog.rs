@@ -917,6 +917,45 @@ impl Catalog {
         })
     }
 
+    /// The newest consistent set of a group that no drill has passed, failed or taken to
+    /// "no block device" (EBS) yet (one that could not run, or skipped everything, is tried
+    /// again).
+    pub fn newest_undrilled(&self, group: &str) -> Result<Option<String>, CatalogError> {
+        self.with(|conn| {
+            Ok(conn
+                .query_row(
+                    "SELECT s.id FROM sets s WHERE s.group_name = ?1 AND s.state = 'consistent'
+                     AND NOT EXISTS (SELECT 1 FROM set_verifications v WHERE v.set_id = s.id
+                                     AND v.outcome IN (?2, ?3, ?4))
+                     ORDER BY s.created_at_ms DESC, s.id DESC LIMIT 1",
+                    params![
+                        group,
+                        VerifyOutcome::Passed as i32,
+                        VerifyOutcome::Failed as i32,
+                        VerifyOutcome::NoBlockDevice as i32
+                    ],
+                    |row| row.get(0),
+                )
+                .optional()?)
+        })
+    }
+
+    /// The newest consistent set of a group (by creation) that a drill passed.
+    pub fn newest_verified_set(&self, group: &str) -> Result<Option<String>, CatalogError> {
+        self.with(|conn| {
+            Ok(conn
+                .query_row(
+                    "SELECT s.id FROM sets s WHERE s.group_name = ?1 AND s.state = 'consistent'
+                     AND EXISTS (SELECT 1 FROM set_verifications v WHERE v.set_id = s.id
+                                 AND v.outcome = ?2)
+                     ORDER BY s.created_at_ms DESC, s.id DESC LIMIT 1",
+                    params![group, VerifyOutcome::Passed as i32],
+                    |row| row.get(0),
+                )
+                .optional()?)
+        })
+    }
+
     /// The newest consistent set of a group: (id, finished at).
     pub fn last_consistent(&self, group: &str) -> Result<Option<(String, u64)>, CatalogError> {
         self.with(|conn| {

@@ -92,6 +92,8 @@ pub struct GroupConfig {
     pub freeze_budget: Duration,
     pub schedule: Option<ScheduleConfig>,
     pub retention: Option<RetentionConfig>,
+    /// `[group.verify]`: restore drills the coordinator runs by itself.
+    pub verify: Option<VerifyScheduleConfig>,
     #[serde(rename = "member")]
     pub members: Vec<MemberConfig>,
     /// Settings of the EBS provider; required when `provider = "ebs"`.
@@ -121,6 +123,19 @@ pub struct ScheduleConfig {
     pub overdue_after: Option<Duration>,
 }
 
+/// `[group.verify]`: at each cron time the coordinator runs a restore drill (as
+/// `quiescectl verify` does) of the group's newest consistent set that has no drill yet.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct VerifyScheduleConfig {
+    /// Five-field cron expression (or `@daily`…), evaluated in UTC, as `[group.schedule]`.
+    pub cron: String,
+    /// The member host the drill runs on; may be left out when the group has one member.
+    pub host: Option<String>,
+    /// Scratch space on that host (default: the agent's, beside the snapshots).
+    pub scratch_dir: Option<String>,
+}
+
 /// `[group.retention]`: which consistent sets to keep. A set is kept if any rule keeps it;
 /// failed sets are removed once older than `max-age` (or the newest 10 failed are kept).
 #[derive(Debug, Clone, Default, Deserialize, PartialEq, Eq)]
@@ -136,6 +151,10 @@ pub struct RetentionConfig {
     pub keep_daily: Option<u32>,
     pub keep_weekly: Option<u32>,
     pub keep_monthly: Option<u32>,
+    /// Keep the newest set whose restore drill passed (`quiescectl verify`, `[group.verify]`),
+    /// whatever the other rules say.
+    #[serde(default)]
+    pub keep_verified: bool,
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
@@ -284,11 +303,14 @@ impl Config {
                     group.name, schedule.cron
                 ));
             }
+            if let Some(verify) = &group.verify {
+                problems.extend(verify_problems(group, verify));
+            }
             if let Some(retention) = &group.retention
                 && retention == &RetentionConfig::default()
             {
                 problems.push(format!(
-                    "group {}: [group.retention] keeps nothing: set keep-last, max-age or keep-hourly/daily/weekly/monthly",
+                    "group {}: [group.retention] keeps nothing: set keep-last, max-age, keep-hourly/daily/weekly/monthly or keep-verified",
                     group.name
                 ));
             }
@@ -374,6 +396,45 @@ impl Config {
         problems.extend(crate::audit::problems(&self.audit));
         problems
     }
+}
+
+/// What is wrong with a group's `[group.verify]`.
+fn verify_problems(group: &GroupConfig, verify: &VerifyScheduleConfig) -> Vec<String> {
+    use quiesce_proto::echo::capped;
+    let mut problems = Vec::new();
+    if let Err(e) = crate::scheduler::parse_cron(&verify.cron) {
+        problems.push(format!(
+            "group {}: verify cron {:?}: {e}",
+            group.name,
+            capped(&verify.cron)
+        ));
+    }
+    let members: Vec<&str> = group.members.iter().map(|m| m.agent.as_str()).collect();
+    match &verify.host {
+        Some(host) if !members.contains(&host.as_str()) => problems.push(format!(
+            "group {}: verify host {:?} is not a member of the group (members: {})",
+            group.name,
+            capped(host),
+            members.join(", ")
+        )),
+        Some(_) => {}
+        None if members.len() > 1 => problems.push(format!(
+            "group {}: [group.verify] needs a host: the group has members {}",
+            group.name,
+            members.join(", ")
+        )),
+        None => {}
+    }
+    if let Some(dir) = &verify.scratch_dir
+        && (!dir.starts_with('/') || dir.len() > 4096)
+    {
+        problems.push(format!(
+            "group {}: verify scratch-dir {:?} must be an absolute directory (at most 4096 bytes)",
+            group.name,
+            capped(dir)
+        ));
+    }
+    problems
 }
 
 /// Group names become part of set ids.
@@ -470,6 +531,48 @@ mounts = ["/mnt/data", "/mnt/wal"]
             problems.contains("[group.retention] keeps nothing"),
             "{problems}"
         );
+    }
+
+    #[test]
+    fn a_verify_schedule_is_checked() {
+        let two = SAMPLE.replace(
+            "mounts = [\"/mnt/data\", \"/mnt/wal\"]\n",
+            "mounts = [\"/mnt/data\", \"/mnt/wal\"]\n[[group.member]]\nagent = \"db2\"\nmounts = [\"/mnt/x\"]\n[[agent]]\nname = \"db2\"\nendpoint = \"https://127.0.0.1:7402\"\n",
+        );
+        // The verify table right after the group's keys, before its members.
+        let with = |verify: &str| {
+            Config::parse(&two.replace(
+                "provider = \"reflink\"\n",
+                &format!("provider = \"reflink\"\n[group.verify]\n{verify}"),
+            ))
+            .unwrap()
+        };
+        let good =
+            with("cron = \"30 3 * * *\"\nhost = \"db2\"\nscratch-dir = \"/var/tmp/drills\"\n");
+        assert_eq!(good.problems(true), Vec::<String>::new());
+        let verify = good.group("pg").unwrap().verify.as_ref().unwrap();
+        assert_eq!(verify.host.as_deref(), Some("db2"));
+        let bad = with("cron = \"61 * * * *\"\nhost = \"db9\"\nscratch-dir = \"rel\"\n")
+            .problems(true)
+            .join("\n");
+        for needle in [
+            "group pg: verify cron \"61 * * * *\"",
+            "group pg: verify host \"db9\" is not a member of the group (members: db1, db2)",
+            "group pg: verify scratch-dir \"rel\" must be an absolute directory",
+        ] {
+            assert!(bad.contains(needle), "missing {needle:?} in:\n{bad}");
+        }
+        let no_host = with("cron = \"@daily\"\n").problems(true).join("\n");
+        assert!(
+            no_host.contains("[group.verify] needs a host: the group has members db1, db2"),
+            "{no_host}"
+        );
+        let unknown = Config::parse(&two.replace(
+            "provider = \"reflink\"\n",
+            "provider = \"reflink\"\n[group.verify]\ncron = \"@daily\"\nschedule = \"x\"\n",
+        ))
+        .unwrap_err();
+        assert!(unknown.to_string().contains("schedule"), "{unknown}");
     }
 
     #[test]

@@ -18,6 +18,7 @@ pub enum Phase {
     Snapshot,
     Thaw,
     Delete,
+    Verify,
 }
 
 #[derive(Debug, Default)]
@@ -41,6 +42,9 @@ struct State {
     /// EBS identity reported in host info: instance id, and volume id per mount.
     instance_id: String,
     ebs_volumes: HashMap<String, String>,
+    /// What a drill finds (default: passed); the set ids drilled.
+    verify_outcome: Option<pb::VerifyOutcome>,
+    verified: Vec<String>,
 }
 
 #[derive(Debug, Clone)]
@@ -108,6 +112,16 @@ impl FakeAgent {
     /// it as `resume_ms` and `since_thaw_ms`.
     pub fn slow_resume(&self, resume: Duration) {
         self.state.lock().unwrap().resume = Some(resume);
+    }
+
+    /// What the next drills find.
+    pub fn verify_outcome(&self, outcome: pb::VerifyOutcome) {
+        self.state.lock().unwrap().verify_outcome = Some(outcome);
+    }
+
+    /// The set ids drilled (`VerifySnapshots`), in order.
+    pub fn verified(&self) -> Vec<String> {
+        self.state.lock().unwrap().verified.clone()
     }
 
     pub fn expire_lease(&self) {
@@ -345,6 +359,33 @@ impl AgentClient for FakeAgent {
         _req: pb::RestoreSnapshotsRequest,
     ) -> Result<pb::RestoreSnapshotsResponse, Status> {
         Err(Status::unimplemented("fake"))
+    }
+
+    async fn verify_snapshots(
+        &self,
+        req: pb::VerifySnapshotsRequest,
+    ) -> Result<pb::VerifySnapshotsResponse, Status> {
+        self.enter(Phase::Verify, &req.set_id).await?;
+        let mut state = self.state.lock().unwrap();
+        state.verified.push(req.set_id.clone());
+        let outcome = state.verify_outcome.unwrap_or(pb::VerifyOutcome::Passed);
+        Ok(pb::VerifySnapshotsResponse {
+            outcome: outcome.into(),
+            checks: req
+                .snapshots
+                .iter()
+                .map(|s| pb::VerifyCheck {
+                    name: s.mount_point.clone(),
+                    kind: "filesystem".into(),
+                    outcome: outcome.into(),
+                    check: "mount read-write (ext4)".into(),
+                    output: String::new(),
+                    duration_ms: 1,
+                })
+                .collect(),
+            duration_ms: 1,
+            teardown: String::new(),
+        })
     }
 
     async fn describe_hooks(

@@ -54,7 +54,7 @@ pub const FINISHED_STATES: [&str; 2] = ["consistent", "failed"];
 
 /// The results of a restore drill (`quiesce_verifications_total{result}`): ok (passed),
 /// failed (a check found the copy broken), error (the drill could not run).
-pub const VERIFY_RESULTS: [&str; 3] = ["ok", "failed", "error"];
+pub const VERIFY_RESULTS: [&str; 4] = ["ok", "failed", "error", "no_block_device"];
 
 /// The phases a set is timed in (`quiesce_phase_duration_seconds{phase}`): each one that ends
 /// when the workflow moves on to the next.

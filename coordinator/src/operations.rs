@@ -213,12 +213,8 @@ impl Coordinator {
             });
         }
         let group = self.group(&set.group)?;
-        if self.provider(group).as_ebs().is_some() {
-            return Err(Error::InvalidArgument(format!(
-                "set {} is an EBS set: restore drills run on host-local (reflink) sets for now",
-                set.id
-            )));
-        }
+        let provider = self.provider(group);
+        let ebs = provider.as_ebs().is_some();
         let agents: Vec<String> = snapshots_by_agent(&set).into_keys().collect();
         let host = if req.host.is_empty() {
             match agents.as_slice() {
@@ -263,14 +259,37 @@ impl Coordinator {
             })
             .collect();
         let started_at = self.clock().now_ms();
-        let reply = client
-            .verify_snapshots(agent_pb::VerifySnapshotsRequest {
-                set_id: set.id.clone(),
-                snapshots,
-                scratch_dir: req.scratch_dir.clone(),
-                databases,
-            })
-            .await;
+        let reply = if ebs {
+            // The API part of a restore (volumes from the snapshots, in the host's zone), on a
+            // task of its own: its clean-up runs even if this call is dropped.
+            match client.get_host_info().await {
+                Ok(info) => {
+                    let (set, host) = (set.clone(), host.clone());
+                    tokio::spawn(async move {
+                        let ebs = provider.as_ebs().expect("an EBS group's provider");
+                        ebs.drill(
+                            &set,
+                            &host,
+                            &info.instance_id,
+                            crate::ebs::drill::AVAILABLE_WITHIN,
+                        )
+                        .await
+                    })
+                    .await
+                    .map_err(|e| tonic::Status::internal(format!("the drill's task ended: {e}")))
+                }
+                Err(status) => Err(status),
+            }
+        } else {
+            client
+                .verify_snapshots(agent_pb::VerifySnapshotsRequest {
+                    set_id: set.id.clone(),
+                    snapshots,
+                    scratch_dir: req.scratch_dir.clone(),
+                    databases,
+                })
+                .await
+        };
         let finished_at = self.clock().now_ms();
         let (verification, refused) = match reply {
             Ok(reply) => (
@@ -319,6 +338,7 @@ impl Coordinator {
         let result = match verification.outcome() {
             pb::VerifyOutcome::Passed => "ok",
             pb::VerifyOutcome::Failed => "failed",
+            pb::VerifyOutcome::NoBlockDevice => "no_block_device",
             _ => "error",
         };
         self.metrics().verified(&set.group, result);

@@ -4,7 +4,8 @@
 //! younger than `max-age`, and grandfather-father-son: the newest set of each of the last
 //! `keep-hourly` hours (likewise days, ISO weeks, months; UTC) that have a set. The newest
 //! consistent set is always kept, so a group whose schedule stopped never loses its last
-//! good copy. Failed sets hold no snapshots once aborted; their catalog entries are kept for
+//! good copy; with `keep-verified`, so is the newest set whose restore drill passed (the last
+//! copy proven to restore). Failed sets hold no snapshots once aborted; their catalog entries are kept for
 //! diagnosis while younger than `max-age` (when set) and among the newest 10.
 
 use std::collections::HashSet;
@@ -21,7 +22,14 @@ type BucketOf = fn(u64) -> i64;
 pub const KEEP_FAILED: usize = 10;
 
 /// Ids of the sets to delete, oldest first. `sets` in any order.
-pub fn expired(sets: &[FinishedSet], policy: &RetentionConfig, now_ms: u64) -> Vec<String> {
+/// `newest_verified`: the group's newest set whose restore drill passed, kept when the policy
+/// says `keep-verified`.
+pub fn expired(
+    sets: &[FinishedSet],
+    policy: &RetentionConfig,
+    now_ms: u64,
+    newest_verified: Option<&str>,
+) -> Vec<String> {
     let mut sorted: Vec<&FinishedSet> = sets.iter().collect();
     sorted.sort_by(|a, b| {
         b.created_at_ms
@@ -37,6 +45,12 @@ pub fn expired(sets: &[FinishedSet], policy: &RetentionConfig, now_ms: u64) -> V
     let mut keep: HashSet<&str> = HashSet::new();
     if let Some(newest) = consistent.first() {
         keep.insert(&newest.id);
+    }
+    if policy.keep_verified
+        && let Some(id) = newest_verified
+        && let Some(set) = consistent.iter().find(|s| s.id == id)
+    {
+        keep.insert(&set.id);
     }
     if let Some(n) = policy.keep_last {
         keep.extend(consistent.iter().take(n as usize).map(|s| s.id.as_str()));
@@ -110,6 +124,9 @@ pub fn describe(policy: Option<&RetentionConfig>) -> String {
             parts.push(format!("{n} {name}"));
         }
     }
+    if policy.keep_verified {
+        parts.push("the newest verified".into());
+    }
     format!("keep {}", parts.join(", "))
 }
 
@@ -163,7 +180,7 @@ mod tests {
             ..Default::default()
         };
         assert_eq!(
-            expired(&sets, &policy, MONDAY + 5 * HOUR),
+            expired(&sets, &policy, MONDAY + 5 * HOUR, None),
             ["h0", "h1", "h2"]
         );
     }
@@ -177,12 +194,12 @@ mod tests {
         };
         // Now = 1 h after h4: h2 (3 h old) and older expire, h3 and h4 are young.
         assert_eq!(
-            expired(&sets, &policy, MONDAY + 5 * HOUR),
+            expired(&sets, &policy, MONDAY + 5 * HOUR, None),
             ["h0", "h1", "h2"]
         );
         // Much later every set is too old, but the newest consistent one stays.
         assert_eq!(
-            expired(&sets, &policy, MONDAY + 100 * DAY),
+            expired(&sets, &policy, MONDAY + 100 * DAY, None),
             ["h0", "h1", "h2", "h3"]
         );
     }
@@ -199,7 +216,7 @@ mod tests {
             keep_weekly: Some(2),
             ..Default::default()
         };
-        let gone: HashSet<String> = expired(&sets, &policy, MONDAY + 21 * DAY)
+        let gone: HashSet<String> = expired(&sets, &policy, MONDAY + 21 * DAY, None)
             .into_iter()
             .collect();
         let kept: Vec<&str> = sets
@@ -225,7 +242,7 @@ mod tests {
             keep_monthly: Some(2),
             ..Default::default()
         };
-        assert_eq!(expired(&sets, &policy, MONDAY), ["sep", "oct-early"]);
+        assert_eq!(expired(&sets, &policy, MONDAY, None), ["sep", "oct-early"]);
     }
 
     #[test]
@@ -238,14 +255,50 @@ mod tests {
             keep_last: Some(5),
             ..Default::default()
         };
-        assert_eq!(expired(&sets, &policy, MONDAY + DAY), ["f00", "f01"]);
+        assert_eq!(expired(&sets, &policy, MONDAY + DAY, None), ["f00", "f01"]);
         let aged = RetentionConfig {
             keep_last: Some(5),
             max_age: Some(Duration::from_secs(3 * 3600)),
             ..Default::default()
         };
-        let gone = expired(&sets, &aged, MONDAY + 13 * HOUR);
+        let gone = expired(&sets, &aged, MONDAY + 13 * HOUR, None);
         assert!(gone.contains(&"f08".to_string()) && !gone.contains(&"f10".to_string()));
         assert!(!gone.contains(&"good".to_string()));
+    }
+
+    #[test]
+    fn keep_verified_keeps_the_newest_set_whose_drill_passed() {
+        let sets = hourly(6);
+        let policy = RetentionConfig {
+            keep_last: Some(2),
+            keep_verified: true,
+            ..Default::default()
+        };
+        // h1 is the newest set a drill passed: it stays with the newest two.
+        assert_eq!(
+            expired(&sets, &policy, MONDAY + 6 * HOUR, Some("h1")),
+            ["h0", "h2", "h3"]
+        );
+        // Without the option, or with no verified set, only the other rules count.
+        let plain = RetentionConfig {
+            keep_verified: false,
+            ..policy.clone()
+        };
+        assert_eq!(
+            expired(&sets, &plain, MONDAY + 6 * HOUR, Some("h1")),
+            ["h0", "h1", "h2", "h3"]
+        );
+        assert_eq!(
+            expired(&sets, &policy, MONDAY + 6 * HOUR, None),
+            ["h0", "h1", "h2", "h3"]
+        );
+        // A verified id that is not a consistent set of the group keeps nothing extra.
+        let mut with_failed = sets.clone();
+        with_failed.push(set("f", MONDAY + 30 * 60_000, false));
+        assert_eq!(
+            expired(&with_failed, &policy, MONDAY + 6 * HOUR, Some("f")),
+            ["h0", "h1", "h2", "h3"]
+        );
+        assert!(describe(Some(&policy)).contains("the newest verified"));
     }
 }

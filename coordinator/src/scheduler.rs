@@ -14,6 +14,13 @@
 //! * **Retention** runs at each tick, before due sets are started, for each group with a `[group.retention]` and no set
 //!   running: expired sets (see `retention`) are deleted through their provider
 //!   (`Coordinator::delete_set`); a deletion that fails is retried at the next tick.
+//! * **Restore drills.** Every group with a `[group.verify]` gets a drill (as `quiescectl
+//!   verify`) of its newest consistent set that no drill has passed or failed yet, at its cron
+//!   times, on the host it names; audited as `verify_set` under the identity `scheduler`,
+//!   recorded with the set and counted like a manual one. At most one drill per group runs: one
+//!   due while the last still runs is skipped. A drill missed while the coordinator was down
+//!   is not caught up (the next cron time runs). Drills work on scratch copies, so they run
+//!   while a set of the group is frozen; their record waits until no group is frozen.
 
 use std::str::FromStr;
 use std::sync::Arc;
@@ -40,6 +47,25 @@ pub struct GroupSchedule {
     /// When the scheduler took the group on.
     pub since_ms: u64,
     pub skipped: u64,
+}
+
+/// The drill schedule of one group (`[group.verify]`).
+#[derive(Debug, Clone)]
+pub struct DrillSchedule {
+    pub cron: Cron,
+    pub next_due_ms: u64,
+    /// A drill of the group runs now.
+    pub running: Arc<std::sync::atomic::AtomicBool>,
+    pub skipped: u64,
+}
+
+/// Marks a group's drill as running until dropped (on every path, a panic too).
+struct DrillRunning(Arc<std::sync::atomic::AtomicBool>);
+
+impl Drop for DrillRunning {
+    fn drop(&mut self) {
+        self.0.store(false, std::sync::atomic::Ordering::SeqCst);
+    }
 }
 
 /// A group's schedule status, as `quiescectl groups` shows it.
@@ -106,7 +132,135 @@ impl Coordinator {
                 },
             );
         }
+        drop(schedules);
+        let mut drills = self.drills.lock().unwrap();
+        drills.clear();
+        for group in &self.config().groups {
+            let Some(verify) = &group.verify else {
+                continue;
+            };
+            match parse_cron(&verify.cron) {
+                Ok(cron) => {
+                    let next_due_ms = next_after(&cron, now).unwrap_or(u64::MAX);
+                    drills.insert(
+                        group.name.clone(),
+                        DrillSchedule {
+                            cron,
+                            next_due_ms,
+                            running: Default::default(),
+                            skipped: 0,
+                        },
+                    );
+                }
+                Err(e) => warn!(group = %group.name, error = %e, "verify schedule ignored"),
+            }
+        }
         Ok(())
+    }
+
+    /// Starts the restore drills that are due, each on a task of its own: (set id, task).
+    pub fn drill_tick(self: &Arc<Self>) -> Vec<(String, tokio::task::JoinHandle<()>)> {
+        use std::sync::atomic::Ordering;
+        let now = self.clock().now_ms();
+        let mut due = Vec::new();
+        {
+            let mut drills = self.drills.lock().unwrap();
+            for (group, drill) in drills.iter_mut() {
+                if drill.next_due_ms > now {
+                    continue;
+                }
+                drill.next_due_ms = next_after(&drill.cron, now).unwrap_or(u64::MAX);
+                if drill.running.load(Ordering::SeqCst) {
+                    drill.skipped += 1;
+                    warn!(%group, "scheduled drill skipped: the group's last drill still runs");
+                    continue;
+                }
+                due.push((group.clone(), drill.running.clone()));
+            }
+        }
+        due.sort_by(|a, b| a.0.cmp(&b.0));
+        let mut started = Vec::new();
+        for (group, running) in due {
+            let Some(verify) = self.group(&group).ok().and_then(|g| g.verify.clone()) else {
+                continue;
+            };
+            let set_id = match self.catalog().newest_undrilled(&group) {
+                Ok(Some(id)) => id,
+                Ok(None) => {
+                    info!(%group, "scheduled drill: no consistent set without a drill");
+                    continue;
+                }
+                Err(e) => {
+                    warn!(%group, error = %e, "scheduled drill: cannot read the catalog");
+                    continue;
+                }
+            };
+            running.store(true, Ordering::SeqCst);
+            let running = DrillRunning(running);
+            let coordinator = self.clone();
+            let id = set_id.clone();
+            let span = info_span!("drill", set_id = %id, %group);
+            let task = tokio::spawn(
+                async move {
+                    let req = pb::VerifySetRequest {
+                        set_id: id.clone(),
+                        host: verify.host.clone().unwrap_or_default(),
+                        scratch_dir: verify.scratch_dir.clone().unwrap_or_default(),
+                    };
+                    let result = coordinator.verify_set(&req).await;
+                    let (outcome, message) = match &result {
+                        Ok(v) if v.outcome() == pb::VerifyOutcome::Passed => {
+                            (pb::AuditOutcome::Ok, "scheduled drill passed".to_owned())
+                        }
+                        Ok(v) => {
+                            let failing: Vec<String> = v
+                                .checks
+                                .iter()
+                                .filter(|c| {
+                                    matches!(
+                                        c.outcome(),
+                                        pb::VerifyOutcome::Failed | pb::VerifyOutcome::Error
+                                    )
+                                })
+                                .map(|c| format!("{}: {}", c.name, c.check))
+                                .collect();
+                            let outcome = v
+                                .outcome()
+                                .as_str_name()
+                                .trim_start_matches("VERIFY_OUTCOME_")
+                                .to_ascii_lowercase();
+                            (
+                                pb::AuditOutcome::Failed,
+                                format!("scheduled drill {outcome}: {}", failing.join("; ")),
+                            )
+                        }
+                        Err(e) => (
+                            pb::AuditOutcome::Failed,
+                            format!(
+                                "scheduled drill could not run: {}",
+                                crate::error::error_chain(e)
+                            ),
+                        ),
+                    };
+                    match &result {
+                        Ok(v) => info!(outcome = ?v.outcome(), "scheduled drill done"),
+                        Err(e) => warn!(error = %e, "scheduled drill could not run"),
+                    }
+                    coordinator.audit().record(Entry::scheduler(
+                        coordinator.clock().now_ms(),
+                        pb::AuditVerb::VerifySet,
+                        &group,
+                        &id,
+                        outcome,
+                        message,
+                    ));
+                    drop(running);
+                }
+                .instrument(span),
+            );
+            started.push((set_id, task));
+        }
+        started
     }
 
     /// One pass: apply retention (while no set of the group runs), then start the sets that
@@ -138,6 +292,8 @@ impl Coordinator {
             }
         }
         due.sort();
+        // Drills run on tasks of their own (they take minutes).
+        drop(self.drill_tick());
         let mut started = Vec::new();
         for group in due {
             self.windows().closed("a scheduled set's record").await;
@@ -203,7 +359,18 @@ impl Coordinator {
                     message,
                 ))
             };
-            for id in retention::expired(&finished, policy, now_ms) {
+            let verified = if policy.keep_verified {
+                match self.catalog().newest_verified_set(&group.name) {
+                    Ok(verified) => verified,
+                    Err(e) => {
+                        warn!(group = %group.name, error = %e, "retention cannot read the catalog");
+                        continue;
+                    }
+                }
+            } else {
+                None
+            };
+            for id in retention::expired(&finished, policy, now_ms, verified.as_deref()) {
                 // A locked set stays, whatever the policy says; said once per set.
                 if let Ok(Some(set)) = self.catalog().get(&id)
                     && let Some(until) = self.locked_until(&set)
@@ -316,6 +483,7 @@ impl Coordinator {
                 .unwrap()
                 .values()
                 .map(|s| s.next_due_ms)
+                .chain(self.drills.lock().unwrap().values().map(|d| d.next_due_ms))
                 .min()
                 .unwrap_or(u64::MAX);
             let wait = Duration::from_millis(next.saturating_sub(now).clamp(50, 10_000));
@@ -560,6 +728,213 @@ mounts = ["/data"]
         assert_eq!(retention[1].0, ids[1]);
         assert_eq!(retention[1].1, pb::AuditOutcome::Ok as i32);
         assert!(coordinator.audit().verify().unwrap().intact);
+    }
+
+    #[tokio::test]
+    async fn scheduled_drills_verify_the_newest_undrilled_set_audited_as_the_scheduler() {
+        let (coordinator, db1, clock) = setup("[group.verify]\ncron = \"30 * * * *\"");
+        coordinator.start_schedules().unwrap();
+        // 10:30 itself is not due (the next cron time after start is 11:30); no set yet.
+        assert!(coordinator.drill_tick().is_empty());
+        clock.set(T1030 + HOUR / 2);
+        let a = tick_and_wait(&coordinator).await;
+        assert_eq!(a.len(), 1);
+        assert!(coordinator.drill_tick().is_empty(), "11:00: no drill due");
+        clock.set(T1030 + HOUR);
+        let drills = coordinator.drill_tick();
+        assert_eq!(
+            drills.iter().map(|d| d.0.clone()).collect::<Vec<_>>(),
+            a,
+            "11:30 drills the new set"
+        );
+        for (_, task) in drills {
+            task.await.unwrap();
+        }
+        assert!(coordinator.drill_tick().is_empty(), "once per cron time");
+        let recorded = coordinator.catalog().get(&a[0]).unwrap().unwrap();
+        assert_eq!(recorded.verifications.len(), 1);
+        assert_eq!(
+            recorded.verifications[0].outcome(),
+            pb::VerifyOutcome::Passed
+        );
+        assert_eq!(recorded.verifications[0].agent, "db1");
+
+        // 12:00 takes set B; its drill at 12:30 fails; a freeze window (a set frozen)
+        // keeps the record off the catalog until the thaw (its freeze window).
+        clock.set(T1030 + 3 * HOUR / 2);
+        let b = tick_and_wait(&coordinator).await;
+        db1.verify_outcome(quiesce_proto::agent::v1::VerifyOutcome::Failed);
+        clock.set(T1030 + 2 * HOUR);
+        let hold = coordinator.windows().open();
+        let drills = coordinator.drill_tick();
+        assert_eq!(drills.len(), 1);
+        assert_eq!(drills[0].0, b[0]);
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert_eq!(db1.verified(), [a[0].clone(), b[0].clone()]);
+        assert!(
+            coordinator
+                .catalog()
+                .get(&b[0])
+                .unwrap()
+                .unwrap()
+                .verifications
+                .is_empty(),
+            "recorded while a group is frozen"
+        );
+        drop(hold);
+        for (_, task) in drills {
+            task.await.unwrap();
+        }
+        let recorded = coordinator.catalog().get(&b[0]).unwrap().unwrap();
+        assert_eq!(
+            recorded.verifications[0].outcome(),
+            pb::VerifyOutcome::Failed
+        );
+        // Every consistent set has a drill that passed or failed: nothing to do at 13:30.
+        clock.set(T1030 + 3 * HOUR);
+        assert!(coordinator.drill_tick().is_empty());
+
+        coordinator.audit().flush().await;
+        let records = coordinator.audit().list(0, 0, |_| true).unwrap();
+        let drills: Vec<(&str, &str, i32, &str)> = records
+            .iter()
+            .filter(|r| r.verb == pb::AuditVerb::VerifySet as i32)
+            .map(|r| {
+                (
+                    r.identity.as_str(),
+                    r.set_id.as_str(),
+                    r.outcome,
+                    r.message.as_str(),
+                )
+            })
+            .collect();
+        assert_eq!(drills.len(), 2, "{drills:?}");
+        assert_eq!(
+            drills[0],
+            (
+                "scheduler",
+                a[0].as_str(),
+                pb::AuditOutcome::Ok as i32,
+                "scheduled drill passed"
+            )
+        );
+        assert_eq!(drills[1].0, "scheduler");
+        assert_eq!(drills[1].2, pb::AuditOutcome::Failed as i32);
+        assert_eq!(
+            drills[1].3, "scheduled drill failed: /data: mount read-write (ext4)",
+            "{drills:?}"
+        );
+        let metrics = coordinator.render_metrics();
+        for line in [
+            "quiesce_verifications_total{group=\"g\",result=\"ok\"} 1",
+            "quiesce_verifications_total{group=\"g\",result=\"failed\"} 1",
+        ] {
+            assert!(metrics.contains(line), "{line} not in\n{metrics}");
+        }
+    }
+
+    #[tokio::test]
+    async fn a_drill_due_while_the_last_still_runs_is_skipped_and_one_that_cannot_run_is_retried() {
+        let (coordinator, db1, clock) = setup("[group.verify]\ncron = \"*/10 * * * *\"");
+        coordinator.start_schedules().unwrap();
+        clock.set(T1030 + HOUR / 2);
+        let a = tick_and_wait(&coordinator).await;
+        db1.delay(Phase::Verify, Duration::from_millis(400));
+        clock.set(T1030 + HOUR / 2 + 10 * 60_000);
+        let first = coordinator.drill_tick();
+        assert_eq!(first.len(), 1);
+        clock.set(T1030 + HOUR / 2 + 20 * 60_000);
+        assert!(coordinator.drill_tick().is_empty(), "skipped: overlap");
+        assert_eq!(coordinator.drills.lock().unwrap()["g"].skipped, 1);
+        for (_, task) in first {
+            task.await.unwrap();
+        }
+        let set = coordinator.catalog().get(&a[0]).unwrap().unwrap();
+        assert_eq!(set.verifications.len(), 1);
+        db1.delay(Phase::Verify, Duration::ZERO);
+        // A second set, whose drill cannot run (the agent is unreachable): recorded as an
+        // error, and the set is drilled again at the next cron time.
+        clock.set(T1030 + 3 * HOUR / 2);
+        let b = tick_and_wait(&coordinator).await;
+        db1.fail(
+            Phase::Verify,
+            tonic::Status::unavailable("connection refused"),
+        );
+        clock.set(T1030 + 3 * HOUR / 2 + 10 * 60_000);
+        for (id, task) in coordinator.drill_tick() {
+            assert_eq!(id, b[0]);
+            task.await.unwrap();
+        }
+        db1.heal(Phase::Verify);
+        clock.set(T1030 + 3 * HOUR / 2 + 20 * 60_000);
+        let again = coordinator.drill_tick();
+        assert_eq!(again.iter().map(|d| d.0.clone()).collect::<Vec<_>>(), b);
+        for (_, task) in again {
+            task.await.unwrap();
+        }
+        let outcomes: Vec<pb::VerifyOutcome> = coordinator
+            .catalog()
+            .get(&b[0])
+            .unwrap()
+            .unwrap()
+            .verifications
+            .iter()
+            .map(|v| v.outcome())
+            .collect();
+        assert_eq!(
+            outcomes,
+            [pb::VerifyOutcome::Error, pb::VerifyOutcome::Passed]
+        );
+        coordinator.audit().flush().await;
+        let records = coordinator.audit().list(0, 0, |_| true).unwrap();
+        assert!(
+            records
+                .iter()
+                .any(|r| r.verb == pb::AuditVerb::VerifySet as i32
+                    && r.identity == "scheduler"
+                    && r.message.starts_with("scheduled drill could not run: ")
+                    && r.message.contains("connection refused")),
+            "{records:#?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn retention_with_keep_verified_keeps_the_newest_set_whose_drill_passed() {
+        let (coordinator, db1, clock) = setup(
+            "[group.retention]\nkeep-last = 1\nkeep-verified = true\n[group.verify]\ncron = \"30 * * * *\"",
+        );
+        coordinator.start_schedules().unwrap();
+        let mut ids = Vec::new();
+        clock.set(T1030 + HOUR / 2);
+        ids.extend(tick_and_wait(&coordinator).await);
+        clock.set(T1030 + HOUR);
+        for (_, task) in coordinator.drill_tick() {
+            task.await.unwrap();
+        }
+        // The next sets' drills fail: the first stays the newest verified.
+        db1.verify_outcome(quiesce_proto::agent::v1::VerifyOutcome::Failed);
+        for hour in 1..4 {
+            clock.set(T1030 + HOUR / 2 + hour * HOUR);
+            ids.extend(tick_and_wait(&coordinator).await);
+            clock.set(T1030 + HOUR + hour * HOUR);
+            for (_, task) in coordinator.drill_tick() {
+                task.await.unwrap();
+            }
+        }
+        assert_eq!(ids.len(), 4);
+        coordinator.apply_retention(clock.now_ms()).await;
+        let left: Vec<String> = coordinator
+            .catalog()
+            .list("g", 0)
+            .unwrap()
+            .into_iter()
+            .map(|s| s.id)
+            .collect();
+        assert_eq!(
+            left,
+            [ids[3].clone(), ids[0].clone()],
+            "newest and verified"
+        );
     }
 
     #[tokio::test]

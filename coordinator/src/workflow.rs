@@ -44,6 +44,8 @@ pub struct Coordinator {
     /// verdict's instants are always read from the system clock.
     clock: Arc<dyn Clock>,
     pub(crate) schedules: Mutex<HashMap<String, crate::scheduler::GroupSchedule>>,
+    /// `[group.verify]` schedules, per group.
+    pub(crate) drills: Mutex<HashMap<String, crate::scheduler::DrillSchedule>>,
     /// Per group; built from the config, replaceable in tests.
     providers: Mutex<HashMap<String, Arc<dyn SnapshotProvider>>>,
     /// (set, agent) removals an attempt is working on (see `reconcile`).
@@ -155,6 +157,7 @@ impl Coordinator {
             metrics,
             clock,
             schedules: Mutex::new(HashMap::new()),
+            drills: Mutex::new(HashMap::new()),
             removals_in_flight: Mutex::new(HashSet::new()),
             lock_reported: Mutex::new(HashSet::new()),
         })

@@ -1,7 +1,8 @@
 //! The EBS provider against moto_server (a real EC2 API emulator on 127.0.0.1): two instances,
 //! each with two group volumes and one outside the group; agents (in-process fakes) report the
 //! volume and instance ids statically. A backup makes exactly the group's snapshots with every
-//! tag, restore makes tagged volumes, delete removes the snapshots.
+//! tag, restore makes tagged volumes, a restore drill makes volumes from one host's snapshots
+//! and deletes them (outcome "no block device here"), delete removes the snapshots.
 //!
 //! moto ignores `ExcludeDataVolumeIds` (it captures the outside volume too), so what the
 //! provider *sends* is checked with the fake in `coordinator/src/ebs/tests.rs`; here the
@@ -330,6 +331,56 @@ async fn ebs_sets_against_moto_capture_only_the_group_tagged_then_restore_and_de
             .collect();
         assert_eq!(attached_to, [(target.as_str(), r.device.as_str())]);
     }
+
+    // A restore drill on db1: one volume per snapshot of db1 in its zone, waited for until
+    // available, then the typed "no block device here" stop; every drill volume deleted.
+    let drill = coordinator
+        .verify_set(&pb::VerifySetRequest {
+            set_id: set.id.clone(),
+            host: "db1".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(
+        drill.outcome(),
+        pb::VerifyOutcome::NoBlockDevice,
+        "{drill:#?}"
+    );
+    assert!(drill.error.is_empty(), "{}", drill.error);
+    assert_eq!(drill.checks.len(), 2, "{drill:#?}");
+    let mut drill_volumes = Vec::new();
+    for check in &drill.checks {
+        assert_eq!(check.outcome(), pb::VerifyOutcome::NoBlockDevice);
+        assert!(
+            check.output.contains("in us-east-1a: available"),
+            "{check:#?}"
+        );
+        let volume_id = check.output.split_whitespace().next().unwrap().to_owned();
+        assert!(volume_id.starts_with("vol-"), "{check:#?}");
+        drill_volumes.push(volume_id);
+    }
+    let left = ec2
+        .describe_volumes()
+        .filters(
+            Filter::builder()
+                .name(format!("tag:{}", tags::DRILL))
+                .values(&set.id)
+                .build(),
+        )
+        .send()
+        .await
+        .unwrap();
+    assert!(left.volumes().is_empty(), "drill volumes left: {left:?}");
+    for volume_id in &drill_volumes {
+        let gone = ec2.describe_volumes().volume_ids(volume_id).send().await;
+        assert!(
+            gone.is_err() || gone.as_ref().unwrap().volumes().is_empty(),
+            "{volume_id} still exists: {gone:?}"
+        );
+    }
+    let recorded = coordinator.catalog().get(&set.id).unwrap().unwrap();
+    assert_eq!(recorded.verifications, vec![drill]);
 
     // Delete.
     let deleted = coordinator.delete_set(&set.id).await.unwrap();

@@ -1,8 +1,8 @@
-//! Restore drills (`verify`): a set restores into scratch space on its agent's host, the
+//! Restore drills (`verify`): a set (PostgreSQL, MariaDB, SQLite) restores into scratch space on its agent's host, the
 //! databases its hooks name start on the copies (in a private mount namespace) and pass their
 //! engine's checks; a copy corrupted after the snapshot fails, naming the check; the originals
 //! are never touched, and nothing is left mounted, running or on disk after any drill.
-//! Root, loop devices, PostgreSQL 15; the agent and coordinator in process (real freezer,
+//! Root, loop devices, PostgreSQL 15, MariaDB; the agent and coordinator in process (real freezer,
 //! hooks, reflink provider, workflow and catalog).
 
 mod hooks_support;
@@ -14,6 +14,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
+use hooks_support::mariadb::Server;
 use hooks_support::*;
 use quiesce_proto::coordinator::v1 as pb;
 use tokio_postgres::NoTls;
@@ -89,7 +90,9 @@ fn assert_drill_left_nothing(lab: &Lab, set_id: &str) {
         let cmdline = std::fs::read(entry.path().join("cmdline")).unwrap_or_default();
         let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
         assert!(
-            !cmdline.contains("cluster_name=quiesce-verify") && !cmdline.contains("pg-pg"),
+            !cmdline.contains("cluster_name=quiesce-verify")
+                && !cmdline.contains("pg-pg")
+                && !cmdline.contains("/tmp/mysql-"),
             "a drill's process is still running: {cmdline}"
         );
     }
@@ -403,6 +406,210 @@ async fn a_postgres_set_under_load_verifies_and_a_corrupted_copy_fails_naming_th
     );
     drop(stack);
     drop(live);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_mariadb_set_under_load_verifies_and_a_corrupted_ibd_page_fails_mariadb_check() {
+    use mysql_async::prelude::Queryable;
+    let _serial = quiesce_integration_tests::serial();
+    can_run(
+        "verify mariadb",
+        &[
+            "mkfs.xfs",
+            "mkfs.ext4",
+            "fsfreeze",
+            "losetup",
+            "mariadbd",
+            "mariadb-install-db",
+            "mariadb-check",
+        ],
+    );
+    let mut lab = Lab::new("verify-maria", POOL_MB);
+    let data = lab.volume("mdata", 256);
+    let binlog = lab.volume("mbinlog", 128);
+    let datadir = data.join("db");
+    let binlog_dir = binlog.join("binlog");
+    for dir in [&datadir, &binlog_dir] {
+        std::fs::create_dir_all(dir).unwrap();
+        run("chown", &["mysql:mysql", dir.to_str().unwrap()]);
+    }
+    run(
+        "mariadb-install-db",
+        &[
+            &format!("--datadir={}", datadir.display()),
+            "--user=mysql",
+            "--auth-root-authentication-method=socket",
+            "--skip-test-db",
+        ],
+    );
+    let run_dir = lab.dir.join("run");
+    let binlog_base = binlog_dir.join("mysql-bin");
+    let mut server = Server::start(&datadir, &binlog_base, &run_dir, &[&data, &binlog]).unwrap();
+    server.sql(
+        "CREATE USER quiesce@localhost IDENTIFIED BY 'hook-secret';
+         GRANT RELOAD, BINLOG MONITOR ON *.* TO quiesce@localhost;
+         CREATE USER app@localhost IDENTIFIED BY 'app-secret';
+         CREATE DATABASE bank;
+         USE bank;
+         GRANT ALL ON bank.* TO app@localhost;
+         CREATE TABLE bank.accounts (id INT PRIMARY KEY, balance BIGINT NOT NULL) ENGINE=InnoDB;
+         INSERT INTO bank.accounts SELECT seq, 1000 FROM seq_1_to_100;
+         CREATE TABLE bank.transfers (id BIGINT AUTO_INCREMENT PRIMARY KEY, amount INT) ENGINE=InnoDB;
+         CREATE TABLE bank.static (id INT PRIMARY KEY, payload VARCHAR(600) NOT NULL) ENGINE=InnoDB;
+         INSERT INTO bank.static SELECT seq, repeat(md5(seq), 16) FROM seq_1_to_5000;",
+    );
+    // A clean restart: `static` is written out and checkpointed, so crash recovery of a
+    // later cut never rewrites its pages (the negative control corrupts them).
+    server.stop();
+    let mut server = Server::start(&datadir, &binlog_base, &run_dir, &[&data, &binlog]).unwrap();
+    let static_sum = "SELECT md5(group_concat(payload ORDER BY id)) FROM bank.static";
+    let static_before = server.sql(static_sum);
+
+    let password = lab.dir.join("secrets/maria");
+    std::fs::create_dir_all(password.parent().unwrap()).unwrap();
+    secret(&password, "hook-secret\n");
+    let agent = format!(
+        "{}[hook.maria]\ntype = \"mysql\"\nsocket = {:?}\nuser = \"quiesce\"\npassword-file = {:?}\nquiesce-timeout = \"15s\"\nverify-probe = \"SELECT sum(balance) FROM bank.accounts\"\nverify-expect = \"100000\"\n",
+        volumes(&[&data, &binlog]),
+        server.sock.display().to_string(),
+        password.display().to_string()
+    );
+    let stack = stack(&agent, &group("g", &[&data, &binlog], &["maria"]));
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let commits = Arc::new(AtomicU64::new(0));
+    let mut workers = Vec::new();
+    for seed in 1..=2u64 {
+        let mut conn = server.connect("app", "app-secret").await;
+        let (stop, commits) = (stop.clone(), commits.clone());
+        workers.push(tokio::spawn(async move {
+            let mut x = seed;
+            while !stop.load(Ordering::Relaxed) {
+                x = x
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                let a = (x >> 33) % 100 + 1;
+                let b = (x >> 17) % 100 + 1;
+                let (lo, hi) = if a <= b { (a, b) } else { (b, a) };
+                let statements = [
+                    "START TRANSACTION".to_owned(),
+                    format!("UPDATE bank.accounts SET balance = balance - 7 WHERE id = {lo}"),
+                    format!("UPDATE bank.accounts SET balance = balance + 7 WHERE id = {hi}"),
+                    "INSERT INTO bank.transfers (amount) VALUES (7)".to_owned(),
+                    "COMMIT".to_owned(),
+                ];
+                let mut ok = true;
+                for statement in &statements {
+                    if conn.query_drop(statement.as_str()).await.is_err() {
+                        ok = false;
+                        break;
+                    }
+                }
+                if ok {
+                    commits.fetch_add(1, Ordering::Relaxed);
+                } else if conn.query_drop("ROLLBACK").await.is_err() {
+                    return;
+                }
+            }
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+
+    let set = stack.backup("g").await;
+    assert_eq!(set.state, "consistent", "{}", set.error);
+    let started = Instant::now();
+    let verification = stack
+        .coordinator
+        .verify_set(&pb::VerifySetRequest {
+            set_id: set.id.clone(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let took = started.elapsed();
+    assert_eq!(
+        verification.outcome(),
+        pb::VerifyOutcome::Passed,
+        "{verification:#?}"
+    );
+    let maria = check(&verification, "maria");
+    assert_eq!(maria.kind, "mysql");
+    assert_eq!(
+        maria.check, "crash recovery, mariadb-check, probe",
+        "{maria:#?}"
+    );
+    assert!(maria.output.contains("probe: 100000"), "{}", maria.output);
+    assert!(maria.output.contains("tables OK"), "{}", maria.output);
+    assert_drill_left_nothing(&lab, &set.id);
+    let recorded = stack.coordinator.catalog().get(&set.id).unwrap().unwrap();
+    assert_eq!(recorded.verifications, vec![verification.clone()]);
+
+    // Negative control: pages of `static` overwritten in the set's own clone of the datadir
+    // volume, after the snapshot.
+    let image = snapshot_image(&set, &data);
+    let bad = lab.dir.join("corrupt");
+    lab.mount_image(&image, &bad);
+    let file = std::fs::OpenOptions::new()
+        .write(true)
+        .open(bad.join("db/bank/static.ibd"))
+        .unwrap();
+    for page in [3u64, 4, 5, 6, 20, 40] {
+        file.write_all_at(&[0xA5u8; 4000], page * 16384 + 200)
+            .unwrap();
+    }
+    file.sync_all().unwrap();
+    drop(file);
+    lab.unmount(&bad);
+    let verification = stack
+        .coordinator
+        .verify_set(&pb::VerifySetRequest {
+            set_id: set.id.clone(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(
+        verification.outcome(),
+        pb::VerifyOutcome::Failed,
+        "{verification:#?}"
+    );
+    let maria = check(&verification, "maria");
+    assert_eq!(maria.outcome(), pb::VerifyOutcome::Failed);
+    assert_eq!(maria.check, "mariadb-check", "{maria:#?}");
+    assert!(maria.output.contains("bank.static"), "{}", maria.output);
+    println!("negative control, mariadb-check said:\n{}", maria.output);
+    assert_drill_left_nothing(&lab, &set.id);
+
+    // The original: still commits, `static` as it was, the total conserved, nothing frozen.
+    let before = commits.load(Ordering::Relaxed);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while commits.load(Ordering::Relaxed) < before + 10 {
+        assert!(
+            Instant::now() < deadline,
+            "the live database stopped committing"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    stop.store(true, Ordering::Relaxed);
+    for worker in workers {
+        let _ = worker.await;
+    }
+    assert_eq!(
+        server.sql(static_sum),
+        static_before,
+        "the live table changed"
+    );
+    assert_eq!(
+        server.sql("SELECT sum(balance) FROM bank.accounts").trim(),
+        "100000"
+    );
+    assert!(none_frozen(&[&data, &binlog]));
+    println!(
+        "BENCH verify engine=mariadb volumes=2 drill_ms={}",
+        took.as_millis()
+    );
+    drop(stack);
+    server.stop();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -226,7 +226,8 @@ impl HookConfig {
         let probe = match self {
             HookConfig::Postgres(c) => (&c.verify_probe, &c.verify_expect),
             HookConfig::Sqlite(c) => (&c.verify_probe, &c.verify_expect),
-            _ => (&None, &None),
+            HookConfig::Mysql(c) => (&c.verify_probe, &c.verify_expect),
+            HookConfig::Exec(_) => (&None, &None),
         };
         if probe.0.is_some() != probe.1.is_some() {
             problems.push(format!(

@@ -41,6 +41,13 @@ pub struct MysqlConfig {
     /// How many times a lock wait that timed out is retried before the set fails.
     #[serde(default = "default_lock_retries")]
     pub lock_retries: u32,
+    /// Restore drills (`quiescectl verify`): a query run on the restored copy after
+    /// `mariadb-check`, and the answer it must give (first column of the first row, as
+    /// `mariadb -N -B` prints it; qualify tables with their database). Both or neither.
+    #[serde(default)]
+    pub verify_probe: Option<String>,
+    #[serde(default)]
+    pub verify_expect: Option<String>,
     #[serde(default = "super::default_prepare_timeout", with = "humantime_serde")]
     pub prepare_timeout: Duration,
     #[serde(default = "super::default_quiesce_timeout", with = "humantime_serde")]

@@ -102,6 +102,8 @@ pub struct VolumeDesc {
     pub volume_type: String,
     pub size_gib: u32,
     pub availability_zone: String,
+    /// creating, available, in-use, deleting, deleted, error.
+    pub state: String,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -173,6 +175,7 @@ pub trait Ec2Api: Send + Sync {
     async fn delete_snapshot(&self, snapshot_id: &str) -> Result<(), Ec2Error>;
     /// Returns the new volume's id.
     async fn create_volume(&self, req: &CreateVolumeReq) -> Result<String, Ec2Error>;
+    async fn delete_volume(&self, volume_id: &str) -> Result<(), Ec2Error>;
     async fn attach_volume(
         &self,
         volume_id: &str,

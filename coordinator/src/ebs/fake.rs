@@ -21,6 +21,7 @@ pub enum Op {
     CreateTags,
     DeleteSnapshot,
     CreateVolume,
+    DeleteVolume,
     AttachVolume,
 }
 
@@ -48,6 +49,7 @@ struct State {
     frozen_at_call: Vec<bool>,
     create_snapshots_requests: Vec<CreateSnapshotsReq>,
     created_volumes: Vec<(String, CreateVolumeReq)>,
+    deleted_volumes: Vec<String>,
     attachments: Vec<(String, String, String)>,
     /// Snapshots made `completed` at once (default) or left `pending`.
     pending: bool,
@@ -89,6 +91,7 @@ impl FakeEc2 {
                 volume_type: "gp3".into(),
                 size_gib: 8,
                 availability_zone: "us-east-1a".into(),
+                state: "in-use".into(),
             },
         );
         for (device, id, kind) in volumes {
@@ -100,6 +103,7 @@ impl FakeEc2 {
                     volume_type: (*kind).into(),
                     size_gib: 10,
                     availability_zone: "us-east-1a".into(),
+                    state: "in-use".into(),
                 },
             );
         }
@@ -123,6 +127,7 @@ impl FakeEc2 {
                 volume_type: kind.into(),
                 size_gib: 10,
                 availability_zone: "us-east-1a".into(),
+                state: "in-use".into(),
             },
         );
     }
@@ -181,6 +186,15 @@ impl FakeEc2 {
 
     pub fn created_volumes(&self) -> Vec<(String, CreateVolumeReq)> {
         self.state.lock().unwrap().created_volumes.clone()
+    }
+
+    pub fn deleted_volumes(&self) -> Vec<String> {
+        self.state.lock().unwrap().deleted_volumes.clone()
+    }
+
+    /// Volumes that exist now (the instances' and those created and not deleted).
+    pub fn volume_ids(&self) -> Vec<String> {
+        self.state.lock().unwrap().volumes.keys().cloned().collect()
     }
 
     pub fn attachments(&self) -> Vec<(String, String, String)> {
@@ -418,7 +432,28 @@ impl Ec2Api for FakeEc2 {
         }
         let id = state.new_id("vol-new");
         state.created_volumes.push((id.clone(), req.clone()));
+        state.volumes.insert(
+            id.clone(),
+            VolumeDesc {
+                volume_id: id.clone(),
+                volume_type: req.volume_type.clone(),
+                size_gib: 10,
+                availability_zone: req.availability_zone.clone(),
+                state: "available".into(),
+            },
+        );
         Ok(id)
+    }
+
+    async fn delete_volume(&self, volume_id: &str) -> Result<(), Ec2Error> {
+        let failure = self.failure(Op::DeleteVolume, volume_id);
+        before_effect(&failure)?;
+        let mut state = self.state.lock().unwrap();
+        if state.volumes.remove(volume_id).is_none() {
+            return Err(not_found("InvalidVolume.NotFound", volume_id));
+        }
+        state.deleted_volumes.push(volume_id.into());
+        Ok(())
     }
 
     async fn attach_volume(

@@ -13,10 +13,14 @@
 //! - **Completion**: `progress` reads the set's snapshots by tag (paginated, `OwnerIds=self`)
 //!   and adds the per-volume tags (mount, device) that `CreateSnapshots` cannot set per volume.
 //!
+//! - **Restore drills** (`drill`): volumes from a set's snapshots, waited for until
+//!   `available`, then deleted.
+//!
 //! The aws-sdk-ec2 client is built on first use, so groups of other providers never touch it.
 
 pub mod api;
 pub mod config;
+pub mod drill;
 pub mod fake;
 pub mod sdk;
 
@@ -50,6 +54,8 @@ pub mod tags {
     pub const SOURCE_SNAPSHOT: &str = "quiesce:source-snapshot";
     /// RFC 3339: the set's `lock-for` end (Quiesce refuses deletes before it; AWS does not).
     pub const LOCKED_UNTIL: &str = "quiesce:locked-until";
+    /// On the volumes of a restore drill (value: the set id); the drill deletes them.
+    pub const DRILL: &str = "quiesce:drill";
 }
 
 const GIB: u64 = 1 << 30;

@@ -231,6 +231,7 @@ impl Ec2Api for SdkEc2 {
                     .unwrap_or_default(),
                 size_gib: v.size().unwrap_or(0).max(0) as u32,
                 availability_zone: v.availability_zone().unwrap_or_default().to_owned(),
+                state: v.state().map(|s| s.as_str().to_owned()).unwrap_or_default(),
             })
             .collect())
     }
@@ -368,6 +369,16 @@ impl Ec2Api for SdkEc2 {
             .await
             .map_err(classify)?;
         Ok(out.volume_id().unwrap_or_default().to_owned())
+    }
+
+    async fn delete_volume(&self, volume_id: &str) -> Result<(), Ec2Error> {
+        self.client
+            .delete_volume()
+            .volume_id(volume_id)
+            .send()
+            .await
+            .map_err(classify)?;
+        Ok(())
     }
 
     async fn attach_volume(

@@ -571,3 +571,119 @@ async fn restore_creates_tagged_volumes_and_attaches_them_in_device_order() {
         .unwrap_err();
     assert!(no_az.to_string().contains("--availability-zone"), "{no_az}");
 }
+
+#[tokio::test]
+async fn a_drill_makes_a_volume_per_snapshot_in_the_hosts_zone_stops_at_no_block_device_and_deletes_them()
+ {
+    let f = setup();
+    let set = f.coordinator.backup("pg").await.unwrap();
+    assert_eq!(set.state, "consistent", "{}", set.error);
+    let before = f.ec2.volume_ids();
+    let v = f
+        .coordinator
+        .verify_set(&pb::VerifySetRequest {
+            set_id: set.id.clone(),
+            host: "db2".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(v.outcome(), pb::VerifyOutcome::NoBlockDevice, "{v:#?}");
+    assert_eq!(v.agent, "db2");
+    assert!(v.error.is_empty(), "{}", v.error);
+    let mounts: Vec<&str> = v.checks.iter().map(|c| c.name.as_str()).collect();
+    assert_eq!(mounts, ["/data", "/wal"]);
+    for check in &v.checks {
+        assert_eq!(check.outcome(), pb::VerifyOutcome::NoBlockDevice);
+        assert_eq!(check.check, "CreateVolume, available");
+        assert!(check.output.contains("no block device here"), "{check:#?}");
+    }
+    let created = f.ec2.created_volumes();
+    assert_eq!(created.len(), 2);
+    for (id, req) in &created {
+        assert_eq!(req.availability_zone, "us-east-1a");
+        let tag = |k: &str| req.tags.iter().find(|t| t.0 == k).map(|t| t.1.as_str());
+        assert_eq!(tag(tags::SET_ID), Some(set.id.as_str()));
+        assert_eq!(tag(tags::DRILL), Some(set.id.as_str()));
+        assert_eq!(tag(tags::HOST), Some("db2"));
+        assert_eq!(tag("team"), Some("db"));
+        assert!(f.ec2.deleted_volumes().contains(id));
+    }
+    assert_eq!(f.ec2.volume_ids(), before, "every drill volume deleted");
+    let recorded = f.coordinator.catalog().get(&set.id).unwrap().unwrap();
+    assert_eq!(recorded.verifications, vec![v]);
+    assert!(
+        f.coordinator
+            .render_metrics()
+            .contains("quiesce_verifications_total{group=\"pg\",result=\"no_block_device\"} 1")
+    );
+    assert!(!f.db1.is_frozen() && !f.db2.is_frozen());
+}
+
+#[tokio::test]
+async fn a_drill_whose_second_create_fails_deletes_the_first_volume_and_names_the_call() {
+    let f = setup();
+    let set = f.coordinator.backup("pg").await.unwrap();
+    assert_eq!(set.state, "consistent", "{}", set.error);
+    let wal = set
+        .volumes
+        .iter()
+        .find(|v| v.agent == "db1" && v.mount_point == "/wal")
+        .unwrap()
+        .snapshot_id
+        .clone();
+    f.ec2.fail(
+        Op::CreateVolume,
+        &wal,
+        Failure::Error(Ec2Error::Refused {
+            code: "UnauthorizedOperation".into(),
+            message: "not allowed".into(),
+        }),
+    );
+    let before = f.ec2.volume_ids();
+    let v = f
+        .coordinator
+        .verify_set(&pb::VerifySetRequest {
+            set_id: set.id.clone(),
+            host: "db1".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(v.outcome(), pb::VerifyOutcome::Error, "{v:#?}");
+    let failing = v.checks.last().unwrap();
+    assert_eq!(
+        (failing.name.as_str(), failing.check.as_str()),
+        ("/wal", "CreateVolume")
+    );
+    assert!(
+        failing.output.contains("UnauthorizedOperation"),
+        "{failing:#?}"
+    );
+    assert_eq!(f.ec2.created_volumes().len(), 1);
+    assert_eq!(f.ec2.deleted_volumes().len(), 1);
+    assert_eq!(
+        f.ec2.volume_ids(),
+        before,
+        "the first volume was deleted too"
+    );
+
+    // A host whose agent reports no instance: an error naming why, nothing created.
+    f.db1
+        .set_ebs("", &[("/data", "vol-1data"), ("/wal", "vol-1wal")]);
+    let v = f
+        .coordinator
+        .verify_set(&pb::VerifySetRequest {
+            set_id: set.id.clone(),
+            host: "db1".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(v.outcome(), pb::VerifyOutcome::Error);
+    assert!(
+        v.checks[0].output.contains("reports no EC2 instance id"),
+        "{v:#?}"
+    );
+    assert_eq!(f.ec2.created_volumes().len(), 1);
+}

@@ -7,6 +7,8 @@
 //! and panic.
 #![allow(dead_code)]
 
+pub mod mariadb;
+
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;
