@@ -1392,6 +1392,24 @@ mod tests {
     }
 
     #[test]
+    fn a_state_text_the_enums_do_not_know_is_an_error_naming_it() {
+        let catalog = Catalog::in_memory().unwrap();
+        catalog.create_set(&new_set("s1", "pg", 10)).unwrap();
+        catalog
+            .with(|conn| {
+                conn.execute("UPDATE sets SET phase = 'snapshotted' WHERE id = 's1'", [])?;
+                Ok(())
+            })
+            .unwrap();
+        let err = catalog.get("s1").unwrap_err();
+        let chain = format!("{err}: {}", std::error::Error::source(&err).unwrap());
+        assert!(
+            chain.contains("unknown set phase \"snapshotted\""),
+            "{chain}"
+        );
+    }
+
+    #[test]
     fn a_version_1_catalog_is_migrated_in_place() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("catalog.sqlite");
