@@ -8,9 +8,10 @@ use std::path::Path;
 use std::sync::Mutex;
 
 use quiesce_proto::coordinator::v1::{
-    HookValue, PendingRemoval, PhaseMark, SetHookOutput, SetHost, SetVolume, SnapshotSet,
-    Verification, VerifyCheck, VerifyOutcome,
+    Completion, HookValue, PendingRemoval, PhaseMark, SetHookOutput, SetHost, SetPhase, SetState,
+    SetVolume, SnapshotSet, Verification, VerifyCheck, VerifyOutcome,
 };
+use quiesce_proto::states::StateText;
 use rusqlite::{Connection, OptionalExtension, params};
 
 /// Schema migrations, applied in order; `PRAGMA user_version` counts how many have run.
@@ -298,14 +299,16 @@ impl Catalog {
             let inserted = tx.execute(
                 "INSERT INTO sets (id, group_name, provider, state, phase, created_at_ms, trigger,
                     freeze_budget_ms)
-                 VALUES (?1, ?2, ?3, 'running', 'planned', ?4, ?5, ?6)",
+                 VALUES (?1, ?2, ?3, ?7, ?8, ?4, ?5, ?6)",
                 params![
                     set.id,
                     set.group,
                     set.provider,
                     set.created_at_ms as i64,
                     set.trigger,
-                    set.freeze_budget_ms as i64
+                    set.freeze_budget_ms as i64,
+                    SetState::Running.text(),
+                    SetPhase::Planned.text()
                 ],
             );
             if let Err(rusqlite::Error::SqliteFailure(e, _)) = &inserted
@@ -313,8 +316,8 @@ impl Catalog {
             {
                 let running: String = tx
                     .query_row(
-                        "SELECT id FROM sets WHERE group_name = ?1 AND state = 'running'",
-                        [set.group],
+                        "SELECT id FROM sets WHERE group_name = ?1 AND state = ?2",
+                        [set.group, SetState::Running.text()],
                         |row| row.get(0),
                     )
                     .optional()?
@@ -326,8 +329,8 @@ impl Catalog {
             }
             inserted?;
             tx.execute(
-                "INSERT INTO set_phases (set_id, seq, phase, at_ms) VALUES (?1, 0, 'planned', ?2)",
-                params![set.id, set.created_at_ms as i64],
+                "INSERT INTO set_phases (set_id, seq, phase, at_ms) VALUES (?1, 0, ?3, ?2)",
+                params![set.id, set.created_at_ms as i64, SetPhase::Planned.text()],
             )?;
             for (agent, mount) in &set.volumes {
                 tx.execute(
@@ -345,7 +348,8 @@ impl Catalog {
     }
 
     /// Records that the set entered `phase`.
-    pub fn set_phase(&self, id: &str, phase: &str, at_ms: u64) -> Result<(), CatalogError> {
+    pub fn set_phase(&self, id: &str, phase: SetPhase, at_ms: u64) -> Result<(), CatalogError> {
+        let phase = phase.text();
         self.with(|conn| {
             let tx = conn.transaction()?;
             tx.execute(
@@ -525,14 +529,14 @@ impl Catalog {
         self.with(|conn| {
             let mut stmt = conn.prepare_cached(
                 "SELECT id, state, created_at_ms, finished_at_ms FROM sets
-                 WHERE group_name = ?1 AND state != 'running'
+                 WHERE group_name = ?1 AND state != ?2
                  ORDER BY created_at_ms DESC, id DESC",
             )?;
             let rows = stmt
-                .query_map([group], |row| {
+                .query_map([group, SetState::Running.text()], |row| {
                     Ok(FinishedSet {
                         id: row.get(0)?,
-                        consistent: row.get::<_, String>(1)? == "consistent",
+                        consistent: state_col::<SetState>(row, 1)? == SetState::Consistent as i32,
                         created_at_ms: row.get::<_, i64>(2)? as u64,
                         finished_at_ms: row.get::<_, i64>(3)? as u64,
                     })
@@ -548,8 +552,8 @@ impl Catalog {
         self.with(|conn| {
             Ok(conn
                 .query_row(
-                    "SELECT MAX(created_at_ms) FROM sets WHERE group_name = ?1 AND state = 'consistent'",
-                    [group],
+                    "SELECT MAX(created_at_ms) FROM sets WHERE group_name = ?1 AND state = ?2",
+                    [group, SetState::Consistent.text()],
                     |row| row.get::<_, Option<i64>>(0),
                 )?
                 .map(|v| v as u64))
@@ -571,14 +575,18 @@ impl Catalog {
     }
 
     /// Count of sets per (group, state), for metrics.
-    pub fn counts(&self) -> Result<Vec<(String, String, u64)>, CatalogError> {
+    pub fn counts(&self) -> Result<Vec<(String, SetState, u64)>, CatalogError> {
         self.with(|conn| {
             let mut stmt = conn.prepare_cached(
                 "SELECT group_name, state, COUNT(*) FROM sets GROUP BY group_name, state",
             )?;
             let rows = stmt
                 .query_map([], |row| {
-                    Ok((row.get(0)?, row.get(1)?, row.get::<_, i64>(2)? as u64))
+                    Ok((
+                        row.get(0)?,
+                        SetState::try_from(state_col::<SetState>(row, 1)?).unwrap_or_default(),
+                        row.get::<_, i64>(2)? as u64,
+                    ))
                 })?
                 .collect::<Result<_, _>>()?;
             Ok(rows)
@@ -597,11 +605,11 @@ impl Catalog {
     }
 
     /// Background completion of a committed set: pending, completed or error.
-    pub fn set_completion(&self, id: &str, completion: &str) -> Result<(), CatalogError> {
+    pub fn set_completion(&self, id: &str, completion: Completion) -> Result<(), CatalogError> {
         self.with(|conn| {
             conn.execute(
                 "UPDATE sets SET completion = ?2 WHERE id = ?1",
-                params![id, completion],
+                params![id, completion.text()],
             )?;
             Ok(())
         })
@@ -611,8 +619,13 @@ impl Catalog {
     pub fn fail_completion(&self, id: &str, reason: &str) -> Result<(), CatalogError> {
         self.with(|conn| {
             conn.execute(
-                "UPDATE sets SET state = 'failed', completion = 'error', error = ?2 WHERE id = ?1",
-                params![id, reason],
+                "UPDATE sets SET state = ?3, completion = ?4, error = ?2 WHERE id = ?1",
+                params![
+                    id,
+                    reason,
+                    SetState::Failed.text(),
+                    Completion::Error.text()
+                ],
             )?;
             Ok(())
         })
@@ -622,11 +635,14 @@ impl Catalog {
     pub fn completion_pending(&self) -> Result<Vec<String>, CatalogError> {
         self.with(|conn| {
             let mut stmt = conn.prepare(
-                "SELECT id FROM sets WHERE state = 'consistent' AND completion = 'pending'
+                "SELECT id FROM sets WHERE state = ?1 AND completion = ?2
                  ORDER BY created_at_ms",
             )?;
             let ids = stmt
-                .query_map([], |row| row.get(0))?
+                .query_map(
+                    [SetState::Consistent.text(), Completion::Pending.text()],
+                    |row| row.get(0),
+                )?
                 .collect::<Result<Vec<String>, _>>()?;
             Ok(ids)
         })
@@ -636,7 +652,7 @@ impl Catalog {
     pub fn finish(
         &self,
         id: &str,
-        state: &str,
+        state: SetState,
         error: &str,
         freeze_window_ms: u64,
         max_write_stall_ms: u64,
@@ -649,7 +665,7 @@ impl Catalog {
                  WHERE id = ?1",
                 params![
                     id,
-                    state,
+                    state.text(),
                     error,
                     freeze_window_ms as i64,
                     max_write_stall_ms as i64,
@@ -721,7 +737,10 @@ impl Catalog {
 
     /// Sets still marked running (in flight when a coordinator stopped).
     pub fn running(&self) -> Result<Vec<SnapshotSet>, CatalogError> {
-        self.list_where("WHERE state = 'running' ORDER BY created_at_ms", [])
+        self.list_where(
+            "WHERE state = ?1 ORDER BY created_at_ms",
+            [SetState::Running.text()],
+        )
     }
 
     fn list_where(
@@ -776,8 +795,8 @@ impl Catalog {
             pending_where(
                 conn,
                 "WHERE next_attempt_at_ms <= ?1
-                   AND set_id IN (SELECT id FROM sets WHERE state != 'running')",
-                [now_ms as i64],
+                   AND set_id IN (SELECT id FROM sets WHERE state != ?2)",
+                params![now_ms as i64, SetState::Running.text()],
             )
         })
     }
@@ -961,9 +980,9 @@ impl Catalog {
         self.with(|conn| {
             Ok(conn
                 .query_row(
-                    "SELECT id, finished_at_ms FROM sets WHERE group_name = ?1 AND state = 'consistent'
+                    "SELECT id, finished_at_ms FROM sets WHERE group_name = ?1 AND state = ?2
                      ORDER BY finished_at_ms DESC LIMIT 1",
-                    [group],
+                    [group, SetState::Consistent.text()],
                     |row| Ok((row.get(0)?, row.get::<_, i64>(1)? as u64)),
                 )
                 .optional()?)
@@ -984,13 +1003,13 @@ fn write_host(conn: &Connection, id: &str, host: &SetHost) -> Result<(), Catalog
         params![
             id,
             host.agent,
-            host.state,
+            host.state().text(),
             host.error,
             host.freeze_started_at_ms as i64,
             host.frozen_at_ms as i64,
             host.thawed_at_ms as i64,
             host.held_continuously,
-            host.freeze_end,
+            host.freeze_end().text(),
             host.write_stall_ms as i64,
             host.freeze_sent_at_ms as i64,
             host.freeze_acked_at_ms as i64,
@@ -1042,13 +1061,24 @@ pub struct FinishedSet {
     pub finished_at_ms: u64,
 }
 
+/// A state column: its TEXT as the enum's number; text that names no value is an error naming it.
+fn state_col<E: StateText + Into<i32>>(
+    row: &rusqlite::Row<'_>,
+    idx: usize,
+) -> rusqlite::Result<i32> {
+    let text: String = row.get(idx)?;
+    E::from_text(&text).map(Into::into).map_err(|e| {
+        rusqlite::Error::FromSqlConversionFailure(idx, rusqlite::types::Type::Text, Box::new(e))
+    })
+}
+
 fn set_from_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<SnapshotSet> {
     Ok(SnapshotSet {
         id: row.get(0)?,
         group: row.get(1)?,
         provider: row.get(2)?,
-        state: row.get(3)?,
-        phase: row.get(4)?,
+        state: state_col::<SetState>(row, 3)?,
+        phase: state_col::<SetPhase>(row, 4)?,
         error: row.get(5)?,
         created_at_ms: row.get::<_, i64>(6)? as u64,
         finished_at_ms: row.get::<_, i64>(7)? as u64,
@@ -1059,7 +1089,7 @@ fn set_from_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<SnapshotSet> {
         last_snapshot_returned_at_ms: row.get::<_, i64>(12)? as u64,
         freeze_budget_ms: row.get::<_, i64>(13)? as u64,
         trigger: row.get(14)?,
-        completion: row.get(15)?,
+        completion: state_col::<Completion>(row, 15)?,
         snapshot_calls_ms: row.get::<_, i64>(16)? as u64,
         locked_until_ms: row.get::<_, i64>(17)? as u64,
         hosts: Vec::new(),
@@ -1084,13 +1114,13 @@ fn load_members(conn: &Connection, mut set: SnapshotSet) -> Result<SnapshotSet, 
         .query_map([&set.id], |row| {
             Ok(SetHost {
                 agent: row.get(0)?,
-                state: row.get(1)?,
+                state: state_col::<quiesce_proto::coordinator::v1::HostState>(row, 1)?,
                 error: row.get(2)?,
                 freeze_started_at_ms: row.get::<_, i64>(3)? as u64,
                 frozen_at_ms: row.get::<_, i64>(4)? as u64,
                 thawed_at_ms: row.get::<_, i64>(5)? as u64,
                 held_continuously: row.get(6)?,
-                freeze_end: row.get(7)?,
+                freeze_end: state_col::<quiesce_proto::agent::v1::FreezeEnd>(row, 7)?,
                 write_stall_ms: row.get::<_, i64>(8)? as u64,
                 freeze_sent_at_ms: row.get::<_, i64>(9)? as u64,
                 freeze_acked_at_ms: row.get::<_, i64>(10)? as u64,
@@ -1133,7 +1163,7 @@ fn load_members(conn: &Connection, mut set: SnapshotSet) -> Result<SnapshotSet, 
     set.phases = stmt
         .query_map([&set.id], |row| {
             Ok(PhaseMark {
-                phase: row.get(0)?,
+                phase: state_col::<SetPhase>(row, 0)?,
                 at_ms: row.get::<_, i64>(1)? as u64,
             })
         })?
@@ -1287,6 +1317,8 @@ fn pending_where(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use quiesce_proto::agent::v1::FreezeEnd;
+    use quiesce_proto::coordinator::v1::HostState;
 
     fn new_set<'a>(id: &'a str, group: &'a str, at: u64) -> NewSet<'a> {
         NewSet {
@@ -1314,7 +1346,9 @@ mod tests {
             "{err}"
         );
         catalog.create_set(&new_set("s3", "other", 3)).unwrap();
-        catalog.finish("s1", "failed", "boom", 0, 0, 4).unwrap();
+        catalog
+            .finish("s1", SetState::Failed, "boom", 0, 0, 4)
+            .unwrap();
         catalog.create_set(&new_set("s2", "pg", 5)).unwrap();
     }
 
@@ -1322,15 +1356,15 @@ mod tests {
     fn a_set_round_trips_with_members_and_phases() {
         let catalog = Catalog::in_memory().unwrap();
         catalog.create_set(&new_set("s1", "pg", 10)).unwrap();
-        catalog.set_phase("s1", "frozen", 20).unwrap();
+        catalog.set_phase("s1", SetPhase::Freezing, 20).unwrap();
         catalog
             .update_host(
                 "s1",
                 &SetHost {
                     agent: "db1".into(),
-                    state: "thawed".into(),
+                    state: HostState::Thawed as i32,
                     held_continuously: true,
-                    freeze_end: "thawed".into(),
+                    freeze_end: FreezeEnd::Thawed as i32,
                     write_stall_ms: 42,
                     ..Default::default()
                 },
@@ -1347,17 +1381,19 @@ mod tests {
                 },
             )
             .unwrap();
-        catalog.finish("s1", "consistent", "", 55, 42, 30).unwrap();
+        catalog
+            .finish("s1", SetState::Consistent, "", 55, 42, 30)
+            .unwrap();
 
         let set = catalog.get("s1").unwrap().unwrap();
-        assert_eq!(set.state, "consistent");
-        assert_eq!(set.phase, "frozen");
+        assert_eq!(set.state(), SetState::Consistent);
+        assert_eq!(set.phase(), SetPhase::Freezing);
         assert_eq!(set.freeze_window_ms, 55);
         assert_eq!(set.hosts.len(), 1);
         assert!(set.hosts[0].held_continuously);
         assert_eq!(set.volumes[1].snapshot_id, "/pool/snap/wal.img");
-        let phases: Vec<_> = set.phases.iter().map(|p| p.phase.as_str()).collect();
-        assert_eq!(phases, ["planned", "frozen"]);
+        let phases: Vec<_> = set.phases.iter().map(|p| p.phase().text()).collect();
+        assert_eq!(phases, ["planned", "freezing"]);
         assert_eq!(
             catalog.last_consistent("pg").unwrap(),
             Some(("s1".into(), 30))
@@ -1408,6 +1444,24 @@ mod tests {
     }
 
     #[test]
+    fn a_state_text_the_enums_do_not_know_is_an_error_naming_it() {
+        let catalog = Catalog::in_memory().unwrap();
+        catalog.create_set(&new_set("s1", "pg", 10)).unwrap();
+        catalog
+            .with(|conn| {
+                conn.execute("UPDATE sets SET phase = 'snapshotted' WHERE id = 's1'", [])?;
+                Ok(())
+            })
+            .unwrap();
+        let err = catalog.get("s1").unwrap_err();
+        let chain = format!("{err}: {}", std::error::Error::source(&err).unwrap());
+        assert!(
+            chain.contains("unknown set phase \"snapshotted\""),
+            "{chain}"
+        );
+    }
+
+    #[test]
     fn a_version_1_catalog_is_migrated_in_place() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("catalog.sqlite");
@@ -1433,21 +1487,23 @@ mod tests {
         );
         let set = catalog.get("old").unwrap().unwrap();
         assert!(set.hook_outputs.is_empty());
-        assert_eq!(old.state, "consistent");
-        assert_eq!(old.completion, "");
+        assert_eq!(old.state(), SetState::Consistent);
+        assert_eq!(old.completion(), Completion::Unspecified);
         catalog.create_set(&new_set("s1", "pg", 2)).unwrap();
-        catalog.set_completion("s1", "pending").unwrap();
+        catalog.set_completion("s1", Completion::Pending).unwrap();
         catalog
             .update_volume_progress("s1", "db1", "/mnt/wal", "pending", 40)
             .unwrap();
-        catalog.finish("s1", "consistent", "", 1, 1, 3).unwrap();
+        catalog
+            .finish("s1", SetState::Consistent, "", 1, 1, 3)
+            .unwrap();
         assert_eq!(catalog.completion_pending().unwrap(), ["s1"]);
         let set = catalog.get("s1").unwrap().unwrap();
         assert_eq!(set.volumes[1].snapshot_progress, 40);
         catalog.fail_completion("s1", "snapshot in error").unwrap();
         let set = catalog.get("s1").unwrap().unwrap();
         assert_eq!(
-            (set.state.as_str(), set.completion.as_str()),
+            (set.state().text(), set.completion().text()),
             ("failed", "error")
         );
         assert!(catalog.completion_pending().unwrap().is_empty());

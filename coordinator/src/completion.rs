@@ -3,6 +3,8 @@
 
 use std::sync::Arc;
 
+use quiesce_proto::coordinator::v1::{Completion, SetState};
+use quiesce_proto::states::StateText;
 use tracing::{Instrument, info, info_span, warn};
 
 use crate::error::Error;
@@ -49,7 +51,7 @@ impl Coordinator {
 
     fn completion_poll_of(&self, set_id: &str) -> Option<std::time::Duration> {
         let set = self.catalog().get(set_id).ok()??;
-        if set.completion != "pending" {
+        if set.completion() != Completion::Pending {
             return None;
         }
         let group = self.config().group(&set.group)?;
@@ -58,13 +60,13 @@ impl Coordinator {
 
     /// One poll: records each snapshot's progress. `Some(completion)` once the set is done
     /// (`completed`, or `error` with the set failed); `None` while snapshots are pending.
-    pub async fn poll_completion(&self, set_id: &str) -> Result<Option<String>, Error> {
+    pub async fn poll_completion(&self, set_id: &str) -> Result<Option<Completion>, Error> {
         let set = self
             .catalog()
             .get(set_id)?
             .ok_or_else(|| Error::UnknownSet { id: set_id.into() })?;
-        if set.state != "consistent" || set.completion != "pending" {
-            return Ok(Some(set.completion));
+        if set.state() != SetState::Consistent || set.completion() != Completion::Pending {
+            return Ok(Some(set.completion()));
         }
         let group = self.group(&set.group)?;
         let provider = self.provider(group);
@@ -87,9 +89,11 @@ impl Coordinator {
                 &p.state,
                 p.progress,
             )?;
-            match p.state.as_str() {
-                "completed" => {}
-                "error" => errors.push(format!(
+            // The volume's snapshot state has the completion's vocabulary; anything else is
+            // still pending.
+            match Completion::from_text(&p.state) {
+                Ok(Completion::Completed) => {}
+                Ok(Completion::Error) => errors.push(format!(
                     "{}:{} snapshot {} ended in error{}",
                     p.agent,
                     p.mount_point,
@@ -100,7 +104,7 @@ impl Coordinator {
                         format!(": {}", p.message)
                     }
                 )),
-                _ => pending += 1,
+                Ok(Completion::Pending | Completion::Unspecified) | Err(_) => pending += 1,
             }
         }
         if !errors.is_empty() {
@@ -110,11 +114,12 @@ impl Coordinator {
             );
             warn!(%reason, "snapshot in error");
             self.catalog().fail_completion(set_id, &reason)?;
-            return Ok(Some("error".into()));
+            return Ok(Some(Completion::Error));
         }
         if pending == 0 {
-            self.catalog().set_completion(set_id, "completed")?;
-            return Ok(Some("completed".into()));
+            self.catalog()
+                .set_completion(set_id, Completion::Completed)?;
+            return Ok(Some(Completion::Completed));
         }
         Ok(None)
     }

@@ -18,7 +18,10 @@ pub enum Error {
     #[error("set {id} is still running")]
     SetRunning { id: String },
     #[error("set {id} is {state}; only a consistent set can be restored")]
-    NotRestorable { id: String, state: String },
+    NotRestorable {
+        id: String,
+        state: quiesce_proto::coordinator::v1::SetState,
+    },
     #[error("agent {agent} is not configured")]
     UnknownAgent { agent: String },
     #[error("agent {agent}: {message}")]

@@ -24,7 +24,8 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
-use quiesce_proto::coordinator::v1::SetHost;
+use quiesce_proto::coordinator::v1::{SetHost, SetPhase, SetState};
+use quiesce_proto::states::StateText;
 use tokio::net::TcpListener;
 use tracing::warn;
 
@@ -47,24 +48,24 @@ pub const PHASE_BUCKETS: [f64; 14] = [
 ];
 
 /// The states a set has in the catalog (`quiesce_sets{state}`).
-pub const SET_STATES: [&str; 3] = ["running", "consistent", "failed"];
+pub const SET_STATES: [SetState; 3] = [SetState::Running, SetState::Consistent, SetState::Failed];
 
 /// The states a finished set ends in (`quiesce_sets_finished_total{state}`).
-pub const FINISHED_STATES: [&str; 2] = ["consistent", "failed"];
+pub const FINISHED_STATES: [SetState; 2] = [SetState::Consistent, SetState::Failed];
 
 /// The results of a restore drill (`quiesce_verifications_total{result}`): ok (passed),
 /// failed (a check found the copy broken), error (the drill could not run).
 pub const VERIFY_RESULTS: [&str; 4] = ["ok", "failed", "error", "no_block_device"];
 
 /// The phases a set is timed in (`quiesce_phase_duration_seconds{phase}`): each one that ends
-/// when the workflow moves on to the next.
-pub const PHASES: [&str; 6] = [
-    "planning",
-    "preparing",
-    "freezing",
-    "snapshotting",
-    "thawing",
-    "aborting",
+/// when the workflow moves on to the next, labelled [`SetPhase::duration_label`].
+pub const PHASES: [SetPhase; 6] = [
+    SetPhase::Planned,
+    SetPhase::Preparing,
+    SetPhase::Freezing,
+    SetPhase::Snapshotting,
+    SetPhase::Thawing,
+    SetPhase::Aborting,
 ];
 
 fn freeze_histogram() -> Histogram {
@@ -246,7 +247,7 @@ impl Metrics {
             for state in FINISHED_STATES {
                 drop(
                     self.finished
-                        .get_or_create(&labels(&[("group", name), ("state", state)])),
+                        .get_or_create(&labels(&[("group", name), ("state", state.text())])),
                 );
             }
             drop(self.over_budget.get_or_create(&group(name)));
@@ -261,10 +262,10 @@ impl Metrics {
             drop(self.freeze_window.get_or_create(&group(name)));
             drop(self.last_freeze_window.get_or_create(&group(name)));
             for phase in PHASES {
-                drop(
-                    self.phase_duration
-                        .get_or_create(&labels(&[("group", name), ("phase", phase)])),
-                );
+                drop(self.phase_duration.get_or_create(&labels(&[
+                    ("group", name),
+                    ("phase", phase.duration_label()),
+                ])));
             }
             for member in &g.members {
                 let host = labels(&[("group", name), ("host", &member.agent)]);
@@ -303,9 +304,12 @@ impl Metrics {
         }
     }
 
-    pub fn observe_phase(&self, group_name: &str, phase: &str, took: Duration) {
+    pub fn observe_phase(&self, group_name: &str, phase: SetPhase, took: Duration) {
         self.phase_duration
-            .get_or_create(&labels(&[("group", group_name), ("phase", phase)]))
+            .get_or_create(&labels(&[
+                ("group", group_name),
+                ("phase", phase.duration_label()),
+            ]))
             .observe(took.as_secs_f64());
     }
 
@@ -318,9 +322,13 @@ impl Metrics {
         freeze_window: Option<Duration>,
         hosts: &[SetHost],
     ) {
-        let state = if consistent { "consistent" } else { "failed" };
+        let state = if consistent {
+            SetState::Consistent
+        } else {
+            SetState::Failed
+        };
         self.finished
-            .get_or_create(&labels(&[("group", group_name), ("state", state)]))
+            .get_or_create(&labels(&[("group", group_name), ("state", state.text())]))
             .inc();
         let Some(window) = freeze_window else {
             return;
@@ -375,20 +383,20 @@ impl Metrics {
 
     /// Sets in the catalog per (group, state): every configured group and state present
     /// (zero when the catalog has none), groups no longer configured dropped.
-    pub fn refresh_set_counts(&self, config: &Config, counts: &[(String, String, u64)]) {
+    pub fn refresh_set_counts(&self, config: &Config, counts: &[(String, SetState, u64)]) {
         self.sets.clear();
         for g in &config.groups {
             for state in SET_STATES {
                 drop(
                     self.sets
-                        .get_or_create(&labels(&[("group", &g.name), ("state", state)])),
+                        .get_or_create(&labels(&[("group", &g.name), ("state", state.text())])),
                 );
             }
         }
         for (group_name, state, count) in counts {
             if config.groups.iter().any(|g| &g.name == group_name) {
                 self.sets
-                    .get_or_create(&labels(&[("group", group_name), ("state", state)]))
+                    .get_or_create(&labels(&[("group", group_name), ("state", state.text())]))
                     .set(*count as i64);
             }
         }
@@ -482,7 +490,28 @@ mounts = ["/srv/b"]
                 &format!("quiesce_sets{{group=\"a\",state=\"{state}\"}} 0"),
             );
         }
-        for phase in PHASES {
+        // The label values as they were when they were strings.
+        let labels = PHASES.map(SetPhase::duration_label);
+        assert_eq!(
+            labels,
+            [
+                "planning",
+                "preparing",
+                "freezing",
+                "snapshotting",
+                "thawing",
+                "aborting"
+            ]
+        );
+        assert_eq!(
+            FINISHED_STATES.map(SetState::text),
+            ["consistent", "failed"]
+        );
+        assert_eq!(
+            SET_STATES.map(SetState::text),
+            ["running", "consistent", "failed"]
+        );
+        for phase in labels {
             line(
                 &text,
                 &format!("quiesce_phase_duration_seconds_count{{group=\"a\",phase=\"{phase}\"}} 0"),
@@ -595,8 +624,8 @@ mounts = ["/srv/b"]
         metrics.refresh_set_counts(
             &config,
             &[
-                ("a".into(), "consistent".into(), 4),
-                ("gone".into(), "failed".into(), 2),
+                ("a".into(), SetState::Consistent, 4),
+                ("gone".into(), SetState::Failed, 2),
             ],
         );
         metrics.refresh_group(

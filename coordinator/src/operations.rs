@@ -15,7 +15,7 @@ impl Coordinator {
             .catalog()
             .get(id)?
             .ok_or_else(|| Error::UnknownSet { id: id.to_owned() })?;
-        if set.state == "running" {
+        if set.state() == pb::SetState::Running {
             return Err(Error::SetRunning { id: id.to_owned() });
         }
         Ok(set)
@@ -34,7 +34,7 @@ impl Coordinator {
     /// Until when a set is locked against deletion, if it is now: only consistent sets are
     /// (a failed set holds nothing to protect, and its leftovers must go).
     pub fn locked_until(&self, set: &pb::SnapshotSet) -> Option<u64> {
-        (set.state == "consistent" && set.locked_until_ms > self.clock().now_ms())
+        (set.state() == pb::SetState::Consistent && set.locked_until_ms > self.clock().now_ms())
             .then_some(set.locked_until_ms)
     }
 
@@ -118,13 +118,13 @@ impl Coordinator {
             }
             return self.restore_set(&req.set_id, &req.target_dir).await;
         };
-        if set.state != "consistent" {
+        if set.state() != pb::SetState::Consistent {
             return Err(Error::NotRestorable {
+                state: set.state(),
                 id: set.id,
-                state: set.state,
             });
         }
-        if set.completion == "pending" {
+        if set.completion() == pb::Completion::Pending {
             // EC2 can create a volume from a pending snapshot; it is lazily filled. Say so.
             tracing::info!(set_id = %set.id, "restoring from snapshots still pending");
         }
@@ -147,10 +147,10 @@ impl Coordinator {
         target_dir: &str,
     ) -> Result<Vec<pb::RestoredVolume>, Error> {
         let set = self.finished_set(id)?;
-        if set.state != "consistent" {
+        if set.state() != pb::SetState::Consistent {
             return Err(Error::NotRestorable {
                 id: id.to_owned(),
-                state: set.state,
+                state: set.state(),
             });
         }
         if !target_dir.starts_with('/') {
@@ -206,10 +206,10 @@ impl Coordinator {
     /// (also when the drill could not run) and counted in the metrics.
     pub async fn verify_set(&self, req: &pb::VerifySetRequest) -> Result<pb::Verification, Error> {
         let set = self.finished_set(&req.set_id)?;
-        if set.state != "consistent" {
+        if set.state() != pb::SetState::Consistent {
             return Err(Error::NotRestorable {
+                state: set.state(),
                 id: set.id,
-                state: set.state,
             });
         }
         let group = self.group(&set.group)?;

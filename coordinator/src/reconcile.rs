@@ -20,6 +20,7 @@ use std::time::Duration;
 use futures::future::join_all;
 use quiesce_proto::agent::v1 as agent_pb;
 use quiesce_proto::coordinator::v1::{self as pb, SnapshotSet, ThawEvidence};
+use quiesce_proto::states::StateText;
 use tracing::{Instrument, info, info_span, warn};
 
 use crate::agent_client::AgentClient;
@@ -195,7 +196,7 @@ fn record_late_thaw(
     if host.thaw_evidence == ThawEvidence::Answered as i32 {
         return Ok(());
     }
-    host.freeze_end = crate::workflow::freeze_end_name(end).into();
+    host.set_freeze_end(end);
     host.held_continuously = false;
     host.thawed_at_ms = thawed.thawed_at_ms;
     host.write_stall_ms = crate::workflow::agent_stall_ms(thawed, &host);
@@ -212,7 +213,13 @@ fn record_late_thaw(
         host.write_stall_ms
     ));
     catalog.update_host_report(set_id, &host)?;
-    info!(set_id, agent, end = %host.freeze_end, write_stall_ms = host.write_stall_ms, "late thaw report recorded");
+    info!(
+        set_id,
+        agent,
+        end = host.freeze_end().text(),
+        write_stall_ms = host.write_stall_ms,
+        "late thaw report recorded"
+    );
     Ok(())
 }
 

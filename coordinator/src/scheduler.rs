@@ -498,6 +498,8 @@ impl Coordinator {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use quiesce_proto::coordinator::v1::SetState;
+    use quiesce_proto::states::StateText;
     use std::collections::HashMap;
 
     use crate::agent_client::AgentClient;
@@ -576,7 +578,7 @@ mounts = ["/data"]
         assert_eq!(started.len(), 1);
         let set = coordinator.catalog().get(&started[0]).unwrap().unwrap();
         assert_eq!(
-            (set.state.as_str(), set.trigger.as_str()),
+            (set.state().text(), set.trigger.as_str()),
             ("consistent", "schedule")
         );
         assert_eq!(set.created_at_ms, T1030 + HOUR / 2);
@@ -608,7 +610,7 @@ mounts = ["/data"]
             .unwrap();
         coordinator
             .catalog()
-            .finish("g-old", "consistent", "", 1, 1, 1)
+            .finish("g-old", SetState::Consistent, "", 1, 1, 1)
             .unwrap();
         coordinator.start_schedules().unwrap();
         assert_eq!(

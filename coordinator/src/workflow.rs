@@ -18,7 +18,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use futures::future::join_all;
 use quiesce_proto::agent::v1 as agent_pb;
 use quiesce_proto::coordinator::v1::{
-    HookValue, SetHookOutput, SetHost, SetVolume, SnapshotSet, ThawEvidence,
+    Completion, HookValue, HostState, SetHookOutput, SetHost, SetPhase, SetState, SetVolume,
+    SnapshotSet, ThawEvidence,
 };
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
@@ -33,6 +34,7 @@ use crate::metrics::Metrics;
 use crate::provider::{self, PlannedVolume, Snapshot, SnapshotCall, SnapshotProvider};
 use crate::test_hook::pause_after;
 use crate::windows::{FreezeWindows, Window};
+use quiesce_proto::states::StateText;
 
 pub struct Coordinator {
     config: Arc<Config>,
@@ -101,7 +103,7 @@ struct Run<'a> {
     metrics: &'a Metrics,
     clock: &'a dyn Clock,
     phase_started: Instant,
-    current_phase: &'static str,
+    current_phase: SetPhase,
     /// From the first freeze sent until every thaw returned: nothing is written to the
     /// catalog meanwhile (no fsync while the group is frozen). The `freezing` phase, written
     /// before the first freeze, is the intent record recovery needs: the set, its member
@@ -113,7 +115,7 @@ struct Run<'a> {
     window: Option<Window>,
     windows: &'a Arc<FreezeWindows>,
     /// Phases entered while the window was open, (phase, at ms), written after the thaw.
-    deferred_phases: Vec<(&'static str, u64)>,
+    deferred_phases: Vec<(SetPhase, u64)>,
     /// Snapshots made, (agent, mount point, snapshot id, size), written after the thaw.
     made: Vec<(String, String, String, u64)>,
 }
@@ -338,7 +340,7 @@ impl Coordinator {
                 planned: Vec::new(),
                 host: SetHost {
                     agent: member.agent.clone(),
-                    state: "pending".into(),
+                    state: HostState::Pending as i32,
                     ..Default::default()
                 },
                 freeze_sent: false,
@@ -369,7 +371,7 @@ impl Coordinator {
             metrics: &self.metrics,
             clock: self.clock.as_ref(),
             phase_started: Instant::now(),
-            current_phase: "planning",
+            current_phase: SetPhase::Planned,
             window_open: false,
             window: None,
             windows: &self.windows,
@@ -409,7 +411,7 @@ impl Coordinator {
                     .collect();
                 let mut reason = format!(
                     "the coordinator stopped while the set was {}; members thawed and partial snapshots removed",
-                    set.phase
+                    set.phase()
                 );
                 if !problems.is_empty() {
                     reason = format!(
@@ -421,8 +423,9 @@ impl Coordinator {
                 let now = self.clock.now_ms();
                 self.catalog
                     .set_verdict(&set.id, &format!("not consistent: {reason}"))?;
-                self.catalog.set_phase(&set.id, "aborted", now)?;
-                self.catalog.finish(&set.id, "failed", &reason, 0, 0, now)?;
+                self.catalog.set_phase(&set.id, SetPhase::Aborted, now)?;
+                self.catalog
+                    .finish(&set.id, SetState::Failed, &reason, 0, 0, now)?;
                 recovered.push(set.id.clone());
                 Ok::<_, Error>(())
             }
@@ -458,8 +461,8 @@ impl Run<'_> {
 
     /// Persists `phase` before anything of it is done (or, while the group is frozen, keeps
     /// it for after the thaw), and times the phase that ended.
-    async fn phase(&mut self, phase: &'static str) -> Result<(), Error> {
-        info!(phase, "phase");
+    async fn phase(&mut self, phase: SetPhase) -> Result<(), Error> {
+        info!(phase = phase.text(), "phase");
         let at_ms = self.clock.now_ms();
         if self.window_open {
             self.deferred_phases.push((phase, at_ms));
@@ -539,7 +542,7 @@ impl Run<'_> {
         let outcome = self.capture().await?;
         let mut window = None;
         let thaw_failure = if self.first_freeze_sent.is_some() {
-            self.phase("thawing").await?;
+            self.phase(SetPhase::Thawing).await?;
             let thawed = self.thaw().await?;
             // Every thaw has returned (or its member is given up on): the window is closed.
             // It ends at the last member's FITHAW, not at its hooks' resume after it (that is
@@ -589,14 +592,21 @@ impl Run<'_> {
         pause_after("thawed").await;
         match failure {
             None => {
-                self.phase("committed").await?;
+                self.phase(SetPhase::Committed).await?;
                 let (id, now) = (self.set_id.clone(), self.clock.now_ms());
                 let pending = self.provider.completion_poll().is_some();
                 self.db(move |c| {
                     if pending {
-                        c.set_completion(&id, "pending")?;
+                        c.set_completion(&id, Completion::Pending)?;
                     }
-                    c.finish(&id, "consistent", "", freeze_window_ms, max_stall, now)
+                    c.finish(
+                        &id,
+                        SetState::Consistent,
+                        "",
+                        freeze_window_ms,
+                        max_stall,
+                        now,
+                    )
                 })
                 .await?;
                 self.metrics
@@ -604,7 +614,7 @@ impl Run<'_> {
                 info!(freeze_window_ms, max_stall, verdict = %verdict_text, "consistent");
             }
             Some(reason) => {
-                self.phase("aborting").await?;
+                self.phase(SetPhase::Aborting).await?;
                 let pending = self.remove_snapshots().await?;
                 let reason = if pending.is_empty() {
                     reason
@@ -614,10 +624,19 @@ impl Run<'_> {
                         pending.join(", ")
                     )
                 };
-                self.phase("aborted").await?;
+                self.phase(SetPhase::Aborted).await?;
                 let (id, now, why) = (self.set_id.clone(), self.clock.now_ms(), reason.clone());
-                self.db(move |c| c.finish(&id, "failed", &why, freeze_window_ms, max_stall, now))
-                    .await?;
+                self.db(move |c| {
+                    c.finish(
+                        &id,
+                        SetState::Failed,
+                        &why,
+                        freeze_window_ms,
+                        max_stall,
+                        now,
+                    )
+                })
+                .await?;
                 self.metrics
                     .finished(&self.group.name, false, window, &hosts);
                 warn!(%reason, freeze_window_ms, "failed");
@@ -632,18 +651,18 @@ impl Run<'_> {
             return Ok(Err(reason));
         }
         pause_after("planned").await;
-        self.phase("preparing").await?;
+        self.phase(SetPhase::Preparing).await?;
         if let Err(reason) = self.prepare().await? {
             return Ok(Err(reason));
         }
         // The intent record: persisted (fsynced) before the first freeze is sent.
-        self.phase("freezing").await?;
+        self.phase(SetPhase::Freezing).await?;
         pause_after("freezing").await;
         if let Err(reason) = self.freeze().await? {
             return Ok(Err(reason));
         }
         pause_after("frozen").await;
-        self.phase("snapshotting").await?;
+        self.phase(SetPhase::Snapshotting).await?;
         let snapshotted = self.snapshot().await?;
         pause_after("snapshotted").await;
         Ok(snapshotted)
@@ -829,10 +848,10 @@ impl Run<'_> {
         let mut problems = Vec::new();
         for (index, reply) in replies.iter().enumerate() {
             match reply {
-                Ok(_) => self.members[index].host.state = "prepared".into(),
+                Ok(_) => self.members[index].host.set_state(HostState::Prepared),
                 Err(e) => {
                     let member = &mut self.members[index];
-                    member.host.state = "failed".into();
+                    member.host.set_state(HostState::Failed);
                     member.host.error = format!("prepare: {e}");
                     problems.push(format!("{}: prepare failed: {e}", member.agent));
                 }
@@ -883,12 +902,12 @@ impl Run<'_> {
             match reply {
                 Ok((frozen, acked_at_ms)) => {
                     member.host.freeze_acked_at_ms = acked_at_ms;
-                    member.host.state = "frozen".into();
+                    member.host.set_state(HostState::Frozen);
                     member.host.freeze_started_at_ms = frozen.freeze_started_at_ms;
                     member.host.frozen_at_ms = frozen.frozen_at_ms;
                 }
                 Err(e) => {
-                    member.host.state = "failed".into();
+                    member.host.set_state(HostState::Failed);
                     member.host.error = format!("freeze: {e}");
                     problems.push(format!("{}: freeze failed: {e}", member.agent));
                 }
@@ -1123,15 +1142,15 @@ impl Run<'_> {
                     member.host.resume_ms = thawed.resume_ms;
                     member.host.thawed_at_ms = thawed.thawed_at_ms;
                     member.host.held_continuously = thawed.held_continuously;
-                    member.host.freeze_end = freeze_end_name(end).into();
+                    member.host.set_freeze_end(end);
                     member.host.write_stall_ms = agent_stall_ms(&thawed, &member.host);
                     if let Some(problem) =
                         store_hook_outputs(&self.catalog, &set_id, &member.agent, &thawed.hooks)?
                     {
                         problems.push(problem);
                     }
-                    if member.host.state == "frozen" {
-                        member.host.state = "thawed".into();
+                    if member.host.state() == HostState::Frozen {
+                        member.host.set_state(HostState::Thawed);
                         if !thawed.held_continuously {
                             member.host.error =
                                 format!("freeze ended early: {}", freeze_end_text(end));
@@ -1169,8 +1188,8 @@ impl Run<'_> {
                         member.host.thaw_evidence = evidence as i32;
                     }
                     member.host.error = format!("{what}: {reason}");
-                    if member.host.state == "frozen" {
-                        member.host.state = "failed".into();
+                    if member.host.state() == HostState::Frozen {
+                        member.host.set_state(HostState::Failed);
                         problems.push(format!("{}: {what}: {reason}", member.agent));
                     }
                 }
@@ -1334,13 +1353,13 @@ pub fn verdict(
                 host.freeze_acked_at_ms, first_snapshot_started_at_ms
             ));
         }
-        if !host.held_continuously || host.freeze_end != "thawed" {
+        let end = host.freeze_end();
+        if !host.held_continuously || end != agent_pb::FreezeEnd::Thawed {
             problems.push(format!(
                 "{agent}: freeze did not hold until the thaw (ended by {})",
-                if host.freeze_end.is_empty() {
-                    "unknown"
-                } else {
-                    &host.freeze_end
+                match end {
+                    agent_pb::FreezeEnd::Unspecified => "unknown",
+                    end => end.text(),
                 }
             ));
         }
@@ -1492,19 +1511,6 @@ where
     join_all(calls).await
 }
 
-pub fn freeze_end_name(end: agent_pb::FreezeEnd) -> &'static str {
-    match end {
-        agent_pb::FreezeEnd::Unspecified => "unspecified",
-        agent_pb::FreezeEnd::Thawed => "thawed",
-        agent_pb::FreezeEnd::LeaseExpired => "lease-expired",
-        agent_pb::FreezeEnd::MaxFreeze => "max-freeze",
-        agent_pb::FreezeEnd::Shutdown => "shutdown",
-        agent_pb::FreezeEnd::ExternalThaw => "external-thaw",
-        agent_pb::FreezeEnd::UnknownSet => "unknown-set",
-        agent_pb::FreezeEnd::Guardian => "guardian",
-    }
-}
-
 /// The group a set id belongs to: `<group>-<UTC stamp>-<hex>`.
 pub fn group_of_set(set_id: &str) -> &str {
     set_id.rsplitn(3, '-').nth(2).unwrap_or(set_id)
@@ -1541,6 +1547,7 @@ pub fn new_set_id_at(group: &str, at_ms: u64) -> String {
 mod tests {
     use super::*;
     use crate::fake_agent::{FakeAgent, Phase};
+    use agent_pb::FreezeEnd;
     use tonic::Status;
 
     const CONFIG: &str = r#"
@@ -1581,14 +1588,14 @@ mounts = ["/data"]
     }
 
     fn phases(set: &SnapshotSet) -> Vec<&str> {
-        set.phases.iter().map(|p| p.phase.as_str()).collect()
+        set.phases.iter().map(|p| p.phase().text()).collect()
     }
 
     #[tokio::test]
     async fn a_clean_run_is_consistent_with_every_snapshot_recorded() {
         let (coordinator, db1, db2) = setup();
         let set = coordinator.backup("g").await.unwrap();
-        assert_eq!(set.state, "consistent", "{}", set.error);
+        assert_eq!(set.state(), SetState::Consistent, "{}", set.error);
         assert_eq!(
             phases(&set),
             [
@@ -1604,7 +1611,7 @@ mounts = ["/data"]
         assert!(
             set.hosts
                 .iter()
-                .all(|h| h.held_continuously && h.state == "thawed")
+                .all(|h| h.held_continuously && h.state() == HostState::Thawed)
         );
         assert!(!db1.is_frozen() && !db2.is_frozen());
         assert_eq!(db1.live_snapshots().len(), 2);
@@ -1619,7 +1626,7 @@ mounts = ["/data"]
             Status::aborted("/data is busy: set x holds it frozen"),
         );
         let set = coordinator.backup("g").await.unwrap();
-        assert_eq!(set.state, "failed");
+        assert_eq!(set.state(), SetState::Failed);
         assert!(
             set.error.contains("db2: freeze failed: /data is busy"),
             "{}",
@@ -1636,7 +1643,7 @@ mounts = ["/data"]
         let (coordinator, db1, db2) = setup();
         db2.fail(Phase::Snapshot, Status::internal("clone failed"));
         let set = coordinator.backup("g").await.unwrap();
-        assert_eq!(set.state, "failed");
+        assert_eq!(set.state(), SetState::Failed);
         assert!(set.error.contains("db2: clone failed"), "{}", set.error);
         assert!(!db1.is_frozen() && !db2.is_frozen());
         assert!(db1.live_snapshots().is_empty(), "db1's snapshots removed");
@@ -1651,7 +1658,7 @@ mounts = ["/data"]
         let (coordinator, db1, db2) = setup();
         db2.slow_resume(Duration::from_millis(800));
         let set = coordinator.backup("g").await.unwrap();
-        assert_eq!(set.state, "consistent", "{}", set.error);
+        assert_eq!(set.state(), SetState::Consistent, "{}", set.error);
         assert!(
             set.freeze_window_ms > 0 && set.freeze_window_ms < 800,
             "the cut window holds the resume: {} ms",
@@ -1683,7 +1690,7 @@ mounts = ["/data"]
         let (coordinator, db1, _db2) = setup();
         db1.expire_lease();
         let set = coordinator.backup("g").await.unwrap();
-        assert_eq!(set.state, "failed");
+        assert_eq!(set.state(), SetState::Failed);
         assert!(
             set.error
                 .contains("db1: freeze did not hold until the thaw (thawed by the agent when its lease ran out)"),
@@ -1693,7 +1700,7 @@ mounts = ["/data"]
         assert!(db1.live_snapshots().is_empty());
         let host = set.hosts.iter().find(|h| h.agent == "db1").unwrap();
         assert!(!host.held_continuously);
-        assert_eq!(host.freeze_end, "lease-expired");
+        assert_eq!(host.freeze_end(), FreezeEnd::LeaseExpired);
     }
 
     #[tokio::test]
@@ -1701,7 +1708,7 @@ mounts = ["/data"]
         let (coordinator, db1, db2) = setup();
         db2.fail(Phase::HostInfo, Status::unavailable("connection refused"));
         let set = coordinator.backup("g").await.unwrap();
-        assert_eq!(set.state, "failed");
+        assert_eq!(set.state(), SetState::Failed);
         assert!(
             set.error.contains("db2: unreachable at plan time"),
             "{}",
@@ -1716,7 +1723,7 @@ mounts = ["/data"]
         let (coordinator, _db1, db2) = setup();
         db2.delay(Phase::Prepare, Duration::from_secs(5));
         let set = coordinator.backup("g").await.unwrap();
-        assert_eq!(set.state, "failed");
+        assert_eq!(set.state(), SetState::Failed);
         assert!(
             set.error
                 .contains("db2: prepare failed: no answer within 1s"),
@@ -1771,7 +1778,7 @@ mounts = ["/data"]
         let started = Instant::now();
         let set = coordinator.backup("g").await.unwrap();
         let took = started.elapsed();
-        assert_eq!(set.state, "failed", "{set:?}");
+        assert_eq!(set.state(), SetState::Failed, "{set:?}");
         // Freeze, snapshot (no renewal within 600 ms / 3 … at most one), then the bound:
         // last grant + 600 ms + 1 s margin; far less than the 20 s phase timeout.
         assert!(took < Duration::from_millis(2500), "decided after {took:?}");
@@ -1818,7 +1825,7 @@ mounts = ["/data"]
         // succeeds while db2's removal is still pending).
         db2.delay(Phase::Thaw, Duration::ZERO);
         let next = coordinator.backup("g").await.unwrap();
-        assert_eq!(next.state, "consistent", "{}", next.error);
+        assert_eq!(next.state(), SetState::Consistent, "{}", next.error);
         let groups = coordinator.group_infos().unwrap();
         assert_eq!(groups[0].pending_removals.len(), 1, "{groups:?}");
         assert_eq!(groups[0].pending_removals[0].set_id, set.id);
@@ -1834,7 +1841,7 @@ mounts = ["/data"]
             ThawEvidence::AnsweredLate as i32,
             "{host:?}"
         );
-        assert_eq!(host.freeze_end, "lease-expired");
+        assert_eq!(host.freeze_end(), FreezeEnd::LeaseExpired);
         assert_eq!(host.write_stall_ms, 5, "the agent's own figure");
         assert!(
             host.error
@@ -1860,7 +1867,7 @@ mounts = ["/data"]
         let (coordinator, _db1, db2) = setup();
         db2.fail(Phase::Thaw, Status::unavailable("connection refused"));
         let set = coordinator.backup("g").await.unwrap();
-        assert_eq!(set.state, "failed");
+        assert_eq!(set.state(), SetState::Failed);
         let host = set.hosts.iter().find(|h| h.agent == "db2").unwrap();
         assert_eq!(
             host.thaw_evidence,
@@ -1988,7 +1995,7 @@ mounts = ["/data"]
     async fn deleting_a_set_reports_per_host_and_waits_for_an_unreachable_member() {
         let (coordinator, db1, db2) = setup();
         let set = coordinator.backup("g").await.unwrap();
-        assert_eq!(set.state, "consistent", "{}", set.error);
+        assert_eq!(set.state(), SetState::Consistent, "{}", set.error);
         db2.fail(Phase::Delete, Status::unavailable("connection refused"));
         let report = coordinator.delete_set(&set.id).await.unwrap();
         assert!(!report.forgotten, "{report:?}");
@@ -2084,12 +2091,12 @@ mounts = ["/data"]
             .unwrap();
         coordinator
             .catalog()
-            .set_phase("g-crashed", "snapshotting", 2)
+            .set_phase("g-crashed", SetPhase::Snapshotting, 2)
             .unwrap();
         let recovered = coordinator.recover().await.unwrap();
         assert_eq!(recovered, ["g-crashed"]);
         let set = coordinator.catalog().get("g-crashed").unwrap().unwrap();
-        assert_eq!(set.state, "failed");
+        assert_eq!(set.state(), SetState::Failed);
         assert!(
             set.error.contains("stopped while the set was snapshotting"),
             "{}",
@@ -2107,7 +2114,7 @@ mounts = ["/data"]
     async fn a_clean_run_records_every_instant_and_a_consistent_verdict() {
         let (coordinator, _db1, _db2) = setup();
         let set = coordinator.backup("g").await.unwrap();
-        assert_eq!(set.state, "consistent", "{}", set.error);
+        assert_eq!(set.state(), SetState::Consistent, "{}", set.error);
         assert!(
             set.verdict
                 .starts_with("consistent: all 2 members frozen (last freeze reply +"),
@@ -2132,7 +2139,7 @@ mounts = ["/data"]
     fn good_host(agent: &str) -> SetHost {
         SetHost {
             agent: agent.into(),
-            state: "thawed".into(),
+            state: HostState::Thawed as i32,
             freeze_sent_at_ms: 100,
             freeze_acked_at_ms: 110,
             frozen_at_ms: 105,
@@ -2141,7 +2148,7 @@ mounts = ["/data"]
             thaw_sent_at_ms: 160,
             thawed_at_ms: 170,
             held_continuously: true,
-            freeze_end: "thawed".into(),
+            freeze_end: FreezeEnd::Thawed as i32,
             ..Default::default()
         }
     }
@@ -2176,7 +2183,7 @@ mounts = ["/data"]
 
         let mut lease = hosts.clone();
         lease[0].held_continuously = false;
-        lease[0].freeze_end = "lease-expired".into();
+        lease[0].set_freeze_end(FreezeEnd::LeaseExpired);
         let err = verdict(&lease, 120, 150).unwrap_err();
         assert!(
             err.contains("db1: freeze did not hold until the thaw (ended by lease-expired)"),
@@ -2213,7 +2220,7 @@ mounts = ["/data"]
         let (coordinator, db1, db2) = setup();
         db2.delay(Phase::Snapshot, Duration::from_secs(5));
         let set = coordinator.backup("g").await.unwrap();
-        assert_eq!(set.state, "failed");
+        assert_eq!(set.state(), SetState::Failed);
         assert!(
             set.error
                 .contains("db2: snapshot did not return within the freeze budget of 800ms"),
@@ -2236,7 +2243,7 @@ mounts = ["/data"]
         db1.delay(Phase::Freeze, Duration::from_millis(500));
         db2.delay(Phase::Snapshot, Duration::from_millis(400));
         let set = coordinator.backup("g").await.unwrap();
-        assert_eq!(set.state, "failed", "{}", set.verdict);
+        assert_eq!(set.state(), SetState::Failed, "{}", set.verdict);
         assert!(set.error.contains("left after freezing"), "{}", set.error);
         assert!(!db1.is_frozen() && !db2.is_frozen());
     }
@@ -2247,7 +2254,7 @@ mounts = ["/data"]
         let other = new_set_id("billing-eu");
         db1.hold("/wal", &other);
         let set = coordinator.backup("g").await.unwrap();
-        assert_eq!(set.state, "failed");
+        assert_eq!(set.state(), SetState::Failed);
         assert!(
             set.error.contains(&format!(
                 "db1:/wal is busy: set {other} of group billing-eu holds it frozen; a volume belongs to one group, and groups billing-eu and g both claim it"
@@ -2288,7 +2295,7 @@ mounts = ["/data"]
         );
         db1.add_hook("scripts", &[]);
         let set = coordinator.backup("g").await.unwrap();
-        assert_eq!(set.state, "consistent", "{}", set.error);
+        assert_eq!(set.state(), SetState::Consistent, "{}", set.error);
         let hooks: Vec<(&str, &str)> = set
             .hook_outputs
             .iter()
@@ -2315,7 +2322,7 @@ mounts = ["/data"]
         );
         db1.add_hook("scripts", &[]);
         let set = coordinator.backup("g").await.unwrap();
-        assert_eq!(set.state, "failed");
+        assert_eq!(set.state(), SetState::Failed);
         for needle in [
             "db1: hook pg: pg_wal /srv/wal/pg_wal lies on volume /srv/wal, which is not in group g for db1",
             "db1: hook pg: tablespace ts1 /ts/pg lies on volume /ts",
@@ -2337,7 +2344,7 @@ mounts = ["/data"]
         db1.add_hook("scripts", &[]);
         db2.fail(Phase::Prepare, Status::internal("syncfs failed"));
         let set = coordinator.backup("g").await.unwrap();
-        assert_eq!(set.state, "failed");
+        assert_eq!(set.state(), SetState::Failed);
         assert!(
             db1.calls().contains(&Phase::Thaw),
             "db1's hook sessions closed"
@@ -2351,7 +2358,7 @@ mounts = ["/data"]
         let (coordinator, db1, _db2) = setup_with_hooks();
         db1.add_hook("pg", &[("data_directory", "/data/pg", "/data")]);
         let set = coordinator.backup("g").await.unwrap();
-        assert_eq!(set.state, "failed");
+        assert_eq!(set.state(), SetState::Failed);
         assert!(
             set.error
                 .contains("db1: hook scripts is not configured on this agent"),

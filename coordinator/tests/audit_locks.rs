@@ -5,6 +5,7 @@
 
 mod common;
 
+use quiesce_proto::coordinator::v1::SetState;
 use std::path::Path;
 use std::time::Duration;
 
@@ -67,8 +68,8 @@ async fn wait_consistent(client: &mut CoordinatorClient<Channel>, id: &str) -> p
             .into_inner()
             .set
             .unwrap();
-        if set.state != "running" {
-            assert_eq!(set.state, "consistent", "{}", set.error);
+        if set.state() != SetState::Running {
+            assert_eq!(set.state(), SetState::Consistent, "{}", set.error);
             return set;
         }
         tokio::time::sleep(Duration::from_millis(50)).await;

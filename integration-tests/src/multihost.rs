@@ -10,6 +10,7 @@
 //! The hooks tests use the same [`Lab`] for their volumes (with agent and coordinator in their
 //! own process instead of as child processes).
 
+use quiesce_proto::coordinator::v1::SetState;
 use std::fs;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::os::unix::fs::PermissionsExt;
@@ -522,7 +523,7 @@ pub async fn wait_set(
     let deadline = Instant::now() + timeout;
     loop {
         let set = get_set(client, id).await;
-        if set.state != "running" {
+        if set.state() != SetState::Running {
             return set;
         }
         assert!(Instant::now() < deadline, "set {id} still running: {set:?}");

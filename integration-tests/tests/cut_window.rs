@@ -54,10 +54,20 @@ async fn a_slow_hook_resume_is_its_own_figure_and_not_in_the_cut_window() {
 
     for round in 0..2 {
         let plain = stack.backup("plain").await;
-        assert_eq!(plain.state, "consistent", "{}", plain.error);
+        assert_eq!(
+            plain.state(),
+            quiesce_proto::coordinator::v1::SetState::Consistent,
+            "{}",
+            plain.error
+        );
         assert_eq!(plain.max_resume_ms, 0, "no hook, no resume");
         let set = stack.backup("slow").await;
-        assert_eq!(set.state, "consistent", "{}", set.error);
+        assert_eq!(
+            set.state(),
+            quiesce_proto::coordinator::v1::SetState::Consistent,
+            "{}",
+            set.error
+        );
         // The hook's outputs from its resume are still recorded with the set.
         assert!(
             set.hook_outputs

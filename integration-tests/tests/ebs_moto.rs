@@ -8,6 +8,7 @@
 //! provider *sends* is checked with the fake in `coordinator/src/ebs/tests.rs`; here the
 //! provider's own clean-up of such strays is checked.
 
+use quiesce_proto::coordinator::v1::{Completion, SetPhase, SetState};
 use std::collections::HashMap;
 use std::io::{Read, Write};
 use std::net::TcpStream;
@@ -167,12 +168,12 @@ async fn instance_with_volumes(ec2: &aws_sdk_ec2::Client) -> (String, [String; 3
     (instance, volumes.try_into().unwrap())
 }
 
-fn phase_at(set: &pb::SnapshotSet, phase: &str) -> u64 {
+fn phase_at(set: &pb::SnapshotSet, phase: SetPhase) -> u64 {
     set.phases
         .iter()
-        .find(|p| p.phase == phase)
+        .find(|p| p.phase() == phase)
         .map(|p| p.at_ms)
-        .unwrap_or_else(|| panic!("no phase {phase}"))
+        .unwrap_or_else(|| panic!("no phase {}", phase.as_str_name()))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -203,7 +204,7 @@ async fn ebs_sets_against_moto_capture_only_the_group_tagged_then_restore_and_de
 
     // Backup.
     let set = coordinator.backup("pg").await.unwrap();
-    assert_eq!(set.state, "consistent", "{}", set.error);
+    assert_eq!(set.state(), SetState::Consistent, "{}", set.error);
     assert!(!db1.is_frozen() && !db2.is_frozen());
     assert!(set.freeze_window_ms > 0);
     let group_volumes: Vec<&String> = [&v1[0], &v1[1], &v2[0], &v2[1]].into_iter().collect();
@@ -230,10 +231,10 @@ async fn ebs_sets_against_moto_capture_only_the_group_tagged_then_restore_and_de
     // Completion (moto: completed at once) adds the per-volume tags.
     assert_eq!(
         coordinator.poll_completion(&set.id).await.unwrap(),
-        Some("completed".into())
+        Some(Completion::Completed)
     );
     let done = coordinator.catalog().get(&set.id).unwrap().unwrap();
-    assert_eq!(done.completion, "completed");
+    assert_eq!(done.completion(), Completion::Completed);
     let snapshots = provider.find_by_tag(&set.id, None).await.unwrap();
     for snapshot in &snapshots {
         let volume = done
@@ -258,8 +259,8 @@ async fn ebs_sets_against_moto_capture_only_the_group_tagged_then_restore_and_de
         );
         assert_eq!(snapshot.tag("team"), Some("db"));
     }
-    let freeze = phase_at(&done, "snapshotting") - phase_at(&done, "freezing");
-    let thaw = phase_at(&done, "committed") - phase_at(&done, "thawing");
+    let freeze = phase_at(&done, SetPhase::Snapshotting) - phase_at(&done, SetPhase::Freezing);
+    let thaw = phase_at(&done, SetPhase::Committed) - phase_at(&done, SetPhase::Thawing);
     println!(
         "EBS freeze window against moto: {} ms = freeze {} ms + snapshot calls {} ms + thaw {} ms (phase marks, ms resolution)",
         done.freeze_window_ms, freeze, done.snapshot_calls_ms, thaw

@@ -5,6 +5,7 @@
 //! sent: not the `DeleteSnapshot` of what moto captured outside the group (it ignores
 //! `ExcludeDataVolumeIds`, so there are such strays to delete), not any `Describe*`.
 
+use quiesce_proto::coordinator::v1::SetState;
 use std::collections::HashMap;
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
@@ -310,7 +311,12 @@ async fn only_create_snapshots_reach_ec2_between_the_first_freeze_and_the_last_t
     for round in 0..3 {
         seen.lock().unwrap().clear();
         let set = coordinator.backup("pg").await.unwrap();
-        assert_eq!(set.state, "consistent", "round {round}: {}", set.error);
+        assert_eq!(
+            set.state(),
+            SetState::Consistent,
+            "round {round}: {}",
+            set.error
+        );
         assert!(!db1.is_frozen() && !db2.is_frozen());
         // The strays (moto captured each instance's outside volume) are deleted after the
         // thaw: wait until exactly the group's 4 snapshots remain.

@@ -7,6 +7,7 @@
 
 mod hooks_support;
 
+use quiesce_proto::coordinator::v1::SetState;
 use std::path::Path;
 use std::process::Command;
 use std::sync::Arc;
@@ -230,7 +231,7 @@ async fn mariadb_sets_under_load_restore_consistent_and_a_long_statement_fails_c
     for round in 0..runs {
         let before = committed.load(Ordering::Relaxed);
         let set = stack.backup("g").await;
-        assert_eq!(set.state, "consistent", "{}", set.error);
+        assert_eq!(set.state(), SetState::Consistent, "{}", set.error);
         with_hook.push(set.freeze_window_ms);
         hook_ms_list.push(hook_ms(&set));
         let file = hook_value(&set, "maria", "binlog-file").expect("binlog file recorded");
@@ -240,7 +241,7 @@ async fn mariadb_sets_under_load_restore_consistent_and_a_long_statement_fails_c
             .unwrap();
         assert!(hook_value(&set, "maria", "gtid").is_some());
         let plain = stack.backup("plain").await;
-        assert_eq!(plain.state, "consistent", "{}", plain.error);
+        assert_eq!(plain.state(), SetState::Consistent, "{}", plain.error);
         without.push(plain.freeze_window_ms);
 
         let images = stack
@@ -296,7 +297,7 @@ async fn mariadb_sets_under_load_restore_consistent_and_a_long_statement_fails_c
     tokio::time::sleep(Duration::from_millis(500)).await;
     let started = Instant::now();
     let set = stack.backup("g").await;
-    assert_eq!(set.state, "failed");
+    assert_eq!(set.state(), SetState::Failed);
     assert!(
         set.error
             .contains("hook maria: quiesce failed: BACKUP STAGE BLOCK_COMMIT waited 3 times × 1s"),
@@ -348,7 +349,7 @@ async fn mariadb_sets_under_load_restore_consistent_and_a_long_statement_fails_c
     ];
     for (group_name, needle) in failures {
         let set = stack.backup(group_name).await;
-        assert_eq!(set.state, "failed", "{group_name}");
+        assert_eq!(set.state(), SetState::Failed, "{group_name}");
         assert!(
             set.error.contains(needle),
             "{group_name}: {needle:?} not in {}",

@@ -8,6 +8,7 @@
 
 mod hooks_support;
 
+use quiesce_proto::coordinator::v1::SetState;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::Arc;
@@ -470,12 +471,12 @@ async fn postgres_sets_under_load_restore_consistent_and_every_failure_is_clean(
     for round in 0..runs {
         let before = committed.load(Ordering::Relaxed);
         let set = stack.backup("g").await;
-        assert_eq!(set.state, "consistent", "{}", set.error);
+        assert_eq!(set.state(), SetState::Consistent, "{}", set.error);
         with_hook.push(set.freeze_window_ms);
         hook_ms_list.push(hook_ms(&set));
         let lsn = hook_value(&set, "pg", "lsn").expect("the hook records the LSN");
         let plain = stack.backup("plain").await;
-        assert_eq!(plain.state, "consistent", "{}", plain.error);
+        assert_eq!(plain.state(), SetState::Consistent, "{}", plain.error);
         without.push(plain.freeze_window_ms);
 
         let images = stack
@@ -534,7 +535,7 @@ async fn postgres_sets_under_load_restore_consistent_and_every_failure_is_clean(
         let before = listing(&archive);
         // Backup mode: the label and tablespace map come back byte for byte from pg_backup_stop.
         let set = stack.backup("backup").await;
-        assert_eq!(set.state, "consistent", "{}", set.error);
+        assert_eq!(set.state(), SetState::Consistent, "{}", set.error);
         let output = &set.hook_outputs[0];
         assert!(
             output.backup_label.starts_with("START WAL LOCATION: "),
@@ -690,11 +691,11 @@ async fn postgres_sets_under_load_restore_consistent_and_every_failure_is_clean(
     );
     let split_stack = hooks_support::stack(&volumes(&[&data, &wal, &ts]), &split);
     let wal_set = split_stack.backup("walonly").await;
-    assert_eq!(wal_set.state, "consistent", "{}", wal_set.error);
+    assert_eq!(wal_set.state(), SetState::Consistent, "{}", wal_set.error);
     tokio::time::sleep(Duration::from_millis(500)).await;
     admin.batch_execute("CHECKPOINT").await.unwrap();
     let data_set = split_stack.backup("dataonly").await;
-    assert_eq!(data_set.state, "consistent", "{}", data_set.error);
+    assert_eq!(data_set.state(), SetState::Consistent, "{}", data_set.error);
     let mut images = split_stack
         .restore(&wal_set, &lab.pool.join("restore-split"))
         .await;
@@ -763,7 +764,7 @@ async fn postgres_sets_under_load_restore_consistent_and_every_failure_is_clean(
     ];
     for (group_name, needle) in failures {
         let set = stack.backup(group_name).await;
-        assert_eq!(set.state, "failed", "{group_name}");
+        assert_eq!(set.state(), SetState::Failed, "{group_name}");
         assert!(
             set.error.contains(needle),
             "{group_name}: {needle:?} not in {}",

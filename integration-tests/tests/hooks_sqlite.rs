@@ -4,6 +4,7 @@
 
 mod hooks_support;
 
+use quiesce_proto::coordinator::v1::SetState;
 use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -149,7 +150,7 @@ async fn sqlite_sets_under_load_restore_consistent_and_outside_paths_are_refused
     for round in 0..runs {
         let before = commits.load(Ordering::Relaxed);
         let set = stack.backup("g").await;
-        assert_eq!(set.state, "consistent", "{}", set.error);
+        assert_eq!(set.state(), SetState::Consistent, "{}", set.error);
         with_hook.push(set.freeze_window_ms);
         hook_ms.push(hook_ms_of(&set));
         assert!(hook_value(&set, "app", "data-version").is_some());
@@ -158,7 +159,7 @@ async fn sqlite_sets_under_load_restore_consistent_and_outside_paths_are_refused
             Some("wal")
         );
         let plain = stack.backup("plain").await;
-        assert_eq!(plain.state, "consistent", "{}", plain.error);
+        assert_eq!(plain.state(), SetState::Consistent, "{}", plain.error);
         without.push(plain.freeze_window_ms);
 
         let target = lab.pool.join(format!("restore-{round}"));
@@ -176,7 +177,7 @@ async fn sqlite_sets_under_load_restore_consistent_and_outside_paths_are_refused
     }
 
     let refused = stack.backup("incomplete").await;
-    assert_eq!(refused.state, "failed");
+    assert_eq!(refused.state(), SetState::Failed);
     for what in ["database", "-wal", "-shm"] {
         let needle = format!(
             "db1: hook elsewhere: {what} {}",

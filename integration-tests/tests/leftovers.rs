@@ -10,6 +10,8 @@
 //!
 //! Needs root; fails under `CI=true` without it. Cost: about 60 s (the cut) + 40 s.
 
+use quiesce_proto::agent::v1::FreezeEnd;
+use quiesce_proto::coordinator::v1::SetState;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -168,7 +170,7 @@ async fn a_black_holed_member_fails_its_set_by_its_lease_and_the_group_keeps_wor
     let set = wait_set(&mut client, &id, Duration::from_secs(30)).await;
     let decided = cut.elapsed();
     println!("set failed {decided:?} after the cut: {}", set.error);
-    assert_eq!(set.state, "failed", "{set:?}");
+    assert_eq!(set.state(), SetState::Failed, "{set:?}");
     assert!(
         decided <= Duration::from_millis(LEASE_MS + 2000),
         "decided {decided:?} after the cut; lease + 2 s is the bound"
@@ -216,7 +218,7 @@ async fn a_black_holed_member_fails_its_set_by_its_lease_and_the_group_keeps_wor
     // During the cut: the group is not locked. Its next set runs (and fails at plan time,
     // naming the unreachable member, with nothing frozen).
     let during = backup(&mut client, "g").await;
-    assert_eq!(during.state, "failed", "{during:?}");
+    assert_eq!(during.state(), SetState::Failed, "{during:?}");
     assert!(
         during.error.contains("db2: unreachable at plan time"),
         "{}",
@@ -289,7 +291,7 @@ async fn a_black_holed_member_fails_its_set_by_its_lease_and_the_group_keeps_wor
     }
     println!("db2 reachable {:?} after the cut ended", healed.elapsed());
     let after = backup(&mut client, "g").await;
-    assert_eq!(after.state, "consistent", "{after:?}");
+    assert_eq!(after.state(), SetState::Consistent, "{after:?}");
     // And the reconciler removes the leftovers (backoff at most 15 s, calls 10 s).
     let took = until(
         Duration::from_secs(45),
@@ -315,7 +317,7 @@ async fn a_black_holed_member_fails_its_set_by_its_lease_and_the_group_keeps_wor
         pb::ThawEvidence::AnsweredLate as i32,
         "{host:?}"
     );
-    assert_eq!(host.freeze_end, "lease-expired", "{host:?}");
+    assert_eq!(host.freeze_end(), FreezeEnd::LeaseExpired, "{host:?}");
     assert!(host.write_stall_ms >= LEASE_MS - 200, "{host:?}");
     assert!(
         host.error
@@ -389,7 +391,7 @@ async fn an_agent_killed_or_terminated_mid_clone_leaves_nothing_once_it_is_back(
     let mut client = lab.coordinator().client().await;
     for how in ["kill", "term"] {
         let set = stop_mid_clone(&mut lab, &mut client, how).await;
-        assert_eq!(set.state, "failed", "{how}: {set:?}");
+        assert_eq!(set.state(), SetState::Failed, "{how}: {set:?}");
         assert!(set.error.contains("db2"), "{how}: {}", set.error);
         assert!(!is_frozen(&a), "{how}: db1 thawed");
         assert!(
@@ -434,7 +436,7 @@ async fn an_agent_killed_or_terminated_mid_clone_leaves_nothing_once_it_is_back(
         if how == "kill" {
             // The guardian thawed it; the restarted agent says so, and the stall is the
             // guardian's FITHAW minus the agent's first FIFREEZE, not 0.
-            assert_eq!(host.freeze_end, "guardian", "{host:?}");
+            assert_eq!(host.freeze_end(), FreezeEnd::Guardian, "{host:?}");
             assert!(host.write_stall_ms > 0, "{host:?}");
             assert!(
                 host.error.contains("thawed by the agent's guardian"),
@@ -444,7 +446,7 @@ async fn an_agent_killed_or_terminated_mid_clone_leaves_nothing_once_it_is_back(
         }
         // The group works again with the member back.
         let next = backup(&mut client, "g").await;
-        assert_eq!(next.state, "consistent", "{how}: {next:?}");
+        assert_eq!(next.state(), SetState::Consistent, "{how}: {next:?}");
     }
 }
 
@@ -565,7 +567,7 @@ async fn sets_delete_says_per_host_what_it_removed_and_the_rest_follows_when_the
 
     // The text report of a delete that removed everything.
     let set = backup(&mut client, "g").await;
-    assert_eq!(set.state, "consistent", "{set:?}");
+    assert_eq!(set.state(), SetState::Consistent, "{set:?}");
     let out = quiescectl(&endpoint, &["sets", "delete", &set.id]);
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{text}");

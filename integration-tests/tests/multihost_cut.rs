@@ -10,6 +10,7 @@
 //! naive per-host script would; at least one such combination must show a violation, which
 //! proves the check can fail.
 
+use quiesce_proto::coordinator::v1::SetState;
 use std::collections::HashMap;
 use std::fs;
 use std::io::{BufRead, BufReader, Write};
@@ -466,7 +467,13 @@ async fn a_group_backup_under_cross_shard_load_restores_to_a_state_the_bank_pass
     let mut sets = Vec::new();
     for _ in 0..3 {
         let set = backup(&mut client, "bank").await;
-        assert_eq!(set.state, "consistent", "{}: {}", set.id, set.error);
+        assert_eq!(
+            set.state(),
+            SetState::Consistent,
+            "{}: {}",
+            set.id,
+            set.error
+        );
         assert!(
             set.verdict
                 .starts_with("consistent: all 3 members frozen (last freeze reply +"),
@@ -547,7 +554,7 @@ async fn a_group_backup_under_cross_shard_load_restores_to_a_state_the_bank_pass
         let mut per_host = Vec::new();
         for index in 0..SHARDS {
             let set = backup(&mut client, &format!("solo{index}")).await;
-            assert_eq!(set.state, "consistent", "{}", set.error);
+            assert_eq!(set.state(), SetState::Consistent, "{}", set.error);
             per_host.push(set);
         }
         let mut states = Vec::new();

@@ -2,6 +2,7 @@
 //! loop volume in an XFS reflink pool, and a coordinator process that is killed, restarted,
 //! paused at a phase (`QUIESCE_TEST_PAUSE_AFTER`), or whose members die or stop mid-set.
 
+use quiesce_proto::coordinator::v1::SetState;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -58,7 +59,7 @@ async fn coordinator_killed_at_each_phase_recovers_the_set_as_failed_with_nothin
     lab.start_coordinator(Some(&group("10s", "5s", &a, &b)), &[]);
     let mut client = lab.coordinator().client().await;
     let committed = backup(&mut client, "g").await;
-    assert_eq!(committed.state, "consistent", "{committed:?}");
+    assert_eq!(committed.state(), SetState::Consistent, "{committed:?}");
     let committed_files = lab.snapshot_files(&committed.id);
     assert_eq!(committed_files.len(), 2, "{committed_files:?}");
 
@@ -94,7 +95,7 @@ async fn coordinator_killed_at_each_phase_recovers_the_set_as_failed_with_nothin
         lab.start_coordinator(None, &[]);
         let mut client = lab.coordinator().client().await;
         let set = get_set(&mut client, &id).await;
-        assert_eq!(set.state, "failed", "{point}: {set:?}");
+        assert_eq!(set.state(), SetState::Failed, "{point}: {set:?}");
         assert!(
             set.error
                 .contains("the coordinator stopped while the set was"),
@@ -114,7 +115,11 @@ async fn coordinator_killed_at_each_phase_recovers_the_set_as_failed_with_nothin
             "{point}: partial snapshots removed"
         );
         let kept = get_set(&mut client, &committed.id).await;
-        assert_eq!(kept.state, "consistent", "{point}: committed set untouched");
+        assert_eq!(
+            kept.state(),
+            SetState::Consistent,
+            "{point}: committed set untouched"
+        );
         assert_eq!(kept.verdict, committed.verdict);
         for file in &committed_files {
             assert!(file.exists(), "{point}: {} kept", file.display());
@@ -125,7 +130,7 @@ async fn coordinator_killed_at_each_phase_recovers_the_set_as_failed_with_nothin
     // A last clean set after all that, then the catalog checked by a fresh open.
     let mut client = lab.coordinator().client().await;
     let after = backup(&mut client, "g").await;
-    assert_eq!(after.state, "consistent", "{after:?}");
+    assert_eq!(after.state(), SetState::Consistent, "{after:?}");
     let metrics = scrape(lab.coordinator().metrics);
     assert!(
         metrics.contains("quiesce_sets{group=\"g\",state=\"failed\"} 6"),
@@ -148,7 +153,7 @@ async fn an_agent_unreachable_at_plan_time_fails_the_set_before_anything_is_froz
     lab.agent("db2").proc.kill9();
     let mut client = lab.coordinator().client().await;
     let set = backup(&mut client, "g").await;
-    assert_eq!(set.state, "failed");
+    assert_eq!(set.state(), SetState::Failed);
     assert!(
         set.error.contains("db2: unreachable at plan time"),
         "{}",
@@ -182,7 +187,7 @@ async fn an_agent_that_dies_mid_freeze_fails_the_set_and_every_volume_is_thawed(
     assert!(is_frozen(&a) && is_frozen(&b), "both members frozen");
     lab.agent("db2").proc.kill9();
     let set = wait_set(&mut client, &id, Duration::from_secs(30)).await;
-    assert_eq!(set.state, "failed");
+    assert_eq!(set.state(), SetState::Failed);
     assert!(set.error.contains("db2"), "{}", set.error);
     assert!(set.verdict.starts_with("not consistent"), "{}", set.verdict);
     assert!(!is_frozen(&a), "db1 thawed by the coordinator");
@@ -219,7 +224,7 @@ async fn an_agent_slower_than_the_freeze_budget_fails_the_set_and_the_others_tha
     // db2 stays alive but answers nothing: its snapshot call cannot return.
     lab.agent("db2").proc.pause();
     let set = wait_set(&mut client, &id, Duration::from_secs(30)).await;
-    assert_eq!(set.state, "failed");
+    assert_eq!(set.state(), SetState::Failed);
     assert!(
         set.error
             .contains("db2: snapshot did not return within the freeze budget of 2s"),
@@ -272,7 +277,7 @@ async fn a_second_backup_of_a_group_while_one_runs_is_refused_by_the_coordinator
         "names the running set: {second}"
     );
     let set = wait_set(&mut client, &first, Duration::from_secs(30)).await;
-    assert_eq!(set.state, "consistent", "{set:?}");
+    assert_eq!(set.state(), SetState::Consistent, "{set:?}");
     // The CLI says the same to an operator.
     let out = std::process::Command::new(bin("quiescectl"))
         .args(["--insecure", "--endpoint", &lab.coordinator().endpoint()])
@@ -399,8 +404,10 @@ async fn the_coordinator_runs_the_schedule_and_retention_deletes_expired_sets_wi
         .into_inner()
         .sets;
     assert!(sets.iter().all(|s| s.trigger == "schedule"), "{sets:?}");
-    let consistent: Vec<&pb::SnapshotSet> =
-        sets.iter().filter(|s| s.state == "consistent").collect();
+    let consistent: Vec<&pb::SnapshotSet> = sets
+        .iter()
+        .filter(|s| s.state() == SetState::Consistent)
+        .collect();
     assert!(
         (2..=3).contains(&consistent.len()),
         "keep-last 2 (a third may have finished since the last tick): {consistent:?}"

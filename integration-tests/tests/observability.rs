@@ -226,7 +226,7 @@ fn a_fresh_coordinator_and_agent_export_every_series_at_zero() {
             zero(
                 &text,
                 "quiesce_phase_duration_seconds_count",
-                &format!("{group},phase=\"{phase}\""),
+                &format!("{group},phase=\"{}\"", phase.duration_label()),
             );
         }
         for name in [

@@ -7,6 +7,7 @@
 
 mod hooks_support;
 
+use quiesce_proto::coordinator::v1::SetState;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -285,7 +286,7 @@ async fn a_postgres_set_under_load_verifies_and_a_corrupted_copy_fails_naming_th
     tokio::time::sleep(Duration::from_millis(500)).await;
 
     let set = stack.backup("g").await;
-    assert_eq!(set.state, "consistent", "{}", set.error);
+    assert_eq!(set.state(), SetState::Consistent, "{}", set.error);
     let started = Instant::now();
     let verification = stack
         .coordinator
@@ -516,7 +517,7 @@ async fn a_mariadb_set_under_load_verifies_and_a_corrupted_ibd_page_fails_mariad
     tokio::time::sleep(Duration::from_millis(500)).await;
 
     let set = stack.backup("g").await;
-    assert_eq!(set.state, "consistent", "{}", set.error);
+    assert_eq!(set.state(), pb::SetState::Consistent, "{}", set.error);
     let started = Instant::now();
     let verification = stack
         .coordinator
@@ -670,7 +671,7 @@ async fn a_sqlite_set_under_load_verifies_and_a_copy_with_a_broken_header_fails(
     };
     tokio::time::sleep(Duration::from_millis(300)).await;
     let set = stack.backup("g").await;
-    assert_eq!(set.state, "consistent", "{}", set.error);
+    assert_eq!(set.state(), SetState::Consistent, "{}", set.error);
     let verification = stack
         .coordinator
         .verify_set(&pb::VerifySetRequest {

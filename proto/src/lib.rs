@@ -5,6 +5,7 @@ pub mod admission;
 pub mod echo;
 pub mod identity;
 pub mod metrics_http;
+pub mod states;
 pub mod systemd;
 pub mod tls;
 pub mod tls_client;

@@ -14,6 +14,7 @@ use clap::{Args, Parser, Subcommand};
 use quiesce_coordinator::pki::{self, PkiCommand};
 use quiesce_proto::coordinator::v1 as pb;
 use quiesce_proto::coordinator::v1::coordinator_client::CoordinatorClient;
+use quiesce_proto::states::StateText;
 use quiesce_proto::tls::TlsFiles;
 use tonic::transport::{Channel, Endpoint};
 
@@ -419,7 +420,10 @@ async fn run(
                 return Ok(ExitCode::SUCCESS);
             }
             let mut set = wait_for(&mut client, &set_id).await?;
-            if wait_complete && set.state == "consistent" && set.completion == "pending" {
+            if wait_complete
+                && set.state() == pb::SetState::Consistent
+                && set.completion() == pb::Completion::Pending
+            {
                 set = wait_complete_for(&mut client, &set_id).await?;
             }
             if json {
@@ -427,10 +431,15 @@ async fn run(
             } else {
                 print_set(&set);
             }
-            Ok(if set.state == "consistent" {
+            Ok(if set.state() == pb::SetState::Consistent {
                 ExitCode::SUCCESS
             } else {
-                eprintln!("quiescectl: set {} is {}: {}", set.id, set.state, set.error);
+                eprintln!(
+                    "quiescectl: set {} is {}: {}",
+                    set.id,
+                    set.state(),
+                    set.error
+                );
                 ExitCode::from(EXIT_FAILED)
             })
         }
@@ -873,12 +882,12 @@ async fn wait_for(
             eprintln!(
                 "  {:>6} ms  {}",
                 mark.at_ms.saturating_sub(start),
-                mark.phase
+                mark.phase()
             );
         }
         let _ = std::io::stderr().flush();
         shown = set.phases.len();
-        if set.state != "running" {
+        if set.state() != pb::SetState::Running {
             return Ok(set);
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
@@ -899,7 +908,7 @@ async fn wait_complete_for(
             let done = set
                 .volumes
                 .iter()
-                .filter(|v| v.snapshot_state == "completed")
+                .filter(|v| v.snapshot_state == pb::Completion::Completed.text())
                 .count();
             eprint!(
                 "\r  snapshots {}  {percent:>3}%  {done}/{} completed",
@@ -908,7 +917,7 @@ async fn wait_complete_for(
             );
             let _ = std::io::stderr().flush();
         }
-        if set.completion != "pending" {
+        if set.completion() != pb::Completion::Pending {
             eprintln!();
             return Ok(set);
         }
@@ -984,7 +993,7 @@ fn print_sets(sets: &[pb::SnapshotSet]) {
             vec![
                 s.id.clone(),
                 s.group.clone(),
-                s.state.clone(),
+                s.state().text().to_owned(),
                 ago(s.created_at_ms),
                 ms(s.freeze_window_ms),
                 s.volumes.len().to_string(),
@@ -1011,7 +1020,7 @@ fn print_sets(sets: &[pb::SnapshotSet]) {
 fn print_set(set: &pb::SnapshotSet) {
     println!("set            {}", set.id);
     println!("group          {} ({})", set.group, set.provider);
-    println!("state          {}", set.state);
+    println!("state          {}", set.state());
     if !set.error.is_empty() {
         println!("error          {}", set.error);
     }
@@ -1042,10 +1051,10 @@ fn print_set(set: &pb::SnapshotSet) {
             ms(set.snapshot_calls_ms)
         );
     }
-    if !set.completion.is_empty() {
-        println!("completion     {}", set.completion);
+    if set.completion() != pb::Completion::Unspecified {
+        println!("completion     {}", set.completion());
     }
-    if set.locked_until_ms > 0 && set.state == "consistent" {
+    if set.locked_until_ms > 0 && set.state() == pb::SetState::Consistent {
         let until = humantime::format_rfc3339_seconds(
             UNIX_EPOCH + Duration::from_millis(set.locked_until_ms),
         );
@@ -1073,14 +1082,14 @@ fn print_set(set: &pb::SnapshotSet) {
         .map(|h| {
             vec![
                 h.agent.clone(),
-                h.state.clone(),
+                h.state().text().to_owned(),
                 rel(h.freeze_acked_at_ms),
                 rel(h.frozen_at_ms),
                 rel(h.snapshot_returned_at_ms),
                 rel(h.thaw_sent_at_ms),
                 rel(h.thawed_at_ms),
                 if h.held_continuously { "yes" } else { "no" }.into(),
-                dash(&h.freeze_end),
+                dash(h.freeze_end().text()),
                 ms(h.write_stall_ms),
                 ms(h.resume_ms),
                 // The set's error names the host and says it already: print it once.
@@ -1218,7 +1227,7 @@ fn print_set(set: &pb::SnapshotSet) {
         .iter()
         .map(|p| {
             vec![
-                p.phase.clone(),
+                p.phase().text().to_owned(),
                 format!("+{} ms", p.at_ms.saturating_sub(start)),
             ]
         })
@@ -1407,8 +1416,8 @@ fn write_backup_label(
             set.id
         ));
     }
-    if set.state != "consistent" {
-        return Err(format!("set {} is {}, not consistent", set.id, set.state));
+    if set.state() != pb::SetState::Consistent {
+        return Err(format!("set {} is {}, not consistent", set.id, set.state()));
     }
     let mut files = vec![("backup_label", &output.backup_label)];
     if !output.tablespace_map.is_empty() {
@@ -1494,7 +1503,7 @@ mod tests {
     fn set_with_label(label: &str) -> pb::SnapshotSet {
         pb::SnapshotSet {
             id: "pg-1".into(),
-            state: "consistent".into(),
+            state: pb::SetState::Consistent as i32,
             hook_outputs: vec![pb::SetHookOutput {
                 agent: "db1".into(),
                 hook: "pg-main".into(),

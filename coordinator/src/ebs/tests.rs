@@ -2,6 +2,8 @@
 //! cannot show (pending snapshots, limits and throttling while frozen, timeouts after the
 //! fact, partial sets, snapshots ending in error).
 
+use quiesce_proto::coordinator::v1::{Completion, SetState};
+use quiesce_proto::states::StateText;
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
@@ -131,7 +133,7 @@ async fn a_locked_groups_snapshots_carry_the_lock_in_a_tag() {
         "phase-timeout = \"1s\"\nlock-for = \"30d\"\n",
     ));
     let set = f.coordinator.backup("pg").await.unwrap();
-    assert_eq!(set.state, "consistent", "{}", set.error);
+    assert_eq!(set.state(), SetState::Consistent, "{}", set.error);
     assert_eq!(
         set.locked_until_ms,
         set.created_at_ms + 30 * 24 * 3600 * 1000
@@ -167,7 +169,7 @@ async fn a_locked_groups_snapshots_carry_the_lock_in_a_tag() {
 async fn a_backup_snapshots_exactly_the_group_volumes_one_call_per_instance() {
     let f = setup();
     let set = f.coordinator.backup("pg").await.unwrap();
-    assert_eq!(set.state, "consistent", "{}", set.error);
+    assert_eq!(set.state(), SetState::Consistent, "{}", set.error);
     let mut requests = f.ec2.create_snapshots_requests();
     requests.sort_by(|a, b| a.instance_id.cmp(&b.instance_id));
     assert_eq!(requests.len(), 2, "one CreateSnapshots per instance");
@@ -189,7 +191,7 @@ async fn a_backup_snapshots_exactly_the_group_volumes_one_call_per_instance() {
             .iter()
             .all(|v| v.snapshot_id.starts_with("snap-") && !v.ebs_volume_id.is_empty())
     );
-    assert!(["pending", "completed"].contains(&set.completion.as_str()));
+    assert!(["pending", "completed"].contains(&set.completion().text()));
     assert!(!f.db1.is_frozen() && !f.db2.is_frozen());
     // DescribeInstances ran at plan time, not while frozen.
     only_creates_while_frozen(&f.ec2);
@@ -208,8 +210,8 @@ async fn pending_snapshots_are_tracked_to_completed_and_tagged_per_volume() {
     let f = setup();
     f.ec2.leave_pending();
     let set = f.coordinator.backup("pg").await.unwrap();
-    assert_eq!(set.state, "consistent", "{}", set.error);
-    assert_eq!(set.completion, "pending");
+    assert_eq!(set.state(), SetState::Consistent, "{}", set.error);
+    assert_eq!(set.completion(), Completion::Pending);
     assert!(set.volumes.iter().all(|v| v.snapshot_state == "pending"));
     assert_eq!(f.coordinator.poll_completion(&set.id).await.unwrap(), None);
     let first = &set.volumes[0].snapshot_id;
@@ -220,11 +222,11 @@ async fn pending_snapshots_are_tracked_to_completed_and_tagged_per_volume() {
     f.ec2.complete_all();
     assert_eq!(
         f.coordinator.poll_completion(&set.id).await.unwrap(),
-        Some("completed".into())
+        Some(Completion::Completed)
     );
     let done = f.coordinator.catalog().get(&set.id).unwrap().unwrap();
-    assert_eq!(done.state, "consistent");
-    assert_eq!(done.completion, "completed");
+    assert_eq!(done.state(), SetState::Consistent);
+    assert_eq!(done.completion(), Completion::Completed);
     assert!(
         done.volumes
             .iter()
@@ -253,14 +255,14 @@ async fn a_restarted_coordinator_resumes_tracking_pending_sets() {
     let f = setup();
     f.ec2.leave_pending();
     let set = f.coordinator.backup("pg").await.unwrap();
-    assert_eq!(set.completion, "pending");
+    assert_eq!(set.completion(), Completion::Pending);
     // What a coordinator does at start: every consistent set still pending is tracked.
     assert_eq!(f.coordinator.resume_completion_tracking().unwrap(), 1);
     f.ec2.complete_all();
     let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
     loop {
         let now = f.coordinator.catalog().get(&set.id).unwrap().unwrap();
-        if now.completion == "completed" {
+        if now.completion() == Completion::Completed {
             break;
         }
         assert!(tokio::time::Instant::now() < deadline, "not tracked");
@@ -273,7 +275,7 @@ async fn a_snapshot_ending_in_error_fails_the_committed_set() {
     let f = setup();
     f.ec2.leave_pending();
     let set = f.coordinator.backup("pg").await.unwrap();
-    assert_eq!(set.state, "consistent", "{}", set.error);
+    assert_eq!(set.state(), SetState::Consistent, "{}", set.error);
     let wal = set
         .volumes
         .iter()
@@ -282,11 +284,11 @@ async fn a_snapshot_ending_in_error_fails_the_committed_set() {
     f.ec2.set_snapshot_state(&wal.snapshot_id, "error", 10);
     assert_eq!(
         f.coordinator.poll_completion(&set.id).await.unwrap(),
-        Some("error".into())
+        Some(Completion::Error)
     );
     let failed = f.coordinator.catalog().get(&set.id).unwrap().unwrap();
-    assert_eq!(failed.state, "failed");
-    assert_eq!(failed.completion, "error");
+    assert_eq!(failed.state(), SetState::Failed);
+    assert_eq!(failed.completion(), Completion::Error);
     assert!(
         failed.error.contains(&format!(
             "db2:/wal snapshot {} ended in error",
@@ -302,7 +304,7 @@ async fn limit_while_frozen(error: Ec2Error, needle: &str) {
     f.ec2
         .fail(Op::CreateSnapshots, "i-2", Failure::Error(error));
     let set = f.coordinator.backup("pg").await.unwrap();
-    assert_eq!(set.state, "failed");
+    assert_eq!(set.state(), SetState::Failed);
     assert!(set.error.contains(needle), "{}", set.error);
     assert!(
         set.error.contains("not retried while frozen"),
@@ -361,7 +363,7 @@ async fn a_call_that_times_out_after_creating_is_reconciled_by_tag_after_the_tha
         Failure::Hang(Duration::from_secs(30)),
     );
     let set = f.coordinator.backup("pg").await.unwrap();
-    assert_eq!(set.state, "failed");
+    assert_eq!(set.state(), SetState::Failed);
     assert!(
         set.error.contains("db1: snapshot did not return within 1s"),
         "{}",
@@ -391,7 +393,7 @@ async fn an_ambiguous_error_after_creating_is_reconciled_by_tag() {
         }),
     );
     let set = f.coordinator.backup("pg").await.unwrap();
-    assert_eq!(set.state, "failed");
+    assert_eq!(set.state(), SetState::Failed);
     assert!(
         set.error.contains("searched for by tag and deleted"),
         "{}",
@@ -413,7 +415,7 @@ async fn one_host_failing_removes_the_other_hosts_snapshots() {
         }),
     );
     let set = f.coordinator.backup("pg").await.unwrap();
-    assert_eq!(set.state, "failed");
+    assert_eq!(set.state(), SetState::Failed);
     assert!(set.error.contains("UnauthorizedOperation"), "{}", set.error);
     assert_eq!(count(&f.ec2, Op::CreateSnapshots, "i-1"), 1);
     assert!(f.ec2.snapshots().is_empty(), "{:?}", f.ec2.snapshots());
@@ -427,7 +429,7 @@ async fn a_volume_at_its_pending_limit_is_refused_before_any_freeze() {
         f.ec2.add_foreign_pending_snapshot("vol-2wal");
     }
     let set = f.coordinator.backup("pg").await.unwrap();
-    assert_eq!(set.state, "failed");
+    assert_eq!(set.state(), SetState::Failed);
     assert!(
         set.error.contains(
             "db2:/wal: volume vol-2wal (io2) already has 5 pending snapshot(s), the most EBS allows is 5"
@@ -446,7 +448,7 @@ async fn a_volume_without_an_ebs_id_is_named_at_plan_time() {
     let f = setup();
     f.db2.set_ebs("i-2", &[("/data", "vol-2data")]);
     let set = f.coordinator.backup("pg").await.unwrap();
-    assert_eq!(set.state, "failed");
+    assert_eq!(set.state(), SetState::Failed);
     assert!(
         set.error
             .contains("db2:/wal has no EBS volume id: /dev/loop0 is not an NVMe device"),
@@ -462,7 +464,7 @@ async fn a_volume_attached_elsewhere_is_refused_at_plan_time() {
     f.db2
         .set_ebs("i-2", &[("/data", "vol-2data"), ("/wal", "vol-1wal")]);
     let set = f.coordinator.backup("pg").await.unwrap();
-    assert_eq!(set.state, "failed");
+    assert_eq!(set.state(), SetState::Failed);
     assert!(
         set.error
             .contains("db2:/wal: volume vol-1wal is not attached to instance i-2"),
@@ -479,7 +481,7 @@ async fn volumes_without_an_instance_fall_back_to_one_create_snapshot_each() {
     f.db2
         .set_ebs("", &[("/data", "vol-loose1"), ("/wal", "vol-loose2")]);
     let set = f.coordinator.backup("pg").await.unwrap();
-    assert_eq!(set.state, "consistent", "{}", set.error);
+    assert_eq!(set.state(), SetState::Consistent, "{}", set.error);
     assert_eq!(count(&f.ec2, Op::CreateSnapshot, "vol-loose1"), 1);
     assert_eq!(count(&f.ec2, Op::CreateSnapshot, "vol-loose2"), 1);
     let loose = f
@@ -497,7 +499,7 @@ async fn volumes_without_an_instance_fall_back_to_one_create_snapshot_each() {
 async fn delete_removes_every_snapshot_and_counts_missing_ones_as_done() {
     let f = setup();
     let set = f.coordinator.backup("pg").await.unwrap();
-    assert_eq!(set.state, "consistent", "{}", set.error);
+    assert_eq!(set.state(), SetState::Consistent, "{}", set.error);
     // One disappeared already.
     use super::api::Ec2Api;
     f.ec2
@@ -515,7 +517,7 @@ async fn delete_removes_every_snapshot_and_counts_missing_ones_as_done() {
 async fn restore_creates_tagged_volumes_and_attaches_them_in_device_order() {
     let f = setup();
     let set = f.coordinator.backup("pg").await.unwrap();
-    assert_eq!(set.state, "consistent", "{}", set.error);
+    assert_eq!(set.state(), SetState::Consistent, "{}", set.error);
     f.coordinator.poll_completion(&set.id).await.unwrap();
     let restored = f
         .coordinator
@@ -577,7 +579,7 @@ async fn a_drill_makes_a_volume_per_snapshot_in_the_hosts_zone_stops_at_no_block
  {
     let f = setup();
     let set = f.coordinator.backup("pg").await.unwrap();
-    assert_eq!(set.state, "consistent", "{}", set.error);
+    assert_eq!(set.state(), pb::SetState::Consistent, "{}", set.error);
     let before = f.ec2.volume_ids();
     let v = f
         .coordinator
@@ -624,7 +626,7 @@ async fn a_drill_makes_a_volume_per_snapshot_in_the_hosts_zone_stops_at_no_block
 async fn a_drill_whose_second_create_fails_deletes_the_first_volume_and_names_the_call() {
     let f = setup();
     let set = f.coordinator.backup("pg").await.unwrap();
-    assert_eq!(set.state, "consistent", "{}", set.error);
+    assert_eq!(set.state(), pb::SetState::Consistent, "{}", set.error);
     let wal = set
         .volumes
         .iter()

@@ -19,6 +19,8 @@
 //!
 //! Prints a Markdown table (docs/benchmarks.md holds one).
 
+use quiesce_proto::coordinator::v1::SetState;
+use quiesce_proto::states::StateText;
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
@@ -344,7 +346,7 @@ fn phase_times(set: &quiesce_proto::coordinator::v1::SnapshotSet) -> HashMap<&'s
     let mut times = HashMap::new();
     for pair in set.phases.windows(2) {
         let took = pair[1].at_ms.saturating_sub(pair[0].at_ms) as f64;
-        let name = match pair[0].phase.as_str() {
+        let name = match pair[0].phase().text() {
             "planned" => "plan",
             "preparing" => "prepare",
             "freezing" => "freeze",
@@ -431,11 +433,11 @@ async fn measure(
     let coordinator = Coordinator::new(Arc::new(config), Arc::new(catalog), Arc::new(agents));
     // Warm the connections.
     let warm = coordinator.backup("bench").await.expect("warm-up set");
-    assert_eq!(warm.state, "consistent", "{}", warm.error);
+    assert_eq!(warm.state(), SetState::Consistent, "{}", warm.error);
     let mut figures = Figures::default();
     for round in 0..runs {
         let set = coordinator.backup("bench").await.expect("set");
-        assert_eq!(set.state, "consistent", "{}", set.error);
+        assert_eq!(set.state(), SetState::Consistent, "{}", set.error);
         figures.windows.push(set.freeze_window_ms as f64);
         let times = phase_times(&set);
         let frozen_phases = ["freeze", "snapshot", "thaw"]

@@ -8,6 +8,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use quiesce_proto::coordinator::v1 as pb;
 use quiesce_proto::coordinator::v1::coordinator_client::CoordinatorClient;
+use quiesce_proto::states::StateText;
 use tonic::transport::Channel;
 
 use super::HISTORY;
@@ -108,16 +109,16 @@ fn dash(text: &str) -> String {
     }
 }
 
-fn state_badge(state: &str) -> String {
+fn state_badge(state: pb::SetState) -> String {
     let class = match state {
-        "consistent" => "ok",
-        "failed" => "bad",
-        "running" => "live",
-        _ => "muted",
+        pb::SetState::Consistent => "ok",
+        pb::SetState::Failed => "bad",
+        pb::SetState::Running => "live",
+        pb::SetState::Unspecified => "muted",
     };
     format!(
         "<span class=\"badge {class}\" data-state=\"{0}\">{0}</span>",
-        esc(state)
+        esc(state.text())
     )
 }
 
@@ -226,7 +227,7 @@ async fn running_cell(client: &mut Client, group: &pb::GroupInfo) -> String {
         .await
         .ok()
         .and_then(|r| r.into_inner().set)
-        .map(|s| s.phase)
+        .map(|s| s.phase().text().to_owned())
         .unwrap_or_default();
     format!(
         "{} <span class=\"badge live phase\" data-live-set=\"{}\">{}</span>",
@@ -343,7 +344,7 @@ fn history_chart(sets: &[pb::SnapshotSet], budget_ms: u64) -> String {
         let title = format!(
             "{} · {} · freeze window {} · longest stall {}{}",
             set.id,
-            set.state,
+            set.state(),
             ms(set.freeze_window_ms),
             ms(set.max_write_stall_ms),
             if set.error.is_empty() {
@@ -358,7 +359,7 @@ fn history_chart(sets: &[pb::SnapshotSet], budget_ms: u64) -> String {
 <rect class=\"window\" x=\"{x:.1}\" y=\"{yw:.1}\" width=\"{bar_w:.1}\" height=\"{hw:.1}\"/>\
 <rect class=\"stall\" x=\"{xs:.1}\" y=\"{ys:.1}\" width=\"{sw:.1}\" height=\"{hs:.1}\"/>",
             id = esc(&set.id),
-            state = esc(&set.state),
+            state = esc(set.state().text()),
             fw = set.freeze_window_ms,
             st = set.max_write_stall_ms,
             title = esc(&title),
@@ -369,7 +370,7 @@ fn history_chart(sets: &[pb::SnapshotSet], budget_ms: u64) -> String {
             ys = y(set.max_write_stall_ms),
             hs = TOP + plot_h - y(set.max_write_stall_ms),
         );
-        if set.state == "failed" {
+        if set.state() == pb::SetState::Failed {
             let _ = write!(
                 svg,
                 "<rect class=\"failure\" x=\"{x:.1}\" y=\"{TOP}\" width=\"{bar_w:.1}\" height=\"6\"/>"
@@ -435,7 +436,10 @@ pub async fn group(client: &mut Client, token: &str, name: &str) -> Result<Strin
         sets.len(),
         history_chart(&sets, budget)
     );
-    let failures: Vec<&pb::SnapshotSet> = sets.iter().filter(|s| s.state == "failed").collect();
+    let failures: Vec<&pb::SnapshotSet> = sets
+        .iter()
+        .filter(|s| s.state() == pb::SetState::Failed)
+        .collect();
     if !failures.is_empty() {
         body.push_str("<h2>Failures</h2><table class=\"failures\"><thead><tr><th>Set</th><th>When</th><th>Cause</th></tr></thead><tbody>");
         for set in failures.iter().rev() {
@@ -457,7 +461,7 @@ pub async fn group(client: &mut Client, token: &str, name: &str) -> Result<Strin
             "<tr data-set=\"{id}\"><td>{link}</td><td>{state}</td><td>{when} <span class=\"muted\">{ago}</span></td><td>{by}</td><td>{fw}</td><td>{st}</td><td>{err}</td></tr>",
             id = esc(&set.id),
             link = set_link(&set.id),
-            state = state_badge(&set.state),
+            state = state_badge(set.state()),
             when = stamp(set.created_at_ms),
             ago = age(set.created_at_ms),
             by = dash(&set.trigger),
@@ -627,8 +631,8 @@ pub async fn set(client: &mut Client, token: &str, id: &str) -> Result<String, t
 <dt>Hook resume</dt><dd id=\"hook-resume\">{resume} <span class=\"muted\">(after the thaw, in neither figure)</span></dd>\
 <dt>Snapshot calls</dt><dd>{calls}</dd>{completion}</dl></section>",
         id = esc(&set.id),
-        state_raw = esc(&set.state),
-        state = state_badge(&set.state),
+        state_raw = esc(set.state().text()),
+        state = state_badge(set.state()),
         gp = path_segment(&set.group),
         g = esc(&set.group),
         provider = esc(&set.provider),
@@ -649,10 +653,13 @@ pub async fn set(client: &mut Client, token: &str, id: &str) -> Result<String, t
         stall = ms(set.max_write_stall_ms),
         resume = ms(set.max_resume_ms),
         calls = ms(set.snapshot_calls_ms),
-        completion = if set.completion.is_empty() {
+        completion = if set.completion() == pb::Completion::Unspecified {
             String::new()
         } else {
-            format!("<dt>Completion</dt><dd>{}</dd>", esc(&set.completion))
+            format!(
+                "<dt>Completion</dt><dd>{}</dd>",
+                esc(set.completion().text())
+            )
         },
     );
     // Phases as they happen: the script appends new ones while the set runs.
@@ -660,7 +667,7 @@ pub async fn set(client: &mut Client, token: &str, id: &str) -> Result<String, t
         body,
         "<h2>Phases</h2><ol class=\"phases\" id=\"phases\" data-created-ms=\"{}\"{}>",
         set.created_at_ms,
-        if set.state == "running" {
+        if set.state() == pb::SetState::Running {
             format!(" data-live-set=\"{}\"", esc(&set.id))
         } else {
             String::new()
@@ -670,7 +677,7 @@ pub async fn set(client: &mut Client, token: &str, id: &str) -> Result<String, t
         let _ = write!(
             body,
             "<li data-phase=\"{p}\">{p} <span class=\"muted\">+{t} ms</span></li>",
-            p = esc(&mark.phase),
+            p = esc(mark.phase().text()),
             t = mark.at_ms.saturating_sub(set.created_at_ms)
         );
     }
@@ -687,9 +694,9 @@ pub async fn set(client: &mut Client, token: &str, id: &str) -> Result<String, t
             body,
             "<tr data-host=\"{a}\"><td>{a}</td><td>{s}</td><td>{held}</td><td>{end}</td><td>{stall}</td><td>{resume}</td><td>{err}</td></tr>",
             a = esc(&host.agent),
-            s = esc(&host.state),
+            s = esc(host.state().text()),
             held = if host.held_continuously { "yes" } else { "no" },
-            end = dash(&host.freeze_end),
+            end = dash(host.freeze_end().text()),
             stall = ms(host.write_stall_ms),
             resume = ms(host.resume_ms),
             err = dash(&host.error)
@@ -951,14 +958,14 @@ mod tests {
         let sets = vec![
             pb::SnapshotSet {
                 id: "g-1-a".into(),
-                state: "consistent".into(),
+                state: pb::SetState::Consistent as i32,
                 freeze_window_ms: 40,
                 max_write_stall_ms: 30,
                 ..Default::default()
             },
             pb::SnapshotSet {
                 id: "g-2-b".into(),
-                state: "failed".into(),
+                state: pb::SetState::Failed as i32,
                 error: "db2: lease expired <x>".into(),
                 ..Default::default()
             },
