@@ -16,7 +16,8 @@
 //!    (backup-mode sets too: data and WAL are one atomic cut), then `pg_amcheck
 //!    --heapallindexed` and the operator's probe run. SQLite: `PRAGMA integrity_check` and
 //!    the probe. MariaDB/MySQL: the server is started on the copied datadir as its owner (no
-//!    TCP, its socket in the private `/tmp`, no binary log, no replica threads, no event
+//!    TCP, its socket in the private `/tmp`, the copy's own binary log through a fresh index
+//!    (its prepared transactions are decided from it), no replica threads, no event
 //!    scheduler, no grant checks — only the drill reaches the socket; every InnoDB and Aria
 //!    directory re-pointed at the copies, one on no copied volume refused); InnoDB crash
 //!    recovery must finish, then `mariadb-check --all-databases` (or `mysqlcheck`) and the
@@ -836,6 +837,66 @@ mod mysql {
         })
     }
 
+    /// The server's binlog options on the copy: `--skip-log-bin` for a server without one;
+    /// else the copied binlog files, listed in a new index in `run` (owned by the server).
+    fn binlog_args(
+        db: &Database,
+        copies: &Mapping,
+        run: &Path,
+        uid: u32,
+        gid: u32,
+    ) -> Result<Vec<String>, String> {
+        let Some(original) = path_of(db, "log_bin_basename dir") else {
+            return Ok(vec!["--skip-log-bin".into()]);
+        };
+        let Some(dir) = copies.map(original) else {
+            return Err(format!(
+                "the binary log directory {} is on no volume of the set on this host: not started, so the drill cannot touch the original",
+                original.display()
+            ));
+        };
+        let entries = std::fs::read_dir(&dir)
+            .map_err(|e| format!("cannot list the copied binlog dir {}: {e}", dir.display()))?;
+        let mut names: Vec<String> = entries
+            .filter_map(|e| e.ok())
+            .filter_map(|e| e.file_name().into_string().ok())
+            .collect();
+        names.sort();
+        let Some(stem) = names
+            .iter()
+            .find_map(|n| n.strip_suffix(".index"))
+            .map(str::to_owned)
+        else {
+            return Err(format!(
+                "no binlog index in the copied binlog dir {}",
+                dir.display()
+            ));
+        };
+        let files: Vec<&String> = names
+            .iter()
+            .filter(|n| {
+                n.strip_prefix(&stem)
+                    .and_then(|rest| rest.strip_prefix('.'))
+                    .is_some_and(|seq| !seq.is_empty() && seq.bytes().all(|b| b.is_ascii_digit()))
+            })
+            .collect();
+        let index = run.join(format!("{stem}.index"));
+        let text: String = files
+            .iter()
+            .map(|n| format!("{}\n", dir.join(n).display()))
+            .collect();
+        std::fs::write(&index, text)
+            .map_err(|e| format!("cannot write {}: {e}", index.display()))?;
+        std::os::unix::fs::chown(&index, Some(uid), Some(gid))
+            .map_err(|e| format!("cannot chown {}: {e}", index.display()))?;
+        Ok(vec![
+            format!("--log-bin={}", dir.join(&stem).display()),
+            format!("--log-bin-index={}", index.display()),
+            // Any server id: the copy replicates nothing (no networking, no replica start).
+            "--server-id=4294967295".into(),
+        ])
+    }
+
     pub fn check(
         db: &Database,
         config: &MysqlConfig,
@@ -911,6 +972,11 @@ mod mysql {
             .map_err(|e| error("start", format!("cannot chown {}: {e}", run.display())))?;
         let sock = run.join("mysqld.sock");
         let log_path = run.join("error.log");
+        // A server with a binary log decides its XA-prepared transactions (the engine's
+        // two-phase commit with the binlog) from the binlog at recovery: the copy's own binlog,
+        // through a fresh index in the drill's run dir (the copied index names the original's
+        // files). New binlog files go on the copy only.
+        let binlog = binlog_args(db, copies, &run, uid, gid).map_err(|e| error("relink", e))?;
         let mut cmd = Command::new(&server_bin);
         // --no-defaults: nothing of the host's my.cnf (its binlog, replication, ports,
         // paths) applies to the copy.
@@ -923,7 +989,6 @@ mod mysql {
             .arg(format!("--tmpdir={}", run.display()))
             .args([
                 "--skip-networking",
-                "--skip-log-bin",
                 "--skip-slave-start",
                 "--skip-grant-tables",
                 "--event-scheduler=DISABLED",
@@ -931,7 +996,8 @@ mod mysql {
                 "--innodb-buffer-pool-size=64M",
                 "--innodb-flush-log-at-trx-commit=0",
             ])
-            .args(&dirs);
+            .args(&dirs)
+            .args(&binlog);
         // The copy's redo log as it is (a different size would make the server rebuild it).
         let log_home = dirs
             .iter()
@@ -962,7 +1028,7 @@ mod mysql {
             let mut cmd = Command::new(program);
             cmd.arg("--no-defaults")
                 .arg(format!("--socket={}", sock.display()))
-                .args(["--user=root", "--connect-timeout=10"])
+                .arg("--user=root")
                 .current_dir(&run)
                 .stdin(Stdio::null())
                 .env_remove("MYSQL_PWD")
@@ -984,7 +1050,9 @@ mod mysql {
                 && let Some(sql) = &sql_bin
             {
                 let mut ping = client(sql);
-                ping.args(["-N", "-B", "-e", "SELECT 1"]);
+                // The client's own option (mariadb-check has none); every call is also
+                // bounded by the drill's deadline.
+                ping.args(["--connect-timeout=10", "-N", "-B", "-e", "SELECT 1"]);
                 if run_until(&mut ping, deadline).is_ok_and(|(ok, _)| ok) {
                     break;
                 }
