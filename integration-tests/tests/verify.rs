@@ -244,11 +244,21 @@ async fn a_postgres_set_under_load_verifies_and_a_corrupted_copy_fails_naming_th
     let static_before: String = admin.query_one(static_sum, &[]).await.unwrap().get(0);
 
     let agent = format!(
-        "{}[hook.pg]\ntype = \"postgres\"\nhost = {:?}\nuser = \"postgres\"\nquiesce-timeout = \"5s\"\nverify-probe = \"SELECT sum(balance) FROM accounts\"\nverify-expect = \"100000\"\n",
+        "{}[hook.pg]\ntype = \"postgres\"\nhost = {:?}\nuser = \"postgres\"\nquiesce-timeout = \"5s\"\nverify-probe = \"SELECT sum(balance) FROM accounts\"\nverify-expect = \"100000\"\n[hook.pgb]\ntype = \"postgres\"\nmode = \"backup\"\nhost = {:?}\nuser = \"postgres\"\nquiesce-timeout = \"5s\"\nverify-probe = \"SELECT sum(balance) FROM accounts\"\nverify-expect = \"100000\"\n",
         volumes(&[&data, &wal, &ts]),
+        sock.display().to_string(),
         sock.display().to_string()
     );
-    let stack = stack(&agent, &group("g", &[&data, &wal, &ts], &["pg"]));
+    // Group g takes crash-mode sets, group gb backup-mode sets (pg_backup_start/stop) of the
+    // same server and volumes.
+    let stack = stack(
+        &agent,
+        &format!(
+            "{}{}",
+            group("g", &[&data, &wal, &ts], &["pg"]),
+            group("gb", &[&data, &wal, &ts], &["pgb"])
+        ),
+    );
 
     // A transfer load through the whole test.
     let stop = Arc::new(AtomicBool::new(false));
@@ -361,6 +371,36 @@ async fn a_postgres_set_under_load_verifies_and_a_corrupted_copy_fails_naming_th
         recorded.verifications[1].outcome(),
         pb::VerifyOutcome::Failed
     );
+
+    // A backup-mode set (pg_backup_start/stop around the cut) verifies too, by crash
+    // recovery of its atomic data + WAL cut; its drill reads nothing of production's archive.
+    let backup_set = stack.backup("gb").await;
+    assert_eq!(
+        backup_set.state(),
+        SetState::Consistent,
+        "{}",
+        backup_set.error
+    );
+    let verification = stack
+        .coordinator
+        .verify_set(&pb::VerifySetRequest {
+            set_id: backup_set.id.clone(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(
+        verification.outcome(),
+        pb::VerifyOutcome::Passed,
+        "{verification:#?}"
+    );
+    let pgb = check(&verification, "pgb");
+    assert_eq!(
+        pgb.check, "crash recovery, pg_amcheck --heapallindexed, probe",
+        "{pgb:#?}"
+    );
+    assert!(pgb.output.contains("probe: 100000"), "{}", pgb.output);
+    assert_drill_left_nothing(&lab, &backup_set.id);
 
     // The originals: the live server still commits, `static` is as it was, nothing archived
     // by a copy, nothing frozen.
